@@ -1,0 +1,1 @@
+"""Subcommands of the ``fastadv`` CLI, one module each (see fastadv.cli)."""
