@@ -1,0 +1,73 @@
+"""Small models trained on real data for the tests, cached on disk between runs.
+
+Training is seeded and deterministic; a cached state dict is reused when the
+key (name, torch version) matches. The cache lives in FASTADV_TEST_CACHE or
+``~/.cache/fastadv-tests``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from fastadv import data, models
+
+CACHE = os.environ.get("FASTADV_TEST_CACHE", os.path.expanduser("~/.cache/fastadv-tests"))
+
+
+@functools.lru_cache(maxsize=None)
+def mnist_split(n_test: int = 1000):
+    """((x_train, y_train), (x_test, y_test)) from the embedded MNIST-5k, seed 0."""
+    return data.load_dataset("mnist5k", n_test=n_test, seed=0)
+
+
+def _train(model, x, y, epochs: int, lr: float, batch_size: int = 64, seed: int = 0, step_fn=None):
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            xb, yb = x[idx], y[idx]
+            if step_fn is not None:
+                xb = step_fn(model, xb, yb)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def cached_model(name: str, build, train):
+    """Load ``name`` from the cache or build and train it, then save it."""
+    path = os.path.join(CACHE, f"{name}-torch{torch.__version__}.pt")
+    model = build()
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    train(model)
+    os.makedirs(CACHE, exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist_cnn_state():
+    (xtr, ytr), _ = mnist_split()
+    m = cached_model("mnist-smallcnn-std", lambda: models.SmallCNN(width=16),
+                     lambda m: _train(m, xtr, ytr, epochs=3, lr=2e-3))
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def mnist_cnn() -> torch.nn.Module:
+    """A standard (non-robust) SmallCNN(width=16) trained on 4,000 real MNIST digits
+    (~97% test accuracy). A fresh copy each call, in eval mode."""
+    m = models.SmallCNN(width=16)
+    m.load_state_dict(_mnist_cnn_state())
+    return m.eval()
