@@ -71,3 +71,42 @@ def mnist_cnn() -> torch.nn.Module:
     m = models.SmallCNN(width=16)
     m.load_state_dict(_mnist_cnn_state())
     return m.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist_cnn_bn_state():
+    (xtr, ytr), _ = mnist_split()
+    build = lambda: models.SmallCNN(width=8, batchnorm=True, dropout=0.25)  # noqa: E731
+    m = cached_model("mnist-smallcnn-bn-dropout", build,
+                     lambda m: _train(m, xtr, ytr, epochs=2, lr=3e-3))
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def mnist_cnn_bn() -> torch.nn.Module:
+    """A SmallCNN(width=8) with BatchNorm and dropout(0.25) trained on the MNIST-5k
+    training split: the model for state-preservation tests (put it in train mode there)."""
+    m = models.SmallCNN(width=8, batchnorm=True, dropout=0.25)
+    m.load_state_dict(_mnist_cnn_bn_state())
+    return m.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def digits_split(n_test: int = 500):
+    """((x_train, y_train), (x_test, y_test)) from scikit-learn's 8x8 digits, seed 0."""
+    return data.load_dataset("digits", n_test=n_test, seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _digits_cnn_state():
+    (xtr, ytr), _ = digits_split()
+    build = lambda: models.SmallCNN(width=16, input_size=8)  # noqa: E731
+    m = cached_model("digits-smallcnn", build,
+                     lambda m: _train(m, xtr, ytr, epochs=12, lr=5e-3, batch_size=64))
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def digits_cnn() -> torch.nn.Module:
+    """A SmallCNN(width=16) for scikit-learn's 8x8 digits (~97% test accuracy), eval mode."""
+    m = models.SmallCNN(width=16, input_size=8)
+    m.load_state_dict(_digits_cnn_state())
+    return m.eval()

@@ -1,4 +1,6 @@
 """Adversarial attacks: torchattacks/AutoAttack-compatible classes on the fused ops."""
 from .base import Attack, AttackResult, preserved_model
+from .fgsm import FGSM, fgsm
+from .pgd import PGD, PGDL2, pgd, pgd_l2
 
-__all__ = ["Attack", "AttackResult", "preserved_model"]
+__all__ = ["Attack", "AttackResult", "preserved_model", "FGSM", "PGD", "PGDL2", "fgsm", "pgd", "pgd_l2"]

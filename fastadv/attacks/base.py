@@ -88,10 +88,12 @@ def preserved_model(model: nn.Module, mode: str = "eval", freeze_params: bool = 
 class Attack:
     """Base of every fastadv attack (torchattacks-compatible call and target modes).
 
-    Subclasses implement ``_attack(x, y, target) -> AttackResult`` where ``x`` is
+    Subclasses implement ``_attack(x, y, target, gen) -> AttackResult`` where ``x`` is
     validated, float32, in the attack's layout, ``y`` int64 true labels, ``target``
-    int64 targets or None (untargeted), and call ``self.loss_and_grad`` /
-    ``self.logits`` for the model.
+    int64 targets or None (untargeted), ``gen`` the attack's own generator, and call
+    ``self.loss_and_grad`` / ``self.logits`` for the model. During ``_attack``,
+    ``self.clean_logits`` holds the float32 logits of the clean batch (computed once
+    by ``run`` for the input checks), so an attack need not recompute them.
     """
 
     def __init__(self, name: str, model: nn.Module, *, eps: float = 0.0, lower: float = 0.0,
@@ -140,6 +142,7 @@ class Attack:
         self._target_mode = "by_label" if targeted else "default"
         self._target_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None
         self._kth_min = 1
+        self.clean_logits: Optional[Tensor] = None
 
     # ------------------------------------------------------------- helpers
     @staticmethod
@@ -200,11 +203,14 @@ class Attack:
         s = self._std.to(x.device, x.dtype).reshape(shape)
         return (x - m) / s
 
-    def logits(self, x: Tensor) -> Tensor:
-        """The model's logits on ``x`` (normalization applied, under autocast if amp)."""
-        dt = _AMP[self.amp]
+    def logits(self, x: Tensor, *, fp32: bool = False) -> Tensor:
+        """The model's logits on ``x`` (normalization applied, under autocast if amp,
+        unless ``fp32``)."""
+        dt = None if fp32 else _AMP[self.amp]
         if dt is not None:
-            with torch.autocast(device_type=x.device.type, dtype=dt):
+            # No weight-cast cache: each call is its own autocast region anyway, and a
+            # cache would break CUDA graph capture.
+            with torch.autocast(device_type=x.device.type, dtype=dt, cache_enabled=False):
                 return self.model(self._normalize(x))
         return self.model(self._normalize(x))
 
@@ -212,22 +218,42 @@ class Attack:
         return _losses.attack_loss(self.loss, logits, y, targeted=target is not None, target=target)
 
     def loss_and_grad(self, x: Tensor, y: Tensor, target: Optional[Tensor] = None,
-                      loss_fn: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                      loss_fn: Optional[Callable] = None, *,
+                      grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """Per-sample loss, logits and the input gradient of the summed loss.
 
-        Input-only gradient (``torch.autograd.grad``; parameters' ``.grad`` untouched).
-        Under fp16 the loss is scaled, and a sample whose gradient is not finite gets a
-        zero gradient, so it moves nothing this step."""
+        Input-only gradient (``torch.autograd.grad``; parameters' ``.grad`` untouched),
+        no host sync. Under amp a sample whose gradient has a non-finite entry gets an
+        all-zero gradient, so it moves nothing this step. Under fp16 the loss is scaled
+        per sample by ``grad_scale`` (float32 ``[B]``, default 1024); when given, it is
+        updated in place: halved for every sample whose scaled gradient overflowed."""
         x = x.detach().requires_grad_(True)
+        fp16 = _AMP[self.amp] is torch.float16
         with torch.enable_grad():
             z = self.logits(x)
             loss = (loss_fn or self.attack_loss)(z, y, target)
-            scale = 1024.0 if self.amp in ("fp16", "float16") else 1.0
-            (g,) = torch.autograd.grad(loss.sum() * scale, x)
-        if scale != 1.0:
-            g = g / scale
+            if not loss.requires_grad:
+                raise ValueError("model: its output does not depend on the input x "
+                                 "(no gradient path from the logits to x)")
+            scale = None
+            if fp16:
+                scale = grad_scale if grad_scale is not None else torch.full(
+                    loss.shape, 1024.0, dtype=torch.float32, device=loss.device)
+                total = (loss.float() * scale).sum()
+            else:
+                total = loss.sum()
+            (g,) = torch.autograd.grad(total, x, allow_unused=True)
+        if g is None:
+            raise ValueError("model: its output does not depend on the input x "
+                             "(the input gradient is empty)")
         if self.amp is not None:
-            g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+            ok = torch.isfinite(g).flatten(1).all(1)
+            shape = (-1,) + (1,) * (g.dim() - 1)
+            if scale is not None:
+                g = g * scale.reciprocal().view(shape)
+                if grad_scale is not None:
+                    grad_scale.mul_(torch.where(ok, 1.0, 0.5))
+            g = torch.where(ok.view(shape), g, 0.0)
         return loss.detach().float(), z.detach().float(), g
 
     # ----------------------------------------------------------- validation
@@ -328,7 +354,8 @@ class Attack:
                 self.model, nn.Module) else contextlib.nullcontext():
             gen = self.make_generator(dev)
             with torch.no_grad():
-                z = self.logits(xf).float()
+                # fp32 whatever amp says: the checks and the clean predictions are exact
+                z = self.logits(xf, fp32=True).float()
             # "by_label": the labels given are the targets; the true labels are the prediction
             if self.targeted and self._target_mode == "by_label" and target is None:
                 self._check_logits(z, y, y)
@@ -338,7 +365,11 @@ class Attack:
                 target = self._targets(xf, y, z, target, gen)
                 if target is not None:
                     self._check_logits(z, y, target)
-            res = self._attack(xf, y, target, gen)
+            self.clean_logits = z
+            try:
+                res = self._attack(xf, y, target, gen)
+            finally:
+                self.clean_logits = None
         res.x_adv = res.x_adv.to(dtype=x.dtype).contiguous(
             memory_format=_memory_format(x)).detach()
         return res

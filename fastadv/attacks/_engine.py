@@ -1,0 +1,391 @@
+"""The iterative-attack engine: best-iterate tracking, an active set for early stop, restart
+chunking, and CUDA-graph replay of the whole step loop.
+
+PGD uses all of it through ``StepLoop``; an APGD-style attack can reuse the pieces:
+``ActiveSet`` (which rows are still attacked, gathering per-row state when rows leave),
+``BestIterate`` (first success, else highest loss, per row, without host syncs),
+``restart_blocks`` / ``auto_max_rows`` (restarts as one batch, chunked to a budget) and
+``pick_restart`` / ``merge_best`` (the worst case kept per sample).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["BestIterate", "ActiveSet", "LoopOutput", "StepLoop", "restart_blocks",
+           "auto_max_rows", "pick_restart", "merge_best", "tile", "per_sample"]
+
+# A step: update x (the active rows) in place from the gradient.
+StepFn = Callable[[Tensor, Tensor, Tensor], None]
+
+_FP16_INIT_SCALE = 1024.0
+
+
+def per_sample(t: Tensor, ndim: int) -> Tensor:
+    """View a ``[B]`` tensor so that it broadcasts against a ``[B, ...]`` tensor of ``ndim`` dims."""
+    return t.view((-1,) + (1,) * (ndim - 1))
+
+
+def tile(t: Tensor, n: int) -> Tensor:
+    """``n`` copies of the batch ``t`` stacked along dim 0 (restart-major), layout kept."""
+    if n == 1:
+        return t
+    return torch.cat([t] * n)
+
+
+# ------------------------------------------------------------ best iterate
+class BestIterate:
+    """Per row, the best iterate seen: the first one that succeeds, else the one of highest loss.
+
+    ``update`` is a few elementwise ops and no host sync. A row's success freezes its
+    iterate; a NaN loss is never better than anything."""
+
+    def __init__(self, x: Tensor):
+        n = x.shape[0]
+        self.x = x.detach().clone()
+        self.loss = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
+        self.success = torch.zeros(n, dtype=torch.bool, device=x.device)
+
+    def update(self, x: Tensor, loss: Tensor, success: Tensor, rows: Optional[Tensor] = None) -> None:
+        """Offer iterate ``x`` (its per-row ``loss`` and ``success``) for ``rows`` (all when None)."""
+        if rows is None:
+            take = success.logical_or(loss > self.loss).logical_and_(~self.success)
+            torch.where(per_sample(take, x.dim()), x, self.x, out=self.x)
+            torch.where(take, loss, self.loss, out=self.loss)
+            self.success.logical_or_(success)
+            return
+        b_succ, b_loss = self.success[rows], self.loss[rows]
+        take = success.logical_or(loss > b_loss).logical_and_(~b_succ)
+        self.x.index_copy_(0, rows, torch.where(per_sample(take, x.dim()), x, self.x[rows]))
+        self.loss.index_copy_(0, rows, torch.where(take, loss, b_loss))
+        self.success.index_copy_(0, rows, b_succ.logical_or(success))
+
+
+# --------------------------------------------------------------- active set
+class ActiveSet:
+    """The rows of a batch still being attacked.
+
+    Starts with every row active (``idx`` None: state tensors are used as they are, no
+    copy). ``shrink(keep)`` drops the rows whose ``keep`` is False and returns the positions
+    kept, with which the caller gathers its per-row state (``gather``). Finding the kept rows
+    is a host sync, so callers shrink only at steps where ``due(step)`` says so: every step
+    at first, then every ~step/4 steps (1..8, 10, 12, 15, 18, 22, 27, 33, 41, ...)."""
+
+    def __init__(self, rows: int, device: torch.device, min_drop: float = 0.05):
+        self.rows = rows
+        self.device = device
+        self.idx: Optional[Tensor] = None   # row ids (into the full batch) of the active rows
+        self.min_drop = min_drop
+        self._next = 1
+
+    def __len__(self) -> int:
+        return self.rows if self.idx is None else int(self.idx.numel())
+
+    def due(self, step: int) -> bool:
+        """Whether to look for finished rows after ``step`` steps."""
+        if step < self._next:
+            return False
+        self._next = step + max(1, step // 4)
+        return True
+
+    def full_index(self) -> Tensor:
+        return self.idx if self.idx is not None else torch.arange(self.rows, device=self.device)
+
+    def shrink(self, keep: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """Drop the active rows where ``keep`` (bool, one per active row) is False.
+
+        Returns ``(kept positions within the active rows, row ids dropped)``, or
+        ``(None, None)`` when too few rows would leave to be worth the copies."""
+        n = len(self)
+        pos = keep.nonzero().squeeze(1)     # the host sync
+        k = int(pos.numel())
+        if k == n or (k > 0 and n - k < self.min_drop * n):
+            return None, None
+        full = self.full_index()
+        gone = full[~keep]
+        self.idx = full[pos]
+        return pos, gone
+
+    @staticmethod
+    def gather(pos: Tensor, *tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
+        """Each per-row tensor restricted to the kept positions (None stays None)."""
+        return [None if t is None else t[pos] for t in tensors]
+
+
+# --------------------------------------------------------- restart chunking
+def restart_blocks(n_samples: int, restarts_left: int, max_rows: int) -> Tuple[int, int]:
+    """How to run the next restarts: ``(restarts in this block, samples per chunk)``.
+
+    All samples' restarts go in one ``restarts·n`` batch when it fits in ``max_rows``;
+    else as many whole restarts as fit; else one restart in chunks of ``max_rows`` samples."""
+    max_rows = max(1, int(max_rows))
+    if n_samples <= max_rows:
+        return max(1, min(restarts_left, max_rows // n_samples)), n_samples
+    return 1, max_rows
+
+
+def auto_max_rows(attack, x: Tensor, y: Tensor, target: Optional[Tensor], wanted: int) -> int:
+    """Rows per forward for ``wanted`` rows: all on CPU (up to 8192 or the batch); on CUDA,
+    what fits in 60% of the free memory, from the peak memory of a probe step on a few rows."""
+    b = x.shape[0]
+    if wanted <= b:
+        return b
+    if x.device.type != "cuda":
+        return max(b, min(wanted, 8192))
+    try:
+        n = min(b, 32)
+        dev = x.device
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        attack.loss_and_grad(x[:n], y[:n], None if target is None else target[:n])
+        torch.cuda.synchronize(dev)
+        per_row = max(1, (torch.cuda.max_memory_allocated(dev) - base)) / n * 1.25
+        per_row += 3 * x[0].numel() * 4          # x, x_nat, best x of each row
+        free, _ = torch.cuda.mem_get_info(dev)
+        return max(1, min(wanted, int(0.6 * free / per_row)))
+    except Exception:  # a probe that fails must not fail the attack: run the batch as given
+        return b
+
+
+def pick_restart(x: Tensor, loss: Tensor, success: Tensor, restarts: int
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reduce ``restarts·n`` rows (restart-major) to ``n``: a successful row if any, the one of
+    highest loss among those. Returns ``(x, loss, success, restart index)``."""
+    if restarts == 1:
+        return x, loss, success, torch.zeros_like(loss, dtype=torch.long)
+    n = x.shape[0] // restarts
+    succ = success.view(restarts, n)
+    any_succ = succ.any(0)
+    key = torch.where(succ == any_succ, loss.view(restarts, n), float("-inf"))
+    key = torch.nan_to_num(key, nan=float("-inf"))
+    r = key.argmax(0)
+    rows = r * n + torch.arange(n, device=x.device)
+    return x[rows], loss[rows], success[rows], r
+
+
+def merge_best(dst_x: Tensor, dst_loss: Tensor, dst_succ: Tensor, idx: Optional[Tensor],
+               x: Tensor, loss: Tensor, succ: Tensor) -> Tensor:
+    """Fold candidates for samples ``idx`` (all when None) into the result in place: a success
+    beats a failure, else the higher loss wins. Returns which samples took the candidate."""
+    if idx is None:
+        o_succ, o_loss = dst_succ, dst_loss
+    else:
+        o_succ, o_loss = dst_succ[idx], dst_loss[idx]
+    take = (succ & ~o_succ) | ((succ == o_succ) & (loss > o_loss))
+    new_x = torch.where(per_sample(take, x.dim()), x, dst_x if idx is None else dst_x[idx])
+    new_loss = torch.where(take, loss, o_loss)
+    new_succ = o_succ | succ
+    if idx is None:
+        dst_x.copy_(new_x)
+        dst_loss.copy_(new_loss)
+        dst_succ.copy_(new_succ)
+    else:
+        dst_x.index_copy_(0, idx, new_x)
+        dst_loss.index_copy_(0, idx, new_loss)
+        dst_succ.index_copy_(0, idx, new_succ)
+    return take
+
+
+# ---------------------------------------------------------------- the loop
+@dataclass
+class LoopOutput:
+    """Per row of the batch the loop ran on."""
+    x: Tensor          # best (or last) iterate
+    loss: Tensor       # its loss (float32)
+    success: Tensor    # bool
+    steps: Tensor      # int64, gradient steps spent on the row
+
+
+class StepLoop:
+    """K gradient steps on a batch of rows, each ``step(x, x_nat, grad)`` in place.
+
+    keep        "best": return each row's best iterate (first success, else highest loss,
+                x_K included through one extra forward); "last": the last iterate.
+    early_stop  rows whose sample has succeeded (any restart: rows ``i``, ``i+n``, ...
+                of a chunk of ``n`` samples) leave the batch at the steps ``ActiveSet.due``
+                picks; under amp, a success is first confirmed in float32.
+    The loop makes no host sync except at those steps and once at the end (the check
+    that the model's output depends on the input)."""
+
+    def __init__(self, attack, step: StepFn, steps: int, *, keep: str = "best",
+                 early_stop: bool = False):
+        self.attack = attack
+        self.step = step
+        self.steps = int(steps)
+        self.keep = keep
+        self.early_stop = early_stop
+        self.fp16 = attack.amp in ("fp16", "float16")
+
+    # -------------------------------------------------------------- eager
+    def run(self, x_nat: Tensor, y: Tensor, target: Optional[Tensor], x0: Tensor,
+            samples: int) -> LoopOutput:
+        """Attack ``x_nat`` (rows; ``samples`` distinct samples, restart-major) from ``x0``."""
+        atk = self.attack
+        n, dev = x_nat.shape[0], x_nat.device
+        x = x0.clone()
+        best = BestIterate(x) if self.keep == "best" else None
+        active = ActiveSet(n, dev)
+        row_steps = torch.zeros(n, dtype=torch.long, device=dev)
+        gs = torch.full((n,), _FP16_INIT_SCALE, device=dev) if self.fp16 else None
+        xa, xn, ya, ta = x, x_nat, y, target
+        grad_seen: Optional[Tensor] = None
+        done = 0
+        for k in range(self.steps):
+            loss, z, g = atk.loss_and_grad(xa, ya, ta, grad_scale=gs)
+            if k == 0:
+                grad_seen = self._grad_seen(g, gs)
+            if best is not None:
+                best.update(xa, loss, atk.is_success(z, ya, ta), active.idx)
+            self.step(xa, xn, g)
+            done = k + 1
+            if self.early_stop and best is not None and done < self.steps and active.due(done):
+                self._check_grad(grad_seen)
+                grad_seen = None
+                keep = self._still_attacked(best, active, samples, y, target)
+                pos, gone = active.shrink(keep)
+                if pos is not None:
+                    row_steps.index_fill_(0, gone, done)
+                    xa, xn, ya, ta, gs = active.gather(pos, xa, xn, ya, ta, gs)
+                    if len(active) == 0:
+                        break
+        if len(active):
+            with torch.no_grad():
+                z = atk.logits(xa).float()
+                loss = atk.attack_loss(z, ya, ta).float()
+            succ = atk.is_success(z, ya, ta)
+            if best is not None:
+                best.update(xa, loss, succ, active.idx)
+            if active.idx is None:
+                row_steps.fill_(done)
+            else:
+                row_steps.index_fill_(0, active.idx, done)
+        self._check_grad(grad_seen)
+        if best is not None:
+            return LoopOutput(best.x, best.loss, best.success, row_steps)
+        return LoopOutput(xa, loss, succ, row_steps)
+
+    # ------------------------------------------------------------ helpers
+    def _grad_seen(self, g: Tensor, gs: Optional[Tensor]) -> Tensor:
+        seen = g.ne(0).any()
+        if gs is not None:  # an fp16 overflow zeroes a gradient: not a sign of independence
+            seen = seen | gs.lt(_FP16_INIT_SCALE).any()
+        return seen
+
+    @staticmethod
+    def _check_grad(seen: Optional[Tensor]) -> None:
+        if seen is not None and not bool(seen):
+            raise ValueError("model: the input gradient is zero for every sample at the first "
+                             "step: the model's output does not depend on x (or its gradient "
+                             "is masked)")
+
+    def _still_attacked(self, best: BestIterate, active: ActiveSet, samples: int,
+                        y: Tensor, target: Optional[Tensor]) -> Tensor:
+        """Per active row: False where its sample already succeeded (in any restart).
+        ``y``/``target``: the labels of every row of the batch."""
+        if self.attack.amp is not None:
+            self._confirm_fp32(best, active, y, target)
+        done = best.success.view(-1, samples).any(0)
+        return ~done[active.full_index() % samples]
+
+    def _confirm_fp32(self, best: BestIterate, active: ActiveSet, y: Tensor,
+                      target: Optional[Tensor]) -> None:
+        """Under amp a success was judged on low-precision logits: confirm it in float32
+        before the row leaves, and let a row that fails the check go on."""
+        rows = active.full_index()
+        claimed = rows[best.success[rows]]
+        if claimed.numel() == 0:
+            return
+        with torch.no_grad():
+            z = self.attack.logits(best.x[claimed], fp32=True).float()
+        ok = self.attack.is_success(z, y[claimed], None if target is None else target[claimed])
+        best.success.index_copy_(0, claimed, ok)
+
+
+# ------------------------------------------------------------- CUDA graphs
+class GraphedLoop:
+    """The whole K-step loop of a ``StepLoop`` (no early stop) captured once as a CUDA graph
+    for one static shape and replayed: inputs are copied into static buffers, outputs
+    cloned out. Warm-up runs on a side stream before capture, as CUDA graphs require."""
+
+    def __init__(self, loop: StepLoop, x_nat: Tensor, y: Tensor, target: Optional[Tensor],
+                 x0: Tensor, samples: int, warmup_steps: int = 3):
+        if x_nat.device.type != "cuda":
+            raise RuntimeError("cuda_graph: needs a CUDA tensor")
+        self.loop = loop
+        self.samples = samples
+        self.x_nat = x_nat.clone()
+        self.y = y.clone()
+        self.target = None if target is None else target.clone()
+        self.x0 = x0.clone()
+        dev = x_nat.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self._body(min(warmup_steps, max(loop.steps, 1)))
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._body(loop.steps)
+
+    def _body(self, steps: int) -> Tuple[LoopOutput, Tensor]:
+        loop, atk = self.loop, self.loop.attack
+        n, dev = self.x_nat.shape[0], self.x_nat.device
+        x = self.x0.clone()
+        best = BestIterate(x) if loop.keep == "best" else None
+        gs = torch.full((n,), _FP16_INIT_SCALE, device=dev) if loop.fp16 else None
+        seen = torch.ones((), dtype=torch.bool, device=dev)
+        for k in range(steps):
+            loss, z, g = atk.loss_and_grad(x, self.y, self.target, grad_scale=gs)
+            if k == 0:
+                seen = loop._grad_seen(g, gs)
+            if best is not None:
+                best.update(x, loss, atk.is_success(z, self.y, self.target))
+            loop.step(x, self.x_nat, g)
+        with torch.no_grad():
+            z = atk.logits(x).float()
+            loss = atk.attack_loss(z, self.y, self.target).float()
+        succ = atk.is_success(z, self.y, self.target)
+        row_steps = torch.full((n,), steps, dtype=torch.long, device=dev)
+        if best is not None:
+            best.update(x, loss, succ)
+            return LoopOutput(best.x, best.loss, best.success, row_steps), seen
+        return LoopOutput(x, loss, succ, row_steps), seen
+
+    def run(self, x_nat: Tensor, y: Tensor, target: Optional[Tensor], x0: Tensor) -> LoopOutput:
+        self.x_nat.copy_(x_nat)
+        self.y.copy_(y)
+        if target is not None:
+            self.target.copy_(target)
+        self.x0.copy_(x0)
+        self.graph.replay()
+        out, seen = self.out
+        StepLoop._check_grad(seen)
+        return LoopOutput(out.x.clone(), out.loss.clone(), out.success.clone(), out.steps.clone())
+
+
+def graph_key(attack, x_nat: Tensor, target: Optional[Tensor], extra: Sequence) -> tuple:
+    """What a captured graph depends on: shapes, layout, dtype, device, the attack's
+    numbers, and where the model's parameters and buffers live."""
+    model = attack.model
+    ptrs = ()
+    if isinstance(model, torch.nn.Module):
+        ptrs = tuple(t.data_ptr() for t in model.parameters()) + tuple(
+            t.data_ptr() for t in model.buffers())
+    return (tuple(x_nat.shape), x_nat.stride(), x_nat.dtype, str(x_nat.device),
+            target is None, attack.amp, attack.loss, attack.model_mode,
+            tuple(extra), ptrs)
+
+
+def warn_once(obj, key: str, msg: str) -> None:
+    """A RuntimeWarning once per attack object and key."""
+    seen = obj.__dict__.setdefault("_warned", set())
+    if key not in seen:
+        seen.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)

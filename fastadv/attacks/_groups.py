@@ -1,0 +1,120 @@
+"""Entries grouped by point: many runs of one attack (restarts × targets × eps) as one batch.
+
+An attack that tries several things per point (restarts, target classes, eps
+values) lays them out as *entries*, rows of one big batch, each tagged with the
+*group* (usually the point) it works for. As soon as one entry of a group
+succeeds, the whole group leaves the batch (``Working.compact``); at the end one
+entry per group is picked (``pick_per_group``). Nothing here syncs with the host
+except ``Working.compact``, which an attack calls every few iterations.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["lp_norm", "view_rows", "pick_per_group", "group_any", "Working", "chunks",
+           "NORMS", "norm_name"]
+
+NORMS = ("Linf", "L2", "L1")
+_ALIASES = {"linf": "Linf", "inf": "Linf", "l2": "L2", "2": "L2", "l1": "L1", "1": "L1"}
+
+
+def norm_name(norm) -> str:
+    """'Linf' | 'L2' | 'L1' from the spellings users write (``"Linf"``, ``"l2"``, ``float('inf')``)."""
+    if isinstance(norm, (int, float)) and not isinstance(norm, bool):
+        key = "inf" if math.isinf(norm) else str(int(norm))
+    elif isinstance(norm, str):
+        key = norm.lower()
+    else:
+        key = None
+    if key not in _ALIASES:
+        raise ValueError(f"norm: expected 'Linf', 'L2' or 'L1', got {norm!r}")
+    return _ALIASES[key]
+
+
+def view_rows(v: Tensor, like: Tensor) -> Tensor:
+    """A per-row ``[N]`` tensor shaped to broadcast against ``[N, ...]``."""
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def lp_norm(d: Tensor, norm: str) -> Tensor:
+    """Per-row Lp norm of ``d`` ([N, ...] -> [N]) in float32."""
+    f = d.reshape(d.shape[0], -1).float()
+    if norm == "Linf":
+        return f.abs().amax(1) if f.shape[1] else f.new_zeros(f.shape[0])
+    if norm == "L2":
+        return torch.linalg.vector_norm(f, 2, dim=1)
+    return f.abs().sum(1)
+
+
+def group_any(flag: Tensor, group: Tensor, n_groups: int) -> Tensor:
+    """[G] bool: does any entry of the group have ``flag`` set."""
+    acc = torch.zeros(n_groups, dtype=torch.int32, device=flag.device)
+    acc.index_add_(0, group, flag.to(torch.int32))
+    return acc > 0
+
+
+def pick_per_group(group: Tensor, n_groups: int, success: Tensor, score: Tensor) -> Tuple[Tensor, Tensor]:
+    """One entry per group: a successful one if there is one, else the one with the highest score.
+
+    Returns (index [G] into the entries, success [G]). Every group must have an entry."""
+    n = group.shape[0]
+    key = torch.nan_to_num(score.float(), nan=-math.inf)
+    key = torch.where(success, torch.full_like(key, math.inf), key)
+    best = torch.full((n_groups,), -math.inf, device=key.device).scatter_reduce(
+        0, group, key, reduce="amax", include_self=True)
+    pos = torch.arange(n, device=key.device)
+    cand = torch.where(key == best[group], pos, torch.full_like(pos, n))
+    idx = torch.full((n_groups,), n, dtype=torch.long, device=key.device).scatter_reduce(
+        0, group, cand, reduce="amin", include_self=True)
+    idx = idx.clamp(max=max(n - 1, 0))
+    return idx, success[idx]
+
+
+class Working:
+    """The rows still being worked on: named tensors sharing the first dimension.
+
+    ``idx`` maps each working row back to its entry; ``compact(keep)`` drops rows."""
+
+    def __init__(self, idx: Tensor, **tensors: Optional[Tensor]):
+        self.idx = idx
+        self.t: Dict[str, Optional[Tensor]] = dict(tensors)
+
+    def __getattr__(self, name: str):
+        t = self.__dict__.get("t")
+        if t is not None and name in t:
+            return t[name]
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value):
+        if name in ("idx", "t"):
+            object.__setattr__(self, name, value)
+        else:
+            self.t[name] = value
+
+    def __len__(self) -> int:
+        return int(self.idx.shape[0])
+
+    def compact(self, keep: Tensor) -> bool:
+        """Keep only rows where ``keep``; returns False (and changes nothing) if all are kept."""
+        if bool(keep.all()):
+            return False
+        rows = keep.nonzero().squeeze(1)
+        self.idx = self.idx.index_select(0, rows)
+        for k, v in self.t.items():
+            if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == keep.shape[0]:
+                self.t[k] = v.index_select(0, rows)
+        return True
+
+
+def chunks(n_points: int, rows_per_point: int, max_rows: Optional[int]):
+    """Slices of points such that each chunk has at most ``max_rows`` rows (at least one point)."""
+    if not max_rows:
+        yield slice(0, n_points)
+        return
+    per = max(1, int(max_rows) // max(1, rows_per_point))
+    for s in range(0, n_points, per):
+        yield slice(s, min(n_points, s + per))

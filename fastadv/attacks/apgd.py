@@ -1,0 +1,377 @@
+"""APGD and APGD-T (Croce & Hein 2020): PGD with momentum and a self-adapting step size.
+
+Where the reference runs restarts and target classes one after another, and every
+point for every step, fastadv lays restarts × targets out as one batch and drops
+a point (all its rows) as soon as any row fools the model. The step-size
+schedule (checkpoints, the two halving conditions, restart from the best point)
+is per row and done with tensor ops: no host sync inside the loop except the
+periodic compaction of the active set.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import losses as _losses
+from ..ops import l2_project_, l2_step, linf_project_, linf_step_
+from ._groups import Working, chunks, group_any, lp_norm, norm_name, pick_per_group, view_rows
+from .base import Attack, AttackResult
+
+__all__ = ["APGD", "APGDT", "apgd_checkpoints", "apgd_l1_checkpoints", "l1_project_delta"]
+
+
+# ------------------------------------------------------------------ schedule
+def apgd_checkpoints(steps: int) -> List[Tuple[int, int]]:
+    """The step-size checkpoints of APGD (L∞/L2) for ``steps`` iterations.
+
+    Returns ``[(t, k), ...]``: after ``t`` iterations the step size is checked and
+    ``k`` iterations have passed since the previous check. The first window is
+    ``0.22·steps`` long and each next one ``0.03·steps`` shorter, down to
+    ``0.06·steps`` (Croce & Hein 2020, §3.2; the integer truncation of the
+    reference code): for 100 steps, t = 22, 41, 57, 70, 80, 87, 93, 99."""
+    if steps < 1:
+        return []
+    k = max(int(0.22 * steps), 1)
+    dec = max(int(0.03 * steps), 1)
+    kmin = max(int(0.06 * steps), 1)
+    out, t = [], 0
+    while t + k <= steps:
+        t += k
+        out.append((t, k))
+        k = max(k - dec, kmin)
+    return out
+
+
+def apgd_l1_checkpoints(steps: int) -> List[Tuple[int, int]]:
+    """L1-APGD (Croce & Hein 2021) checks every ``max(int(0.04·steps), 1)`` iterations."""
+    k = max(int(0.04 * steps), 1)
+    return [(t, k) for t in range(k, steps + 1, k)]
+
+
+# ---------------------------------------------------------------- L1 geometry
+def l1_project_delta(x_nat: Tensor, delta: Tensor, eps: Tensor, lower: float, upper: float,
+                     iters: int = 32) -> Tensor:
+    """Euclidean projection of ``delta`` onto {d : ‖d‖₁ ≤ eps, lower ≤ x_nat + d ≤ upper}, per row.
+
+    The solution is sign(δ)·min(max(|δ| − λ, 0), room) with room the distance to the
+    box in the direction of δ; λ ≥ 0 is found by bisection (``iters`` halvings of
+    [0, max|δ|], then the feasible end is taken, so ‖d‖₁ ≤ eps holds)."""
+    shape = delta.shape
+    u = delta.reshape(shape[0], -1).float()
+    xf = x_nat.reshape(shape[0], -1).float()
+    room = torch.where(u > 0, upper - xf, xf - lower).clamp_min(0.0)
+    a = u.abs()
+    e = eps.reshape(-1).float()
+    boxed = torch.minimum(a, room)
+    need = boxed.sum(1) > e
+    lo = torch.zeros_like(e)
+    hi = a.amax(1) if a.shape[1] else torch.zeros_like(e)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        s = (a - mid[:, None]).clamp_min(0.0).minimum(room).sum(1)
+        over = s > e
+        lo = torch.where(over, mid, lo)
+        hi = torch.where(over, hi, mid)
+    lam = torch.where(need, hi, torch.zeros_like(hi))
+    d = torch.sign(u) * (a - lam[:, None]).clamp_min(0.0).minimum(room)
+    return d.reshape(shape).to(delta.dtype)
+
+
+def _l0(d: Tensor) -> Tensor:
+    return (d.reshape(d.shape[0], -1) != 0).sum(1).float()
+
+
+def untargeted_success(z: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
+    """Misclassified: what counts as fooled in AutoAttack, targeted attacks included."""
+    return z.argmax(1) != y
+
+
+LossFn = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
+
+
+# ---------------------------------------------------------------------- APGD
+class APGD(Attack):
+    """Auto-PGD (Croce & Hein 2020) with restarts batched and an early-stopping active set.
+
+    Defaults are the reference's: 100 steps, ρ = 0.75, momentum 0.75, initial step
+    2ε (L∞/L2) or ε with adaptive sparsity (L1). ``loss``: "ce", "dlr" or "cw".
+    ``early_stop`` drops a point once fooled (the robust accuracy is unchanged; the
+    loss of fooled points is that of their first adversarial iterate);
+    ``max_rows`` caps the rows (points × restarts) of one batch;
+    ``compact_every`` is how often (in iterations) fooled rows leave the batch:
+    a host sync each time (default 1 on CPU, 10 on CUDA).
+    """
+
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100,
+                 n_restarts: int = 1, seed: Optional[int] = 0, loss: str = "ce", eot_iter: int = 1,
+                 rho: float = 0.75, verbose: bool = False, *, early_stop: bool = True,
+                 max_rows: Optional[int] = None, compact_every: Optional[int] = None, **kwargs):
+        super().__init__(kwargs.pop("name", "APGD"), model, eps=eps, loss=loss, seed=seed, **kwargs)
+        self.norm = norm_name(norm)
+        self.steps = _pos_int("steps", steps, allow_zero=True)
+        self.n_restarts = _pos_int("n_restarts", n_restarts)
+        self.eot_iter = _pos_int("eot_iter", eot_iter)
+        if not 0.0 < float(rho) <= 1.0:
+            raise ValueError(f"rho: expected a value in (0, 1], got {rho}")
+        self.rho = float(rho)
+        self.verbose = bool(verbose)
+        self.early_stop = bool(early_stop)
+        self.max_rows = None if max_rows is None else _pos_int("max_rows", max_rows)
+        self.compact_every = None if compact_every is None else _pos_int("compact_every", compact_every)
+
+    # ------------------------------------------------------------ pieces
+    def _every(self, device: torch.device) -> int:
+        if self.compact_every is not None:
+            return self.compact_every
+        return 10 if device.type == "cuda" else 1
+
+    def _loss_grad(self, x: Tensor, y: Tensor, tgt: Optional[Tensor], loss_fn: LossFn):
+        if self.eot_iter == 1:
+            return self.loss_and_grad(x, y, tgt, loss_fn)
+        loss = z = g = None
+        for _ in range(self.eot_iter):  # expectation over the model's randomness
+            l_, z_, g_ = self.loss_and_grad(x, y, tgt, loss_fn)
+            loss, z, g = (l_, z_, g_) if loss is None else (loss + l_, z + z_, g + g_)
+        k = float(self.eot_iter)
+        return loss / k, z / k, g / k
+
+    def _random_start(self, xn: Tensor, eps: Tensor, gen: torch.Generator) -> Tensor:
+        e = view_rows(eps, xn)
+        if self.norm == "Linf":
+            t = torch.empty_like(xn).uniform_(-1.0, 1.0, generator=gen)
+            x = xn + e * t / view_rows(lp_norm(t, "Linf").clamp_min(1e-12), xn)
+        elif self.norm == "L2":
+            t = torch.empty_like(xn).normal_(generator=gen)
+            x = xn + e * t / view_rows(lp_norm(t, "L2").clamp_min(1e-12), xn)
+        else:
+            t = torch.empty_like(xn).normal_(generator=gen)
+            x = xn + l1_project_delta(xn, t, eps, self.lower, self.upper)
+        return x.clamp_(self.lower, self.upper)
+
+    def _step(self, W: Working, a: float, n_fts: int) -> Tensor:
+        lo, hi = self.lower, self.upper
+        if self.norm == "L1":
+            g = W.grad.reshape(len(W), -1)
+            ag = g.abs()
+            k = ((1.0 - W.topk) * n_fts).clamp(0, n_fts - 1).long()
+            thr = ag.sort(1).values.gather(1, k[:, None])
+            sg = torch.sign(g) * (ag >= thr)
+            sg = sg / (sg.abs().sum(1, keepdim=True) + 1e-10)
+            x1 = W.x + view_rows(W.step, W.x) * sg.reshape(W.x.shape)
+            return W.xn + l1_project_delta(W.xn, x1 - W.xn, W.eps, lo, hi)
+        if self.norm == "Linf":
+            z = W.x.clone()
+            linf_step_(z, W.xn, W.grad, W.step, W.eps, lo, hi, _check_values=False)
+        else:
+            z = l2_step(W.x, W.xn, W.grad, W.step, W.eps, lo, hi, _check_values=False)
+        if a == 1.0:
+            return z
+        # x + a·(z − x) + (1 − a)·(x − x_old), projected back (the momentum step)
+        z.sub_(W.x).mul_(a).add_(W.x - W.x_old, alpha=1.0 - a).add_(W.x)
+        if self.norm == "Linf":
+            linf_project_(z, W.xn, W.eps, lo, hi, _check_values=False)
+        else:
+            l2_project_(z, W.xn, W.eps, lo, hi, _check_values=False)
+        return z
+
+    # ----------------------------------------------------------- the core
+    def _optimize(self, xn: Tensor, y: Tensor, tgt: Optional[Tensor], eps: Tensor, group: Tensor,
+                  n_groups: int, gen: torch.Generator, loss_fn: LossFn,
+                  success_fn: Callable = untargeted_success) -> Dict[str, Tensor]:
+        """Run APGD on every entry (row) of ``xn`` at once; entries of a group stop together.
+
+        Returns per entry: x (first adversarial iterate if fooled, else the highest-loss
+        one), success, loss (at x), steps (iterations run)."""
+        n = xn.shape[0]
+        dev = xn.device
+        alpha = 1.0 if self.norm == "L1" else 2.0
+        n_fts = xn[0].numel() if n else 1
+        x0 = self._random_start(xn, eps, gen)
+        loss, z, grad = self._loss_grad(x0, y, tgt, loss_fn)
+        fooled = success_fn(z, y, tgt)
+        W = Working(torch.arange(n, device=dev), xn=xn, y=y, tgt=tgt, eps=eps, group=group,
+                    x=x0, x_old=x0, grad=grad, x_best=x0.clone(), grad_best=grad.clone(),
+                    loss_best=loss.clone(), loss_prev=loss, loss_last=loss.clone(),
+                    reduced=torch.ones(n, dtype=torch.bool, device=dev),
+                    n_incr=torch.zeros(n, dtype=torch.int32, device=dev), step=alpha * eps.clone(),
+                    fooled=fooled, x_fool=x0.clone(), loss_fool=loss.clone(),
+                    n_steps=torch.zeros(n, dtype=torch.long, device=dev))
+        if self.norm == "L1":
+            W.topk = torch.full((n,), 0.2, device=dev)
+            W.sp_old = torch.full((n,), float(n_fts), device=dev)
+        R = {"x": xn.clone(), "success": torch.zeros(n, dtype=torch.bool, device=dev),
+             "loss": torch.zeros(n, device=dev), "steps": torch.zeros(n, dtype=torch.long, device=dev)}
+        checks = dict(apgd_l1_checkpoints(self.steps) if self.norm == "L1"
+                      else apgd_checkpoints(self.steps))
+        every = self._every(dev)
+        if self.early_stop and n:
+            self._compact(W, R, n_groups)
+        for i in range(self.steps):
+            if len(W) == 0:
+                break
+            a = 0.75 if i > 0 else 1.0
+            x_new = self._step(W, a, n_fts)
+            loss, z, grad = self._loss_grad(x_new, W.y, W.tgt, loss_fn)
+            succ = success_fn(z, W.y, W.tgt)
+            active = ~W.fooled
+            W.n_steps += active
+            newly = succ & active
+            W.x_fool = torch.where(view_rows(newly, x_new), x_new, W.x_fool)
+            W.loss_fool = torch.where(newly, loss, W.loss_fool)
+            W.fooled = W.fooled | succ
+            W.n_incr += (loss > W.loss_prev).to(torch.int32)
+            W.loss_prev = loss
+            better = loss > W.loss_best
+            vb = view_rows(better, x_new)
+            W.x_best = torch.where(vb, x_new, W.x_best)
+            W.grad_best = torch.where(vb, grad, W.grad_best)
+            W.loss_best = torch.where(better, loss, W.loss_best)
+            W.x_old, W.x, W.grad = W.x, x_new, grad
+            if i + 1 in checks:
+                self._checkpoint(W, checks[i + 1], alpha, n_fts)
+            if self.early_stop and (i + 1) % every == 0 and i + 1 < self.steps:
+                self._compact(W, R, n_groups)
+        self._retire(W, R, torch.arange(len(W), device=dev))
+        return R
+
+    def _checkpoint(self, W: Working, k: int, alpha: float, n_fts: int) -> None:
+        if self.norm == "L1":
+            sp = _l0(W.x_best - W.xn)
+            fl = sp / W.sp_old.clamp_min(1.0) < 0.95
+            W.topk = sp / n_fts / 1.5
+            top = alpha * W.eps
+            W.step = torch.where(fl, top, W.step / 1.5)
+            W.step = torch.minimum(torch.maximum(W.step, top / 10.0), top)
+            W.sp_old = sp
+        else:
+            # (1) the loss rose in at most ρ·k of the last k steps, or (2) the step was not
+            # halved at the previous check and the best loss has not improved since
+            fl = (W.n_incr.float() <= k * self.rho) | (~W.reduced & (W.loss_last >= W.loss_best))
+            W.reduced = fl
+            W.loss_last = W.loss_best.clone()
+            W.n_incr = torch.zeros_like(W.n_incr)
+            W.step = torch.where(fl, W.step * 0.5, W.step)
+        vf = view_rows(fl, W.x)
+        W.x = torch.where(vf, W.x_best, W.x)
+        W.grad = torch.where(vf, W.grad_best, W.grad)
+
+    def _retire(self, W: Working, R: Dict[str, Tensor], rows: Tensor) -> None:
+        if rows.numel() == 0:
+            return
+        ids = W.idx.index_select(0, rows)
+        fo = W.fooled.index_select(0, rows)
+        xf = W.x_fool.index_select(0, rows)
+        xb = W.x_best.index_select(0, rows)
+        R["x"].index_copy_(0, ids, torch.where(view_rows(fo, xf), xf, xb))
+        R["success"].index_copy_(0, ids, fo)
+        R["loss"].index_copy_(0, ids, torch.where(fo, W.loss_fool.index_select(0, rows),
+                                                  W.loss_best.index_select(0, rows)))
+        R["steps"].index_copy_(0, ids, W.n_steps.index_select(0, rows))
+
+    def _compact(self, W: Working, R: Dict[str, Tensor], n_groups: int) -> None:
+        keep = ~group_any(W.fooled, W.group, n_groups)[W.group]
+        if bool(keep.all()):
+            return
+        self._retire(W, R, (~keep).nonzero().squeeze(1))
+        W.compact(keep)
+
+    # ------------------------------------------------------- entry layout
+    def _targets_and_loss(self, z: Tensor, y: Tensor, target: Optional[Tensor]):
+        """(targets per point [B, T] or None, loss_fn, success_fn)."""
+        if target is not None:
+            return target[:, None], self.attack_loss, Attack.is_success
+        return None, self.attack_loss, untargeted_success
+
+    def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor],
+                gen: torch.Generator) -> AttackResult:
+        return self._run_points(x, y, target, gen, torch.full((x.shape[0],), self.eps, device=x.device))
+
+    def _run_points(self, x: Tensor, y: Tensor, target: Optional[Tensor], gen: torch.Generator,
+                    eps: Tensor) -> AttackResult:
+        b = x.shape[0]
+        dev = x.device
+        with torch.no_grad():
+            z = self.logits(x).float()
+        tg, loss_fn, success_fn = self._targets_and_loss(z, y, target)
+        done = success_fn(z, y, target)
+        x_adv = x.clone()
+        success = done.clone()
+        loss = loss_fn(z, y, None if tg is None else tg[:, 0])
+        steps = torch.zeros(b, dtype=torch.long, device=dev)
+        todo = (~done).nonzero().squeeze(1)
+        n_t = 1 if tg is None else tg.shape[1]
+        reps = n_t * self.n_restarts
+        for sl in chunks(todo.numel(), reps, self.max_rows):
+            pts = todo[sl]
+            m = pts.numel()
+            if m == 0:
+                continue
+            xn = x.index_select(0, pts).repeat_interleave(reps, 0)
+            ye = y.index_select(0, pts).repeat_interleave(reps, 0)
+            te = None if tg is None else tg.index_select(0, pts).repeat_interleave(
+                self.n_restarts, 1).reshape(-1)
+            ee = eps.index_select(0, pts).repeat_interleave(reps, 0)
+            group = torch.arange(m, device=dev).repeat_interleave(reps, 0)
+            R = self._optimize(xn, ye, te, ee, group, m, gen, loss_fn, success_fn)
+            idx, gs = pick_per_group(group, m, R["success"], R["loss"])
+            x_adv.index_copy_(0, pts, R["x"].index_select(0, idx))
+            success.index_copy_(0, pts, gs)
+            loss.index_copy_(0, pts, R["loss"].index_select(0, idx))
+            st = torch.zeros(m, dtype=torch.long, device=dev).index_add_(0, group, R["steps"])
+            steps.index_copy_(0, pts, st)
+        if self.verbose:
+            print(f"{self.attack}: robust accuracy {1 - success.float().mean().item():.2%} "
+                  f"on {b} points ({int(steps.sum())} row-steps)")
+        return AttackResult(x_adv, success, loss, steps, extra={"norm": self.norm})
+
+
+class APGDT(APGD):
+    """APGD-T: targeted DLR against the top ``n_target_classes`` other classes, all at once.
+
+    Each point runs one APGD per target class (the classes ranked 2nd, 3rd, ... by the
+    clean logits) and restart, batched together; a point counts as fooled when it
+    is misclassified (any class), as in AutoAttack. ``n_classes`` is accepted for
+    torchattacks compatibility (the model's output decides)."""
+
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100,
+                 n_restarts: int = 1, seed: Optional[int] = 0, eot_iter: int = 1, rho: float = 0.75,
+                 verbose: bool = False, n_classes: Optional[int] = None, *,
+                 n_target_classes: int = 9, loss: str = "dlr", **kwargs):
+        if loss not in ("dlr", "ce"):
+            raise ValueError(f"loss: expected 'dlr' (targeted DLR) or 'ce' (targeted CE), got {loss!r}")
+        super().__init__(model, norm, eps, steps, n_restarts, seed, loss, eot_iter, rho, verbose,
+                         name="APGDT", **kwargs)
+        if n_classes is not None:
+            _pos_int("n_classes", n_classes)
+        self.n_classes = n_classes
+        self.n_target_classes = _pos_int("n_target_classes", n_target_classes)
+
+    def _targets_and_loss(self, z: Tensor, y: Tensor, target: Optional[Tensor]):
+        n_cls = z.shape[1]
+        if self.loss == "dlr" and n_cls < 4:
+            raise ValueError(f"APGDT: the targeted DLR loss needs at least 4 classes, the model has "
+                             f"{n_cls} (use loss='ce')")
+        loss_fn = _targeted_dlr if self.loss == "dlr" else _targeted_ce
+        if target is not None:
+            return target[:, None], loss_fn, Attack.is_success
+        t = min(self.n_target_classes, n_cls - 1)
+        return z.argsort(1, descending=True)[:, 1:t + 1], loss_fn, untargeted_success
+
+
+def _targeted_dlr(z: Tensor, y: Tensor, t: Optional[Tensor]) -> Tensor:
+    return _losses.dlr_loss_targeted(z, y, t)
+
+
+def _targeted_ce(z: Tensor, y: Tensor, t: Optional[Tensor]) -> Tensor:
+    return -_losses.cross_entropy(z, t)
+
+
+def _pos_int(name: str, v, allow_zero: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < (0 if allow_zero else 1):
+        raise ValueError(f"{name}: expected an int >= {0 if allow_zero else 1}, got {v}")
+    return v

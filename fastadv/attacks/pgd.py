@@ -1,0 +1,225 @@
+"""Projected gradient descent, L∞ (``PGD``) and L2 (``PGDL2``), drop-in for torchattacks'.
+
+Same constructor names, order and defaults as ``torchattacks.PGD`` / ``PGDL2``; the extra
+options are keywords. The step is one fused op (``fastadv.ops.linf_step_`` /
+``l2_step_``); the loop is ``fastadv.attacks._engine``: restarts as one batch, best
+iterate per sample, early stop, amp, CUDA graphs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from . import _engine
+from .base import Attack, AttackResult
+
+__all__ = ["PGD", "PGDL2", "pgd", "pgd_l2"]
+
+
+def _count(name: str, v, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
+    return v
+
+
+class _IterativeAttack(Attack):
+    """The shared machinery of FGSM, PGD and PGD-L2 (``norm`` says which step)."""
+
+    norm = "linf"
+
+    def __init__(self, name: str, model: nn.Module, eps: float, alpha: float, steps: int,
+                 random_start: bool, *, restarts: int = 1, loss: str = "ce",
+                 targeted: bool = False, early_stop: bool = False, amp=None,
+                 channels_last: Union[str, bool] = "auto", cuda_graph: bool = False,
+                 backend: Optional[str] = None, generator: Optional[torch.Generator] = None,
+                 seed: Optional[int] = None,
+                 normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+                 lower: float = 0.0, upper: float = 1.0, keep: str = "best",
+                 max_batch: Optional[int] = None, model_mode: str = "eval",
+                 check_inputs: bool = True):
+        super().__init__(name, model, eps=eps, lower=lower, upper=upper, loss=loss,
+                         targeted=targeted, amp=amp, channels_last=channels_last,
+                         backend=backend, generator=generator, seed=seed,
+                         normalization=normalization, model_mode=model_mode,
+                         check_inputs=check_inputs)
+        self.alpha = self._nonneg("alpha", alpha)
+        self.steps = _count("steps", steps, 0)
+        self.random_start = bool(random_start)
+        self.restarts = _count("restarts", restarts, 1)
+        if self.restarts > 1 and not self.random_start:
+            raise ValueError("restarts: more than one restart needs random_start=True "
+                             "(without it every restart is the same run)")
+        if keep not in ("best", "last"):
+            raise ValueError(f"keep: expected 'best' or 'last', got {keep!r}")
+        self.keep = keep
+        self.early_stop = bool(early_stop)
+        if self.early_stop and keep == "last":
+            raise ValueError("early_stop: needs keep='best' (a stopped sample keeps its "
+                             "successful iterate, not the last one)")
+        self.cuda_graph = bool(cuda_graph)
+        if max_batch is not None:
+            max_batch = _count("max_batch", max_batch, 1)
+        self.max_batch = max_batch
+        self._graphs: dict = {}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(eps={self.eps:.6g}, alpha={self.alpha:.6g}, "
+                f"steps={self.steps}, random_start={self.random_start}, restarts={self.restarts}, "
+                f"loss={self.loss!r}, amp={self.amp!r}, early_stop={self.early_stop}, "
+                f"mode={self._target_mode})")
+
+    # ---------------------------------------------------------------- step
+    def _step(self, x: Tensor, x_nat: Tensor, g: Tensor) -> None:
+        fn = ops.linf_step_ if self.norm == "linf" else ops.l2_step_
+        fn(x, x_nat, g, self.alpha, self.eps, self.lower, self.upper, backend=self.backend,
+           _check_values=False)
+
+    def _start(self, x_nat: Tensor, gen: torch.Generator) -> Tensor:
+        if not self.random_start or self.eps == 0.0:
+            return x_nat.clone()
+        return ops.random_init(x_nat, self.eps, self.norm, self.lower, self.upper,
+                               generator=gen, backend=self.backend)
+
+    # ---------------------------------------------------------------- loop
+    def _loop(self, loop: _engine.StepLoop, x_nat: Tensor, y: Tensor, t: Optional[Tensor],
+              x0: Tensor, samples: int) -> _engine.LoopOutput:
+        if self.cuda_graph:
+            why = None
+            if x_nat.device.type != "cuda":
+                why = "the input is not on a CUDA device"
+            elif self.early_stop:
+                why = "early_stop=True changes the batch shape during the run"
+            if why is None:
+                key = _engine.graph_key(self, x_nat, t, (self.alpha, self.eps, self.lower,
+                                                          self.upper, self.steps, self.keep,
+                                                          self.norm, self.backend))
+                graphed = self._graphs.get(key)
+                if graphed is None:
+                    if len(self._graphs) >= 4:   # a graph holds its memory pool: keep few
+                        self._graphs.pop(next(iter(self._graphs)))
+                    graphed = _engine.GraphedLoop(loop, x_nat, y, t, x0, samples)
+                    self._graphs[key] = graphed
+                return graphed.run(x_nat, y, t, x0)
+            _engine.warn_once(self, "graph:" + why,
+                              f"fastadv: cuda_graph=True ignored ({why}); running eagerly")
+        return loop.run(x_nat, y, t, x0, samples)
+
+    def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor],
+                gen: torch.Generator) -> AttackResult:
+        b = x.shape[0]
+        dev = x.device
+        z = self.clean_logits
+        if z is None:  # called outside run(): recompute
+            with torch.no_grad():
+                z = self.logits(x, fp32=True).float()
+        best = self.keep == "best"
+        # the clean point is a candidate too: a misclassified sample is already a success
+        res_x = x.clone()
+        if best:
+            res_loss = self.attack_loss(z, y, target).float()
+            res_succ = self.is_success(z, y, target)
+        else:
+            res_loss = torch.full((b,), float("-inf"), device=dev)
+            res_succ = torch.zeros(b, dtype=torch.bool, device=dev)
+        res_steps = torch.zeros(b, dtype=torch.long, device=dev)
+        res_restart = torch.full((b,), -1, dtype=torch.long, device=dev)
+        loop = _engine.StepLoop(self, self._step, self.steps, keep=self.keep,
+                                early_stop=self.early_stop)
+        max_rows = self.max_batch or _engine.auto_max_rows(self, x, y, target, self.restarts * b)
+
+        r = 0
+        while r < self.restarts and b:
+            todo = (~res_succ).nonzero().squeeze(1) if self.early_stop else None
+            n = b if todo is None else int(todo.numel())
+            if n == 0:
+                break
+            nr, per_chunk = _engine.restart_blocks(n, self.restarts - r, max_rows)
+            for s in range(0, n, per_chunk):
+                if todo is None and per_chunk >= n:
+                    idx = None
+                    xs, ys, ts = x, y, target
+                else:
+                    idx = (todo if todo is not None else torch.arange(b, device=dev))[s:s + per_chunk]
+                    xs, ys, ts = x[idx], y[idx], None if target is None else target[idx]
+                m = xs.shape[0]
+                xn = _engine.tile(xs, nr)
+                yn = _engine.tile(ys, nr)
+                tn = None if ts is None else _engine.tile(ts, nr)
+                out = self._loop(loop, xn, yn, tn, self._start(xn, gen), m)
+                cx, closs, csucc, cr = _engine.pick_restart(out.x, out.loss, out.success, nr)
+                took = _engine.merge_best(res_x, res_loss, res_succ, idx, cx, closs, csucc)
+                spent = out.steps.view(nr, m).sum(0)
+                if idx is None:
+                    res_steps += spent
+                    res_restart = torch.where(took, cr + r, res_restart)
+                else:
+                    res_steps.index_add_(0, idx, spent)
+                    res_restart.index_copy_(0, idx, torch.where(took, cr + r, res_restart[idx]))
+            r += nr
+
+        if self.amp is not None:
+            # the iterates were judged on low-precision logits: report exact figures
+            with torch.no_grad():
+                zf = self.logits(res_x, fp32=True).float()
+            res_loss = self.attack_loss(zf, y, target).float()
+            res_succ = self.is_success(zf, y, target)
+        return AttackResult(res_x, res_succ, res_loss, res_steps,
+                            extra={"restart": res_restart, "target": target})
+
+
+class PGD(_IterativeAttack):
+    """L∞ PGD (Madry et al. 2018), drop-in for ``torchattacks.PGD``.
+
+    ``PGD(model, eps=8/255, alpha=2/255, steps=10, random_start=True, *, restarts=1,
+    loss="ce"|"cw"|"dlr", targeted=False, early_stop=False, amp=None|"bf16"|"fp16",
+    channels_last="auto", cuda_graph=False, backend=None, generator=None, seed=None,
+    normalization=None, lower=0., upper=1., keep="best"|"last", max_batch=None,
+    model_mode="eval")``
+
+    ``atk(x, y)`` returns the adversarial batch; ``atk.run(x, y)`` an ``AttackResult``.
+    Each sample gets its best iterate (the first that fools the model, else the one of
+    highest loss, the clean point included), and its worst case over ``restarts``.
+    ``max_batch`` caps the rows per forward (restarts run as one ``restarts·B`` batch
+    when it fits). Inputs live in ``[lower, upper]``; with ``normalization=(mean, std)``
+    the model sees ``(x - mean) / std``.
+    """
+
+    norm = "linf"
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255,
+                 steps: int = 10, random_start: bool = True, **options):
+        super().__init__("PGD", model, eps, alpha, steps, random_start, **options)
+
+
+class PGDL2(_IterativeAttack):
+    """L2 PGD, drop-in for ``torchattacks.PGDL2`` (same options as ``PGD``).
+
+    ``eps_for_division`` is accepted for compatibility; the fused ``l2_step`` op floors
+    the gradient norm at 1e-12 instead of adding 1e-10 to it (no other difference)."""
+
+    norm = "l2"
+
+    def __init__(self, model: nn.Module, eps: float = 1.0, alpha: float = 0.2, steps: int = 10,
+                 random_start: bool = True, eps_for_division: float = 1e-10, **options):
+        super().__init__("PGDL2", model, eps, alpha, steps, random_start, **options)
+        self.eps_for_division = float(eps_for_division)
+
+
+def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, alpha: float = 2 / 255,
+        steps: int = 10, random_start: bool = True, *, target: Optional[Tensor] = None,
+        **options) -> Tensor:
+    """``PGD(model, eps, alpha, steps, random_start, **options)(x, y, target)``: the adversarial batch."""
+    return PGD(model, eps, alpha, steps, random_start, **options)(x, y, target)
+
+
+def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float = 1.0, alpha: float = 0.2,
+           steps: int = 10, random_start: bool = True, *, target: Optional[Tensor] = None,
+           **options) -> Tensor:
+    """``PGDL2(model, eps, alpha, steps, random_start, **options)(x, y, target)``."""
+    return PGDL2(model, eps, alpha, steps, random_start, **options)(x, y, target)

@@ -1,0 +1,317 @@
+"""FGSM / PGD / PGD-L2 on a real MNIST-trained CNN: strength against torchattacks on the same
+points and budget, the threat model (ball and bounds), targets, restarts, early stop, amp."""
+import pytest
+import torch
+
+import fastadv
+import zoo
+
+N = 500  # test points
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    model = zoo.mnist_cnn()
+    (_, _), (xt, yt) = zoo.mnist_split()
+    return model, xt[:N].clone(), yt[:N].clone()
+
+
+def robust_acc(model, x_adv, y):
+    with torch.no_grad():
+        return (model(x_adv).argmax(1) == y).float().mean().item()
+
+
+def linf(a, b):
+    return (a - b).flatten(1).abs().max(1).values
+
+
+def l2(a, b):
+    return (a - b).flatten(1).norm(dim=1)
+
+
+def torchattacks_run(cls_name, model, x, y, seed, **kw):
+    """torchattacks draws its random start from the global RNG: seed it, then put it back."""
+    ta = pytest.importorskip("torchattacks")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        atk = getattr(ta, cls_name)(model, **kw)
+        return atk(x, y)
+
+
+# ---------------------------------------------------------------- strength
+@pytest.mark.parametrize("cls_name,eps,alpha", [("PGD", 0.1, 0.025), ("PGDL2", 1.5, 0.375)])
+def test_at_least_as_strong_as_torchattacks_random_start(mnist, cls_name, eps, alpha):
+    model, x, y = mnist
+    fa, ta = [], []
+    for seed in (0, 1, 2):
+        ta.append(robust_acc(model, torchattacks_run(cls_name, model, x, y, seed, eps=eps,
+                                                     alpha=alpha, steps=10), y))
+        res = getattr(fastadv, cls_name)(model, eps=eps, alpha=alpha, steps=10, seed=seed).run(x, y)
+        fa.append(robust_acc(model, res.x_adv, y))
+        assert abs(fa[-1] - res.robust_accuracy) <= 1.0 / N + 1e-9  # success matches the model
+    fa_mean, ta_mean = sum(fa) / 3, sum(ta) / 3
+    assert 0.3 < ta_mean < 0.95, "the budget should leave the comparison room either way"
+    assert fa_mean <= ta_mean + 0.005, (fa, ta)
+
+
+@pytest.mark.parametrize("cls_name,eps,alpha", [("PGD", 0.1, 0.025), ("PGDL2", 1.5, 0.375)])
+def test_at_least_as_strong_as_torchattacks_no_random_start(mnist, cls_name, eps, alpha):
+    model, x, y = mnist
+    ta = robust_acc(model, torchattacks_run(cls_name, model, x, y, 0, eps=eps, alpha=alpha,
+                                            steps=10, random_start=False), y)
+    fa = getattr(fastadv, cls_name)(model, eps=eps, alpha=alpha, steps=10,
+                                    random_start=False).run(x, y).robust_accuracy
+    assert fa <= ta + 0.005, (fa, ta)
+
+
+def test_fgsm_matches_torchattacks(mnist):
+    model, x, y = mnist
+    ta_x = torchattacks_run("FGSM", model, x, y, 0, eps=0.1)
+    res = fastadv.FGSM(model, eps=0.1, keep="last", channels_last=False).run(x, y)
+    # the same step: identical pixels but for sign flips of gradients within rounding of 0
+    assert (res.x_adv == ta_x).float().mean().item() > 0.999
+    best = fastadv.FGSM(model, eps=0.1).run(x, y)
+    assert best.robust_accuracy <= robust_acc(model, ta_x, y) + 1e-9
+    assert torch.equal(fastadv.fgsm(model, x, y, eps=0.1, keep="last", channels_last=False),
+                       res.x_adv)
+
+
+def test_restarts_and_early_stop_never_weaker(mnist):
+    model, x, y = mnist
+    kw = dict(eps=0.1, alpha=0.025, steps=10, seed=3)
+    one = fastadv.PGD(model, **kw).run(x, y)
+    ten = fastadv.PGD(model, restarts=10, **kw).run(x, y)
+    stop = fastadv.PGD(model, early_stop=True, **kw).run(x, y)
+    assert ten.robust_accuracy <= one.robust_accuracy
+    assert one.robust_accuracy - ten.robust_accuracy >= 0.01  # restarts do find more
+    assert stop.robust_accuracy <= one.robust_accuracy + 1e-9
+    # early stop spends fewer steps on fooled samples and all K on robust ones
+    assert stop.steps.float().mean() < 0.9 * one.steps.float().mean()
+    assert bool((stop.steps[~stop.success] == 10).all())
+    assert bool((one.steps == 10).all()) and bool((ten.steps == 100).all())
+    ten_stop = fastadv.PGD(model, restarts=10, early_stop=True, **kw).run(x, y)
+    assert ten_stop.robust_accuracy <= one.robust_accuracy
+    assert ten_stop.steps.float().mean() < 0.5 * ten.steps.float().mean()
+    for r in (one, ten, stop, ten_stop):
+        assert linf(r.x_adv, x).max() <= 0.1 + 1e-6
+
+
+def test_best_iterate_not_last(mnist):
+    model, x, y = mnist
+    kw = dict(eps=0.1, alpha=0.05, steps=10, random_start=False)  # big steps oscillate
+    best = fastadv.PGD(model, **kw).run(x, y)
+    last = fastadv.PGD(model, keep="last", **kw).run(x, y)
+    assert bool((best.success | ~last.success).all())          # every success kept
+    fail = ~best.success
+    assert bool((best.loss[fail] >= last.loss[fail] - 1e-5).all())
+    assert best.robust_accuracy < last.robust_accuracy
+
+
+def test_best_iterate_with_keep_last_matches_trajectory(mnist):
+    """keep='last' with no random start is torchattacks' PGD exactly (same iterates)."""
+    model, x, y = mnist
+    ta_x = torchattacks_run("PGD", model, x, y, 0, eps=0.1, alpha=0.025, steps=5,
+                            random_start=False)
+    fa_x = fastadv.PGD(model, eps=0.1, alpha=0.025, steps=5, random_start=False, keep="last",
+                       channels_last=False)(x, y)
+    assert (fa_x == ta_x).float().mean().item() > 0.99
+
+
+# ------------------------------------------------------------ threat model
+@pytest.mark.parametrize("cls_name", ["FGSM", "PGD", "PGDL2"])
+def test_eps_zero_returns_x(mnist, cls_name):
+    model, x, y = mnist
+    kw = {} if cls_name == "FGSM" else dict(steps=3, restarts=2)
+    res = getattr(fastadv, cls_name)(model, eps=0.0, **kw).run(x[:64], y[:64])
+    assert torch.equal(res.x_adv, x[:64])
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(restarts=3), dict(early_stop=True), dict(amp="bf16"), dict(loss="cw"),
+    dict(loss="dlr"), dict(max_batch=50, restarts=2), dict(channels_last=False),
+])
+def test_outputs_inside_ball_and_bounds(mnist, options):
+    model, x, y = mnist
+    x, y = x[:128], y[:128]
+    for cls, eps, dist in ((fastadv.PGD, 0.2, linf), (fastadv.PGDL2, 2.0, l2)):
+        res = cls(model, eps=eps, alpha=eps / 4, steps=5, seed=0, **options).run(x, y)
+        assert res.x_adv.shape == x.shape and res.x_adv.dtype == x.dtype
+        assert dist(res.x_adv, x).max().item() <= eps + 1e-6
+        assert res.x_adv.min().item() >= 0.0 and res.x_adv.max().item() <= 1.0
+        assert res.success.shape == (128,) and res.success.dtype == torch.bool
+        assert res.loss.dtype == torch.float32 and res.steps.dtype == torch.int64
+
+
+def test_custom_bounds_and_normalization(mnist):
+    model, x, y = mnist
+    x, y = x[:128], y[:128]
+    mean, std = 0.1307, 0.3081
+
+    class Normalized(torch.nn.Module):  # a model trained on normalized input
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z):
+            return self.inner(z * std + mean)
+
+    wrapped = Normalized().eval()
+    plain = fastadv.PGD(model, eps=0.1, alpha=0.025, steps=5, random_start=False).run(x, y)
+    norm = fastadv.PGD(wrapped, eps=0.1, alpha=0.025, steps=5, random_start=False,
+                       normalization=([mean], [std])).run(x, y)
+    assert abs(plain.robust_accuracy - norm.robust_accuracy) <= 0.02
+    assert linf(norm.x_adv, x).max() <= 0.1 + 1e-6
+    # a narrower box is respected
+    res = fastadv.PGD(model, eps=0.3, steps=3, lower=0.0, upper=1.0).set_normalization_used(
+        [0.0], [1.0]).run(x, y)
+    assert res.x_adv.max() <= 1.0
+
+
+# ------------------------------------------------------------------ targets
+def _check_targets(model, res, target, min_rate):
+    with torch.no_grad():
+        pred = model(res.x_adv).argmax(1)
+    assert torch.equal(res.success, pred == target)
+    assert res.success.float().mean().item() >= min_rate
+
+
+def test_targeted_modes_reach_targets(mnist):
+    model, x, y = mnist
+    x, y = x[:200], y[:200]
+    kw = dict(eps=0.3, alpha=0.05, steps=20, seed=0)
+    tgt = (y + 1) % 10
+    res = fastadv.PGD(model, **kw).run(x, y, target=tgt)            # target= argument
+    _check_targets(model, res, tgt, 0.9)
+    atk = fastadv.PGD(model, **kw)
+    atk.set_mode_targeted_by_label()                                 # labels are the targets
+    res = atk.run(x, tgt)
+    _check_targets(model, res, tgt, 0.9)
+    atk = fastadv.PGD(model, **kw)
+    atk.set_mode_targeted_random()
+    res = atk.run(x, y)
+    t = res.extra["target"]
+    assert bool((t != y).all()) and t.unique().numel() == 10
+    _check_targets(model, res, t, 0.9)
+    atk = fastadv.PGD(model, **kw)
+    atk.set_mode_targeted_least_likely()
+    res = atk.run(x, y)
+    with torch.no_grad():
+        ll = model(x).argmin(1)
+    assert torch.equal(res.extra["target"], ll)
+    _check_targets(model, res, ll, 0.6)
+    l2res = fastadv.PGDL2(model, eps=4.0, alpha=0.5, steps=20, seed=0).run(x, y, target=tgt)
+    _check_targets(model, l2res, tgt, 0.8)
+    atk = fastadv.PGD(model, **kw).set_mode_targeted_random()
+    atk.set_mode_default()
+    assert atk.run(x, y).extra["target"] is None
+
+
+@pytest.mark.parametrize("loss", ["cw", "dlr"])
+def test_other_losses_are_attacks(mnist, loss):
+    model, x, y = mnist
+    ce = fastadv.PGD(model, eps=0.15, alpha=0.03, steps=10, seed=0).run(x, y)
+    other = fastadv.PGD(model, eps=0.15, alpha=0.03, steps=10, seed=0, loss=loss).run(x, y)
+    assert other.robust_accuracy <= ce.robust_accuracy + 0.03
+    assert abs(other.robust_accuracy - robust_acc(model, other.x_adv, y)) <= 1.0 / N + 1e-9
+
+
+# ----------------------------------------------------------------------- amp
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_keeps_strength(mnist, amp):
+    model, x, y = mnist
+    kw = dict(eps=0.1, alpha=0.025, steps=10, seed=0)
+    ref = fastadv.PGD(model, **kw).run(x, y).robust_accuracy
+    res = fastadv.PGD(model, amp=amp, **kw).run(x, y)
+    assert res.x_adv.dtype == torch.float32
+    assert res.robust_accuracy <= ref + 0.03
+    # the reported figures are exact float32 ones
+    assert abs(res.robust_accuracy - robust_acc(model, res.x_adv, y)) <= 1.0 / N + 1e-9
+    stop = fastadv.PGD(model, amp=amp, early_stop=True, **kw).run(x, y)
+    assert abs(stop.robust_accuracy - robust_acc(model, stop.x_adv, y)) <= 1.0 / N + 1e-9
+
+
+class _Overflowing(torch.nn.Module):
+    """A linear model whose fp16 logits overflow for bright images and not for dark ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(28 * 28, 10)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.linspace(-1, 1, 10)[:, None] * 400.0)
+            self.lin.bias.zero_()
+
+    def forward(self, x):
+        return self.lin(x.flatten(1))
+
+
+def test_fp16_overflow_never_moves_a_pixel():
+    model = _Overflowing().eval()
+    x = torch.zeros(4, 1, 28, 28)
+    x[0] = 0.9                      # 400 * 0.9 * 784 >> 65504: inf logits in fp16
+    x[1, :, :2, :2] = 0.05          # small: finite
+    x[2, :, 10:12, 10:12] = 0.1
+    x[3] = 0.5
+    y = torch.tensor([0, 1, 2, 3])
+    atk = fastadv.PGD(model, eps=0.05, alpha=0.01, steps=3, random_start=False, amp="fp16",
+                      channels_last=False)
+    scale = torch.full((4,), 1024.0)
+    with fastadv.attacks.preserved_model(model):
+        loss, z, g = atk.loss_and_grad(x, y, None, grad_scale=scale)
+    assert torch.isfinite(g).all()
+    assert bool((g[0] == 0).all()) and bool((g[3] == 0).all())
+    assert scale[0] == 512.0 and scale[3] == 512.0 and scale[1] == 1024.0
+    ref = fastadv.PGD(model, eps=0.05, alpha=0.01, steps=3, random_start=False,
+                      channels_last=False)
+    with fastadv.attacks.preserved_model(model):
+        _, _, g32 = ref.loss_and_grad(x, y, None)
+    torch.testing.assert_close(g[1:3], g32[1:3], rtol=2e-2, atol=1e-4)
+    res = atk.run(x, y)
+    assert torch.equal(res.x_adv[0], x[0]) and torch.equal(res.x_adv[3], x[3])
+    assert not torch.equal(res.x_adv[1], x[1])
+
+
+# ------------------------------------------------------------ functional API
+def test_functional_forms_match_classes(mnist):
+    model, x, y = mnist
+    x, y = x[:64], y[:64]
+    assert torch.equal(fastadv.pgd(model, x, y, eps=0.1, alpha=0.02, steps=4, seed=5),
+                       fastadv.PGD(model, eps=0.1, alpha=0.02, steps=4, seed=5)(x, y))
+    assert torch.equal(fastadv.pgd_l2(model, x, y, eps=1.0, alpha=0.2, steps=4, seed=5),
+                       fastadv.PGDL2(model, eps=1.0, alpha=0.2, steps=4, seed=5)(x, y))
+    assert torch.equal(fastadv.fgsm(model, x, y, eps=0.1), fastadv.FGSM(model, eps=0.1)(x, y))
+    tgt = (y + 3) % 10
+    assert torch.equal(fastadv.pgd(model, x, y, eps=0.1, steps=2, seed=1, target=tgt),
+                       fastadv.PGD(model, eps=0.1, steps=2, seed=1)(x, y, tgt))
+
+
+def test_constructor_signature_matches_torchattacks():
+    import inspect
+    ta = pytest.importorskip("torchattacks")
+    for name in ("FGSM", "PGD", "PGDL2"):
+        ours = inspect.signature(getattr(fastadv, name).__init__).parameters
+        theirs = inspect.signature(getattr(ta, name).__init__).parameters
+        pos = [p for p in theirs if p != "self"]
+        assert list(ours)[1:len(pos) + 1] == pos
+        for p in pos:
+            assert ours[p].default == theirs[p].default, (name, p)
+
+
+def test_channels_last_input_and_output_layout(mnist):
+    model, x, y = mnist
+    xc = x[:32].contiguous(memory_format=torch.channels_last)
+    out = fastadv.PGD(model, eps=0.1, steps=2, seed=0)(xc, y[:32])
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out = fastadv.PGD(model, eps=0.1, steps=2, seed=0)(x[:32], y[:32])
+    assert out.is_contiguous()
+    same = fastadv.PGD(model, eps=0.1, steps=2, seed=0, channels_last=False)(x[:32], y[:32])
+    assert (out == same).float().mean() > 0.99  # same math, another memory layout
+
+
+def test_digits_model_attack():
+    model = zoo.digits_cnn()
+    (_, _), (xt, yt) = zoo.digits_split()
+    clean = robust_acc(model, xt, yt)
+    assert clean > 0.95
+    res = fastadv.PGD(model, eps=0.1, alpha=0.025, steps=10, seed=0).run(xt, yt)
+    assert res.robust_accuracy < clean - 0.2
+    assert linf(res.x_adv, xt).max() <= 0.1 + 1e-6
