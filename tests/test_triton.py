@@ -11,6 +11,10 @@ operations in the same order and nothing else); L2 ops, whose norms are summed
 in another order, within 1e-6 of the value range in float32 and within one unit
 in the last place in float16/bfloat16.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -35,7 +39,7 @@ OPS = {**STEPS, **PROJECTIONS}
 
 # ------------------------------------------------------------------ helpers
 def _data(shape, dtype, grad_dtype=None, seed=0, lower=0.0, upper=1.0, special=True):
-    """x_adv near x_nat inside [lower, upper] (finite bounds: else [0, 1]); a gradient
+    """x_adv near x_nat inside [lower, upper] ([-1, 2] where unbounded); a gradient
     with exact zeros and, if ``special``, NaN and ±inf entries."""
     g = torch.Generator().manual_seed(seed)
     lo = lower if lower > -float("inf") else -1.0
@@ -177,7 +181,8 @@ def test_shapes(name, path, shape, tiny_blocks, monkeypatch):
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                              (torch.float16, torch.float16)], ids=["fp32", "bf16_g32", "fp16"])
+                                              (torch.float16, torch.float16)],
+                         ids=["fp32", "bf16_g32", "fp16"])
 def test_imagenet_size(batch, dtype, grad_dtype):
     """3x224x224 with the backend's real block sizes: L2 takes the split path."""
     x_adv, x_nat, grad = _data((batch, 3, 224, 224), dtype, grad_dtype, seed=4)
@@ -252,6 +257,28 @@ def test_l2_degenerate_gradient(kind, l2_path, tiny_blocks):
     _assert_matches(out, expect)
     assert torch.equal(out[1], x_adv[1])
     assert not torch.equal(out[0], x_adv[0])
+
+
+@pytest.mark.parametrize("name,path", [p for p in OP_PATHS if p.values[0].startswith("l2")])
+def test_l2_no_zero_over_zero(name, path, monkeypatch):
+    """‖δ‖ = eps = 0 gives the factor 1, not 0/0: x_adv == x_nat with a zero gradient stays put."""
+    _use_path(monkeypatch, path)
+    x_adv, x_nat, grad = _data((2, 3, 4, 4), torch.float32, seed=16, special=False)
+    x_adv = x_nat.clone()
+    grad[0] = 0.0
+    out, expect = _run(name, _args(name, x_adv, x_nat, grad, 0.1, 0.0))
+    _assert_matches(out, expect)
+    assert torch.equal(out[0], x_nat[0])
+
+
+def test_bf16_rounds_ties_to_even():
+    """float32 results exactly halfway between two bfloat16 values round to the even one."""
+    x_nat = torch.tensor([[1.0, -1.0, 1.0078125, 0.5]], dtype=torch.bfloat16, device=DEVICE)
+    x = torch.full_like(x_nat, 2.0) * x_nat.sign()  # far outside: lands on x_nat ± eps
+    eps = 2.0 ** -8  # x_nat + eps is a tie for the first three, not for 0.5
+    out, expect = _run("linf_project", (x, x_nat, eps), -4.0, 4.0)
+    _assert_matches(out, expect, exact=True)
+    assert out.float().tolist()[0][:3] == [1.0, -1.0, 1.015625]
 
 
 def test_linf_nan_inputs_propagate():
@@ -329,10 +356,62 @@ def test_status_reason_without_gpu_or_interpreter(monkeypatch):
     assert fresh.supports(torch.device("cuda")) != True  # noqa: E712  (a reason string)
 
 
+# Compiles the kernels for sm_90 with Triton's GPU pipeline and ptxas, no GPU needed:
+# catches what the interpreter lets through (types merging across branches, dtypes
+# it emulates). Runs in a subprocess because this process has the interpreter on.
+_AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastadv.ops import _triton_backend as tb
+
+def build(fn, x, g, flags, **const):
+    types = dict(out_ptr=x, x_ptr=x, nat_ptr=x, grad_ptr=g, alpha_ptr="*fp32", alpha="fp32",
+                 eps_ptr="*fp32", eps="fp32", lower="fp32", upper="fp32", numel="i64",
+                 per_sample="i32", tiles="i32", gpart_ptr="*fp32", dpart_ptr="*fp32")
+    names = fn.arg_names
+    const.update({k: v for k, v in flags.items() if k in names})
+    if not const.get("HAS_ALPHA_T", True) and "alpha_ptr" in names:
+        const["alpha_ptr"] = None
+    sig = {n: "constexpr" if n in const else types[n] for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if types.get(n, "").startswith("*")
+             and n not in const}
+    triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 8, "enable_fp_fusion": False})
+
+for x, g, flags in (("*fp32", "*fp32", dict(HAS_GRAD=True, HAS_ALPHA_T=False, HAS_EPS_T=False)),
+                    ("*bf16", "*fp16", dict(HAS_GRAD=True, HAS_ALPHA_T=True, HAS_EPS_T=True)),
+                    ("*fp16", "*bf16", dict(HAS_GRAD=False, HAS_ALPHA_T=False, HAS_EPS_T=True))):
+    if not flags["HAS_GRAD"]:
+        flags["grad_ptr"] = None
+    build(tb._linf_kernel, x, g, flags, BLOCK=4096)
+    build(tb._l2_fused_kernel, x, g, flags, BLOCK=2048)
+    build(tb._l2_delta_sumsq_kernel, x, g, flags, BLOCK=2048, ITERS=2, TILES_P2=128)
+    build(tb._l2_apply_kernel, x, g, flags, BLOCK=2048, ITERS=2, TILES_P2=128)
+build(tb._l2_grad_sumsq_kernel, "*fp32", "*bf16", {}, BLOCK=2048, ITERS=3)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu cases compile the kernels for real")
+def test_kernels_compile_for_sm90():
+    import shutil
+
+    import triton
+    nvidia_bin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not (os.path.exists(nvidia_bin) or shutil.which("ptxas")):
+        pytest.skip("no ptxas to compile Triton kernels with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                              (torch.float16, torch.float32)], ids=["fp32", "bf16", "fp16_g32"])
+@pytest.mark.parametrize("dtype,grad_dtype",
+                         [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                          (torch.float16, torch.float32)], ids=["fp32", "bf16", "fp16_g32"])
 @pytest.mark.parametrize("shape", [(256, 3, 224, 224), (512, 3, 32, 32), (3, 3, 1023, 517)], ids=str)
 def test_gpu_large(shape, dtype, grad_dtype):
     x_adv, x_nat, grad = _data(shape, dtype, grad_dtype, seed=20)

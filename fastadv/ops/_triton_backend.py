@@ -15,8 +15,14 @@ no per-element integer division is spent on finding the sample.
 Arithmetic is float32 and follows ``fastadv.ops.reference`` operation by
 operation (sign(0) = 0, a NaN gradient moves nothing in L∞, non-finite gradient
 entries count as 0 in L2, the 1e-12 floor on ‖g‖, no 0/0 in the ball factor);
-results are stored in the output's dtype. L∞ ops match the reference bit for
-bit; L2 ops differ only by the order of the float32 sums behind the norms.
+results are stored in the output's dtype (round to nearest even). Fused
+multiply-add is switched off so that every operation rounds as the reference's
+does. L∞ ops therefore match the reference bit for bit; L2 ops differ by the
+order of the float32 sums behind the two norms and by taking alpha/‖g‖ once per
+sample instead of g/‖g‖ per element (a rounding or two of float32).
+
+A per-sample ‖g‖² or ‖δ‖² beyond float32's range (|g| around 1e19 and up) is
+inf, as in the float32 reference: such a gradient moves nothing.
 
 Runs on CUDA GPUs, and on the CPU only under ``TRITON_INTERPRET=1`` (set before
 triton is first imported), which is how the tests run on machines without GPU.
@@ -248,8 +254,8 @@ def _l2_apply_kernel(out_ptr, x_ptr, nat_ptr, grad_ptr, gpart_ptr, dpart_ptr,
 Scalar = Union[float, torch.Tensor]
 
 # Split L2 keeps at most this many partial sums per sample, so that every program
-# can re-sum its sample's row cheaply.
-MAX_TILES = 64
+# can re-sum its sample's row cheaply (a 3x224x224 sample has 74 chunks of 2048).
+MAX_TILES = 128
 # Per-sample sizes up to this run L2 as one program per sample (one launch, the
 # sample re-read from cache); larger ones run the three-pass split path.
 FUSED_L2_MAX = 8192
