@@ -14,10 +14,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define FASTADV_HAVE_AVX2_VARIANT 1
+#include <immintrin.h>
 #else
 #define FASTADV_HAVE_AVX2_VARIANT 0
 #endif
@@ -46,6 +48,14 @@ struct BFloat16 {
   uint16_t bits;
 };
 
+// Picks a where cond, else b, without a branch. The explicit mask (rather than
+// ?:) matters: GCC does not speculate the float arithmetic of a ?: arm (it might
+// trap), so loops with such selects would stay scalar.
+inline uint32_t select_bits(bool cond, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(cond);
+  return (a & m) | (b & ~m);
+}
+
 // Conversions to and from float, written branch-free so that loops over them
 // vectorise; stores round to nearest even, as torch's .to(dtype) does.
 template <class T> struct Storage;
@@ -61,20 +71,21 @@ template <> struct Storage<BFloat16> {
     const uint32_t u = bits_of(f);
     const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-    return BFloat16{static_cast<uint16_t>(nan ? 0x7fc0u : rounded)};
+    return BFloat16{static_cast<uint16_t>(select_bits(nan, 0x7fc0u, rounded))};
   }
 };
 
 template <> struct Storage<Half> {
   static float load(Half v) {
-    const uint32_t sign = static_cast<uint32_t>(v.bits & 0x8000u) << 16;
-    const uint32_t em = v.bits & 0x7fffu;  // exponent and mantissa
+    const uint32_t h = v.bits;
+    const uint32_t sign = (h & 0x8000u) << 16;
+    const uint32_t em = h & 0x7fffu;  // exponent and mantissa
     const uint32_t normal = (em << 13) + (112u << 23);  // exponent bias 15 -> 127
     const uint32_t inf_nan = (em << 13) | 0x7f800000u;
     // Subnormal halves are mantissa * 2^-24: exact through an int conversion.
     const uint32_t subnormal = bits_of(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
-    uint32_t r = em >= 0x7c00u ? inf_nan : normal;
-    r = em < 0x0400u ? subnormal : r;
+    uint32_t r = select_bits(em >= 0x7c00u, inf_nan, normal);
+    r = select_bits(em < 0x0400u, subnormal, r);
     return float_of(r | sign);
   }
   static Half store(float f) {
@@ -83,13 +94,12 @@ template <> struct Storage<Half> {
     const uint32_t a = u & 0x7fffffffu;
     // Normal halves: drop 13 mantissa bits rounding to nearest even, rebias the
     // exponent; anything that rounds past the largest half becomes infinity.
-    uint32_t normal = (a + 0xfffu + ((a >> 13) & 1u) - (112u << 23)) >> 13;
-    normal = normal > 0x7c00u ? 0x7c00u : normal;
+    const uint32_t normal = std::min((a + 0xfffu + ((a >> 13) & 1u) - (112u << 23)) >> 13, 0x7c00u);
     // Below 2^-14: adding 0.5 (whose ulp is 2^-24) rounds |f| to a multiple of
     // 2^-24 in the FPU; the low bits are then the subnormal's mantissa.
     const uint32_t subnormal = bits_of(float_of(a) + 0.5f) - bits_of(0.5f);
-    uint32_t r = a < 0x38800000u ? subnormal : normal;
-    r = a > 0x7f800000u ? 0x7e00u : r;  // NaN stays NaN (quiet)
+    uint32_t r = select_bits(a < 0x38800000u, subnormal, normal);
+    r = select_bits(a > 0x7f800000u, 0x7e00u, r);  // NaN stays NaN (quiet)
     return Half{static_cast<uint16_t>(r | sign)};
   }
 };
@@ -111,14 +121,18 @@ template <class F> void dispatch_dtype(DType d, F&& f) {
 }  // namespace fastadv
 
 #define FASTADV_ISA_NS baseline
+#define FASTADV_ISA_F16C 0
 #include "cpu_kernels_impl.h"
+#undef FASTADV_ISA_F16C
 #undef FASTADV_ISA_NS
 
 #if FASTADV_HAVE_AVX2_VARIANT
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define FASTADV_ISA_NS avx2
+#define FASTADV_ISA_F16C 1  // half <-> float by the F16C instructions
 #include "cpu_kernels_impl.h"
+#undef FASTADV_ISA_F16C
 #undef FASTADV_ISA_NS
 #pragma GCC pop_options
 #endif

@@ -4,27 +4,83 @@
 // variant, with FASTADV_ISA_NS naming the namespace and, for the AVX2 variant, a
 // target pragma around it. All headers are included by cpu_kernels.cpp before.
 //
-// Every loop stages kChunk elements through float buffers on the stack: loads
-// convert to float, the arithmetic runs on the buffers (no aliasing, so the
-// compiler vectorises it), stores round back. That also makes `out` aliasing an
-// input harmless: a chunk is read completely before any of it is written.
+// The loops are written for GCC's vectoriser: straight-line bodies, selects
+// instead of branches, float lanes for sums. float data is used in place; 16-bit
+// data goes through float buffers of kChunk elements on the stack (simple
+// conversion loops vectorise; mixed ones do not). `out` may be `x` (in place) or
+// even `x_nat`: every element is read before it is written, at the same index,
+// which the compiler's run-time alias checks accept (they only reject partial
+// overlap), and a staged chunk is read completely before any of it is written.
 
 namespace fastadv {
 namespace cpu {
 namespace FASTADV_ISA_NS {
 
-constexpr int64_t kChunk = 256;    // elements per staged chunk
+constexpr int64_t kChunk = 512;    // elements per staged chunk
 constexpr int64_t kGrain = 16384;  // elements per at::parallel_for task, at least
+constexpr int kLanes = 16;         // float partial sums kept per reduction
 constexpr float kGradNormFloor = 1e-12f;  // fastadv.ops.reference.GRAD_NORM_FLOOR
 
-template <class T>
-inline void load_chunk(float* __restrict dst, const T* src, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) dst[k] = Storage<T>::load(src[k]);
+#if FASTADV_ISA_F16C
+// float16 through vcvtph2ps / vcvtps2ph (round to nearest even), 8 at a time.
+inline void load_halves(float* __restrict dst, const Half* src, int64_t m) {
+  int64_t k = 0;
+  for (; k + 8 <= m; k += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+    _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(h));
+  }
+  for (; k < m; ++k) dst[k] = Storage<Half>::load(src[k]);
 }
 
+inline void store_halves(Half* dst, const float* __restrict src, int64_t m) {
+  int64_t k = 0;
+  for (; k + 8 <= m; k += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), h);
+  }
+  for (; k < m; ++k) dst[k] = Storage<Half>::store(src[k]);
+}
+#endif
+
+// The chunk [src, src + m) as floats: src itself for float, else converted into buf.
 template <class T>
-inline void store_chunk(T* dst, const float* __restrict src, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) dst[k] = Storage<T>::store(src[k]);
+inline const float* floats_of(const T* src, int64_t m, float* __restrict buf) {
+  if constexpr (std::is_same<T, float>::value) {
+    return src;
+  } else {
+#if FASTADV_ISA_F16C
+    if constexpr (std::is_same<T, Half>::value) {
+      load_halves(buf, src, m);
+      return buf;
+    }
+#endif
+    for (int64_t k = 0; k < m; ++k) buf[k] = Storage<T>::load(src[k]);
+    return buf;
+  }
+}
+
+// Where to write a chunk's float results: dst itself for float, else buf...
+template <class T>
+inline float* float_dest(T* dst, float* buf) {
+  if constexpr (std::is_same<T, float>::value) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+// ...and, for 16-bit types, the rounding of buf into dst.
+template <class T>
+inline void store_floats(T* dst, const float* __restrict buf, int64_t m) {
+  if constexpr (!std::is_same<T, float>::value) {
+#if FASTADV_ISA_F16C
+    if constexpr (std::is_same<T, Half>::value) {
+      store_halves(dst, buf, m);
+      return;
+    }
+#endif
+    for (int64_t k = 0; k < m; ++k) dst[k] = Storage<T>::store(buf[k]);
+  }
 }
 
 // max/min keeping a NaN of `a` (the value clamped), as torch.clamp/maximum do.
@@ -37,22 +93,8 @@ inline float finite_sign(float g) {
 }
 
 // Non-finite gradient entries count as 0 (l2_step).
-inline void zero_non_finite(float* __restrict v, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) v[k] = (bits_of(v[k]) & 0x7f800000u) == 0x7f800000u ? 0.f : v[k];
-}
-
-// Sum of squares of a chunk: float lanes (vectorised), totalled in double.
-inline double sum_squares(const float* __restrict v, int64_t n) {
-  constexpr int L = 16;
-  float lanes[L] = {0.f};
-  int64_t k = 0;
-  for (; k + L <= n; k += L) {
-    for (int j = 0; j < L; ++j) lanes[j] += v[k + j] * v[k + j];
-  }
-  double s = 0.0;
-  for (; k < n; ++k) s += static_cast<double>(v[k]) * v[k];
-  for (int j = 0; j < L; ++j) s += lanes[j];
-  return s;
+inline float finite_or_zero(float g) {
+  return float_of(select_bits((bits_of(g) & 0x7f800000u) == 0x7f800000u, 0u, bits_of(g)));
 }
 
 // ------------------------------------------------------------------ L∞ ops
@@ -62,18 +104,20 @@ void linf_segment(X* out, const X* x, const X* xn, const G* g, int64_t n, float 
   alignas(64) float bx[kChunk];
   alignas(64) float bn[kChunk];
   alignas(64) float bg[kChunk];
+  alignas(64) float bo[kChunk];
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t m = std::min(kChunk, n - c);
-    load_chunk(bx, x + c, m);
-    load_chunk(bn, xn + c, m);
-    if (STEP) load_chunk(bg, g + c, m);
+    const float* px = floats_of(x + c, m, bx);
+    const float* pn = floats_of(xn + c, m, bn);
+    const float* pg = STEP ? floats_of(g + c, m, bg) : nullptr;
+    float* po = float_dest(out + c, bo);
     for (int64_t k = 0; k < m; ++k) {
-      float v = bx[k];
-      if (STEP) v = v + a * finite_sign(bg[k]);
-      v = min_keep_nan(max_keep_nan(v, bn[k] - e), bn[k] + e);
-      bx[k] = min_keep_nan(max_keep_nan(v, lo), hi);
+      float v = px[k];
+      if (STEP) v = v + a * finite_sign(pg[k]);
+      v = min_keep_nan(max_keep_nan(v, pn[k] - e), pn[k] + e);
+      po[k] = min_keep_nan(max_keep_nan(v, lo), hi);
     }
-    store_chunk(out + c, bx, m);
+    store_floats(out + c, po, m);
   }
 }
 
@@ -97,25 +141,41 @@ void linf_run(X* out, const X* x, const X* xn, const G* g, int64_t numel, int64_
 // δ = (x + a*(g/gn)) - x_nat in the reference's order of rounding (no contraction:
 // the build passes -ffp-contract=off).
 template <bool STEP>
-inline void delta_chunk(float* __restrict d, const float* __restrict x, const float* __restrict xn,
-                        const float* __restrict g, int64_t m, float a, float gn) {
-  for (int64_t k = 0; k < m; ++k) {
-    const float moved = STEP ? x[k] + a * (g[k] / gn) : x[k];
-    d[k] = moved - xn[k];
+inline float delta_of(float x, float xn, float g, float a, float gn) {
+  const float moved = STEP ? x + a * (g / gn) : x;
+  return moved - xn;
+}
+
+// Sum of f(k)^2 over a chunk: kLanes float partial sums (vectorised), totalled in double.
+template <class F>
+inline double chunk_sum_squares(int64_t m, F&& f) {
+  float lanes[kLanes] = {0.f};
+  int64_t k = 0;
+  for (; k + kLanes <= m; k += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = f(k + j);
+      lanes[j] += v * v;
+    }
   }
+  double total = 0.0;
+  for (; k < m; ++k) {
+    const float v = f(k);
+    total += static_cast<double>(v) * v;
+  }
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
 }
 
 template <class G>
 double sum_g2(const G* g, int64_t n) {
   alignas(64) float bg[kChunk];
-  double s = 0.0;
+  double total = 0.0;
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t m = std::min(kChunk, n - c);
-    load_chunk(bg, g + c, m);
-    zero_non_finite(bg, m);
-    s += sum_squares(bg, m);
+    const float* pg = floats_of(g + c, m, bg);
+    total += chunk_sum_squares(m, [pg](int64_t k) { return finite_or_zero(pg[k]); });
   }
-  return s;
+  return total;
 }
 
 template <class X, class G, bool STEP>
@@ -123,20 +183,17 @@ double sum_d2(const X* x, const X* xn, const G* g, int64_t n, float a, float gn)
   alignas(64) float bx[kChunk];
   alignas(64) float bn[kChunk];
   alignas(64) float bg[kChunk];
-  alignas(64) float bd[kChunk];
-  double s = 0.0;
+  double total = 0.0;
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t m = std::min(kChunk, n - c);
-    load_chunk(bx, x + c, m);
-    load_chunk(bn, xn + c, m);
-    if (STEP) {
-      load_chunk(bg, g + c, m);
-      zero_non_finite(bg, m);
-    }
-    delta_chunk<STEP>(bd, bx, bn, bg, m, a, gn);
-    s += sum_squares(bd, m);
+    const float* px = floats_of(x + c, m, bx);
+    const float* pn = floats_of(xn + c, m, bn);
+    const float* pg = STEP ? floats_of(g + c, m, bg) : nullptr;
+    total += chunk_sum_squares(m, [=](int64_t k) {
+      return delta_of<STEP>(px[k], pn[k], STEP ? finite_or_zero(pg[k]) : 0.f, a, gn);
+    });
   }
-  return s;
+  return total;
 }
 
 template <class X, class G, bool STEP>
@@ -145,21 +202,18 @@ void l2_write(X* out, const X* x, const X* xn, const G* g, int64_t n, float a, f
   alignas(64) float bx[kChunk];
   alignas(64) float bn[kChunk];
   alignas(64) float bg[kChunk];
-  alignas(64) float bd[kChunk];
+  alignas(64) float bo[kChunk];
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t m = std::min(kChunk, n - c);
-    load_chunk(bx, x + c, m);
-    load_chunk(bn, xn + c, m);
-    if (STEP) {
-      load_chunk(bg, g + c, m);
-      zero_non_finite(bg, m);
-    }
-    delta_chunk<STEP>(bd, bx, bn, bg, m, a, gn);
+    const float* px = floats_of(x + c, m, bx);
+    const float* pn = floats_of(xn + c, m, bn);
+    const float* pg = STEP ? floats_of(g + c, m, bg) : nullptr;
+    float* po = float_dest(out + c, bo);
     for (int64_t k = 0; k < m; ++k) {
-      const float v = bn[k] + bd[k] * scale;
-      bd[k] = min_keep_nan(max_keep_nan(v, lo), hi);
+      const float d = delta_of<STEP>(px[k], pn[k], STEP ? finite_or_zero(pg[k]) : 0.f, a, gn);
+      po[k] = min_keep_nan(max_keep_nan(pn[k] + d * scale, lo), hi);
     }
-    store_chunk(out + c, bd, m);
+    store_floats(out + c, po, m);
   }
 }
 

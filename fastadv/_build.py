@@ -112,18 +112,24 @@ def cuda_toolkit() -> Optional[str]:
     return CUDA_HOME if CUDA_HOME and Path(CUDA_HOME, "bin").is_dir() else None
 
 
-def find_nvcc() -> Optional[str]:
-    """nvcc from CUDA_HOME/CUDA_PATH, PATH or /usr/local/cuda (even if this torch has no CUDA)."""
+def find_cuda_home() -> Optional[str]:
+    """A CUDA toolkit (bin/nvcc and include/cuda_runtime.h), even if this torch has no CUDA."""
     import shutil
 
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if home and Path(home, "bin", "nvcc").is_file():
-            return str(Path(home, "bin", "nvcc"))
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.is_file() else None
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    on_path = shutil.which("nvcc")
+    if on_path:
+        cands.append(str(Path(on_path).resolve().parents[1]))
+    cands.append("/usr/local/cuda")
+    for home in cands:
+        if home and Path(home, "bin", "nvcc").is_file() and Path(home, "include", "cuda_runtime.h").is_file():
+            return home
+    return None
+
+
+def find_nvcc() -> Optional[str]:
+    home = find_cuda_home()
+    return str(Path(home, "bin", "nvcc")) if home else None
 
 
 def cuda_skip_reason() -> Optional[str]:

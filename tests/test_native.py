@@ -363,12 +363,12 @@ def test_cuda_backend_not_ready_without_a_gpu():
 
 
 # ------------------------------------------------------------ the loaders
-def _run_py(code, env_extra=None, timeout=600):
+def _run_py(code, env_extra=None, timeout=600, cwd=ROOT):
     env = dict(os.environ)
     env.update(env_extra or {})
     env.setdefault("PYTHONPATH", str(ROOT))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, cwd=str(ROOT), timeout=timeout)
+                          env=env, cwd=str(cwd), timeout=timeout)
 
 
 FALLBACK_SCRIPT = """
@@ -450,7 +450,8 @@ def test_source_list_resolves_in_checkout_and_installed_layouts(tmp_path):
     # an installed package hashes exactly like the checkout (the loader compares them)
     assert _build.sources_hash(pkg) == _build.sources_hash(ROOT)
     # and the loader finds them from the installed package's own location
-    r = _run_py("import fastadv._build as b; print(b.source_root())", {"PYTHONPATH": str(tmp_path / "lib")})
+    r = _run_py("import fastadv._build as b; print(b.source_root())", {"PYTHONPATH": str(tmp_path / "lib")},
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == pkg
 

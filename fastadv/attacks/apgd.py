@@ -169,8 +169,8 @@ class APGD(Attack):
             z = l2_step(W.x, W.xn, W.grad, W.step, W.eps, lo, hi, _check_values=False)
         if a == 1.0:
             return z
-        # x + a·(z − x) + (1 − a)·(x − x_old), projected back (the momentum step)
-        z.sub_(W.x).mul_(a).add_(W.x - W.x_old, alpha=1.0 - a).add_(W.x)
+        # x + a·(z − x) + (1 − a)·(x − x_old) = a·z + 2(1 − a)·x − (1 − a)·x_old, projected back
+        z.mul_(a).add_(W.x, alpha=2.0 * (1.0 - a)).sub_(W.x_old, alpha=1.0 - a)
         if self.norm == "Linf":
             linf_project_(z, W.xn, W.eps, lo, hi, _check_values=False)
         else:
@@ -208,7 +208,7 @@ class APGD(Attack):
                       else apgd_checkpoints(self.steps))
         every = self._every(dev)
         if self.early_stop and n:
-            self._compact(W, R, n_groups)
+            self._compact(W, R, n_groups, force=True)
         for i in range(self.steps):
             if len(W) == 0:
                 break
@@ -219,15 +219,15 @@ class APGD(Attack):
             active = ~W.fooled
             W.n_steps += active
             newly = succ & active
-            W.x_fool = torch.where(view_rows(newly, x_new), x_new, W.x_fool)
+            torch.where(view_rows(newly, x_new), x_new, W.x_fool, out=W.x_fool)
             W.loss_fool = torch.where(newly, loss, W.loss_fool)
             W.fooled = W.fooled | succ
             W.n_incr += (loss > W.loss_prev).to(torch.int32)
             W.loss_prev = loss
             better = loss > W.loss_best
             vb = view_rows(better, x_new)
-            W.x_best = torch.where(vb, x_new, W.x_best)
-            W.grad_best = torch.where(vb, grad, W.grad_best)
+            torch.where(vb, x_new, W.x_best, out=W.x_best)
+            torch.where(vb, grad, W.grad_best, out=W.grad_best)
             W.loss_best = torch.where(better, loss, W.loss_best)
             W.x_old, W.x, W.grad = W.x, x_new, grad
             if i + 1 in checks:
@@ -271,9 +271,11 @@ class APGD(Attack):
                                                   W.loss_best.index_select(0, rows)))
         R["steps"].index_copy_(0, ids, W.n_steps.index_select(0, rows))
 
-    def _compact(self, W: Working, R: Dict[str, Tensor], n_groups: int) -> None:
+    def _compact(self, W: Working, R: Dict[str, Tensor], n_groups: int, force: bool = False) -> None:
         keep = ~group_any(W.fooled, W.group, n_groups)[W.group]
-        if bool(keep.all()):
+        n_drop = len(W) - int(keep.sum())
+        # copying the state costs a few elementwise passes: only worth it for enough rows
+        if n_drop == 0 or (not force and n_drop * 16 < len(W)):
             return
         self._retire(W, R, (~keep).nonzero().squeeze(1))
         W.compact(keep)

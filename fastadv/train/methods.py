@@ -83,6 +83,11 @@ class Method:
     def check_options(self) -> None:
         pass
 
+    def now(self, t):
+        """(eps, alpha) for this batch: the trainer's eps warm-up scales both."""
+        f = t.eps_scale
+        return (self.eps, self.alpha) if f == 1.0 else (self.eps * f, self.alpha * f)
+
     # -- life cycle
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -142,11 +147,10 @@ class PGDAT(Method):
     def default_alpha(self):
         return 2.5 * self.eps / self.steps
 
-    def start(self, t, x):
-        return t.random_start(x, self.eps) if self.opts["random_start"] else x.clone()
-
     def train_batch(self, t, x, y, idx):
-        x_adv = _pgd(t, x, y, self.start(t, x), self.steps, self.alpha, self.eps, t.attack_bn(self))
+        eps, alpha = self.now(t)
+        x0 = t.random_start(x, eps) if self.opts["random_start"] else x.clone()
+        x_adv = _pgd(t, x, y, x0, self.steps, alpha, eps, t.attack_bn(self))
         z = t.forward(x_adv)
         loss = F.cross_entropy(z.float(), y)
         t.update(loss)
@@ -173,8 +177,9 @@ class TRADES(Method):
     def adversary(self, t, x, y):
         with torch.no_grad(), t.attacking(t.attack_bn(self)):
             z_nat = t.forward(x, t.module).float()
-        x_adv = t.normal_start(x, 0.001, self.eps)
-        return _pgd(t, x, y, x_adv, self.steps, self.alpha, self.eps, t.attack_bn(self),
+        eps, alpha = self.now(t)
+        x_adv = t.normal_start(x, 0.001, eps)
+        return _pgd(t, x, y, x_adv, self.steps, alpha, eps, t.attack_bn(self),
                     lambda z: _losses.trades_kl(z, z_nat).sum())
 
     def objective(self, t, x, x_adv, y):
@@ -211,8 +216,9 @@ class MART(Method):
         _check_pos("beta", self.opts["beta"], allow_zero=True)
 
     def train_batch(self, t, x, y, idx):
-        x_adv = _pgd(t, x, y, t.normal_start(x, 0.001, self.eps), self.steps, self.alpha,
-                     self.eps, t.attack_bn(self))
+        eps, alpha = self.now(t)
+        x_adv = _pgd(t, x, y, t.normal_start(x, 0.001, eps), self.steps, alpha, eps,
+                     t.attack_bn(self))
         z_adv = t.forward(x_adv)
         z_nat = t.forward(x, t.module)
         loss = _losses.mart_loss(z_adv, z_nat, y, beta=self.opts["beta"])
@@ -231,7 +237,8 @@ class FGSMRS(Method):
         return 1.25 * self.eps
 
     def train_batch(self, t, x, y, idx):
-        x_adv = _pgd(t, x, y, t.random_start(x, self.eps), 1, self.alpha, self.eps, t.attack_bn(self))
+        eps, alpha = self.now(t)
+        x_adv = _pgd(t, x, y, t.random_start(x, eps), 1, alpha, eps, t.attack_bn(self))
         z = t.forward(x_adv)
         loss = F.cross_entropy(z.float(), y)
         t.update(loss)
@@ -256,11 +263,12 @@ class NFGSM(Method):
             _check_pos("clip", self.opts["clip"])
 
     def train_batch(self, t, x, y, idx):
+        eps, alpha = self.now(t)
         k = float(self.opts["noise"])
-        x_adv = t.random_start(x, k * self.eps) if k > 0 else x.clone()
+        x_adv = t.random_start(x, k * eps) if k > 0 else x.clone()
         # a radius no step can reach: the projection is a no-op, only [lower, upper] clamps
-        radius = self.opts["clip"] if self.opts["clip"] is not None else k * self.eps + self.alpha
-        x_adv = _pgd(t, x, y, x_adv, 1, self.alpha, radius, t.attack_bn(self))
+        radius = self.opts["clip"] if self.opts["clip"] is not None else k * eps + alpha
+        x_adv = _pgd(t, x, y, x_adv, 1, alpha, radius, t.attack_bn(self))
         z = t.forward(x_adv)
         loss = F.cross_entropy(z.float(), y)
         t.update(loss)
@@ -283,14 +291,15 @@ class GradAlign(Method):
         _check_pos("lam", self.opts["lam"], allow_zero=True)
 
     def train_batch(self, t, x, y, idx):
+        eps, alpha = self.now(t)
         lam = float(self.opts["lam"])
         loss_fn = _ce_sum(y)
         with t.attacking(t.attack_bn(self)):
             g_x, _ = t.input_grad(x, loss_fn, create_graph=lam > 0)
             if lam > 0:
-                g_eta, _ = t.input_grad(t.random_start(x, self.eps), loss_fn, create_graph=True)
+                g_eta, _ = t.input_grad(t.random_start(x, eps), loss_fn, create_graph=True)
         x_adv = x.clone()
-        t.linf_step_(x_adv, x, g_x.detach(), self.alpha, self.eps)
+        t.linf_step_(x_adv, x, g_x.detach(), alpha, eps)
         z = t.forward(x_adv)
         loss = F.cross_entropy(z.float(), y)
         if lam > 0:
@@ -328,6 +337,7 @@ class Free(Method):
         return int(self.opts["replays"])
 
     def train_batch(self, t, x, y, idx):
+        eps, alpha = self.now(t)
         b = x.shape[0]
         if self.delta is None or self.delta.shape[1:] != x.shape[1:] or self.delta.shape[0] < b:
             self.delta = torch.zeros_like(x)     # δ starts at 0 once, then carries over
@@ -343,7 +353,7 @@ class Free(Method):
             z = t.forward(xa)
             loss = F.cross_entropy(z.float(), y)
             t.update(loss)              # one backward: the weights' .grad and xa.grad
-            t.linf_step_(x_adv, x, xa.grad, self.alpha, self.eps)
+            t.linf_step_(x_adv, x, xa.grad, alpha, eps)
             torch.sub(x_adv, x, out=delta)
             total += loss.detach()
         return total / int(self.opts["replays"]), z.detach()
@@ -414,8 +424,9 @@ class YOPO(Method):
             self._h = out
 
     def train_batch(self, t, x, y, idx):
+        eps, alpha = self.now(t)
         m, n = int(self.opts["outer"]), self.steps
-        x_adv = t.random_start(x, self.eps)
+        x_adv = t.random_start(x, eps)
         t.zero_grad()
         total = torch.zeros((), device=x.device)
         for j in range(m):
@@ -441,7 +452,7 @@ class YOPO(Method):
                     with torch.enable_grad(), t.autocast():
                         out = self.first(xi)
                     (g,) = torch.autograd.grad(out, xi, grad_outputs=p.to(out.dtype))
-                    t.linf_step_(x_adv, x, g, self.alpha, self.eps)
+                    t.linf_step_(x_adv, x, g, alpha, eps)
         t.optimizer_step()
         return total / m, z.detach()
 
@@ -502,6 +513,7 @@ class ATTA(Method):
             -self.eps, self.eps, generator=g)
 
     def train_batch(self, t, x, y, idx):
+        eps, alpha = self.now(t)
         cache = self.cache
         ci = idx.to(cache.device, non_blocking=True)
         if ci.numel() and cache.device.type == "cpu" and int(ci.max()) >= cache.shape[0]:
@@ -511,7 +523,7 @@ class ATTA(Method):
         x_adv = (x + (t.augment.apply(delta, aug) if aug is not None else delta))
         if x_adv.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             x_adv = x_adv.contiguous(memory_format=torch.channels_last)
-        t.linf_project_(x_adv, x, self.eps)
+        t.linf_project_(x_adv, x, eps)
         trades = self.opts["loss"] == "trades"
         bn = t.attack_bn(self)
         if trades:
@@ -520,7 +532,7 @@ class ATTA(Method):
             loss_fn = lambda z: _losses.trades_kl(z, z_nat0).sum()  # noqa: E731
         else:
             loss_fn = _ce_sum(y)
-        _pgd(t, x, y, x_adv, self.steps, self.alpha, self.eps, bn, loss_fn)
+        _pgd(t, x, y, x_adv, self.steps, alpha, eps, bn, loss_fn)
         new = x_adv - x
         if aug is not None:
             new = t.augment.invert_into(delta, new, aug)

@@ -209,6 +209,7 @@ class AdversarialTrainer:
                 list(m.parameters(recurse=False)) for m in self.module.modules() if m is not self.module):
             raise ValueError("yopo: no identifiable first layer: the model holds its weights itself, "
                              "in no submodule; pass first_layer=<module> or use another method")
+        self.eps_scale = 1.0          # eps warm-up: the methods attack with eps·eps_scale
         self.global_step = 0
         self.epoch = 0                # completed epochs
         self.history = History()
@@ -583,6 +584,7 @@ class AdversarialTrainer:
             resume: bool = True, checkpoint_every: Optional[int] = None, guard: bool = True,
             guard_size: int = 512, guard_steps: int = 10, co_drop: float = 0.2,
             restore_best="on_collapse", stop_on_collapse: bool = False, best_format: str = "pt",
+            eps_warmup: float = 0.0,
             progress: Optional[bool] = None, verbose: bool = True,
             on_batch_end: Optional[Callable] = None) -> History:
         """Train for ``epochs`` passes over ``train_loader``; returns the per-epoch History.
@@ -600,7 +602,10 @@ class AdversarialTrainer:
 
         ``checkpoint_dir``: ``last.pt`` is written atomically every epoch and every
         ``checkpoint_every`` batches; with ``resume`` a run finds it and continues exactly
-        where it was saved, mid-epoch included (same data order, same noise)."""
+        where it was saved, mid-epoch included (same data order, same noise).
+
+        ``eps_warmup``: ramp the attack radius linearly from 0 to eps over this many epochs
+        (the guard always attacks at the full eps)."""
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs: expected an int >= 1, got {epochs!r}")
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or
@@ -610,6 +615,8 @@ class AdversarialTrainer:
             raise ValueError(f"restore_best: expected True, False or 'on_collapse', got {restore_best!r}")
         if best_format not in ("pt", "safetensors"):
             raise ValueError(f"best_format: expected 'pt' or 'safetensors', got {best_format!r}")
+        if isinstance(eps_warmup, bool) or not isinstance(eps_warmup, (int, float)) or eps_warmup < 0:
+            raise ValueError(f"eps_warmup: expected a number of epochs >= 0, got {eps_warmup!r}")
         if not 0 < co_drop <= 1:
             raise ValueError(f"co_drop: expected 0 < co_drop <= 1, got {co_drop!r}")
         try:
@@ -618,6 +625,8 @@ class AdversarialTrainer:
             n_batches = None
         if n_batches == 0:
             raise ValueError("train_loader: it yields no batches")
+        if eps_warmup and n_batches is None:
+            raise ValueError("eps_warmup: needs len(train_loader)")
         ds = getattr(train_loader, "dataset", None)
         try:
             self.dataset_size = len(ds) if ds is not None else None
@@ -676,6 +685,8 @@ class AdversarialTrainer:
                 x, y, idx = self._unpack(batch)
                 if guard and guard_batch is None:
                     guard_batch = (x[:guard_size].clone(), y[:guard_size].clone())
+                if eps_warmup:
+                    self.eps_scale = min(1.0, (epoch + (b + 1) / n_batches) / eps_warmup)
                 loss, z, yd = self._train_batch(x, y, idx)
                 sums += torch.stack([loss.double() * yd.shape[0], (z.argmax(1) == yd).sum().double(),
                                      torch.tensor(float(yd.shape[0]), dtype=torch.float64,
@@ -758,6 +769,7 @@ class AdversarialTrainer:
             if rec["collapse"] and stop_on_collapse:
                 stopped = True
                 break
+        self.eps_scale = 1.0
         if (restore_best is True or (restore_best == "on_collapse" and self.history.collapsed)) \
                 and getattr(self, "_best_state", None) is not None:
             self.module.load_state_dict(self._best_state)

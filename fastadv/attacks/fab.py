@@ -1,0 +1,300 @@
+"""FAB and FAB-T (Croce & Hein 2020): minimum-norm adversarial examples by adaptive boundary projection.
+
+Each step linearises the decision boundary between the true class and a target
+(FAB-T) or the closest class (FAB), projects both the iterate and the original
+point onto that hyperplane inside the box, and moves to a convex combination of
+the two projections (with overshoot η); an adversarial iterate is pulled back
+towards the original point by β. Restarts and target classes run as one batch,
+and with ``early_stop`` a point leaves as soon as one of its rows finds an
+adversarial example within ``eps``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ._groups import Working, chunks, group_any, lp_norm, norm_name, pick_per_group, view_rows
+from .apgd import _pos_int, l1_project_delta
+from .base import Attack, AttackResult
+
+__all__ = ["FAB", "FABT", "project_onto_hyperplane"]
+
+
+# -------------------------------------------------------------- projections
+def _waterfill(a: Tensor, u: Tensor, c: Tensor) -> Tensor:
+    """λ ≥ 0 per row with Σ_i a_i·min(λ, u_i) = c (a, u ≥ 0, c ≥ 0), or max(u) if out of reach.
+
+    g(λ) = Σ a_i·min(λ, u_i) is piecewise linear and non-decreasing; evaluating it at the
+    sorted u gives the segment holding c, and λ follows by linear interpolation."""
+    us, order = u.sort(1)
+    as_ = a.gather(1, order)
+    cum_a = as_.cumsum(1)
+    cum_au = (as_ * us).cumsum(1)
+    total = cum_a[:, -1:]
+    g = cum_au + us * (total - cum_a)
+    k = torch.searchsorted(g.contiguous(), c[:, None].contiguous()).squeeze(1)
+    d = u.shape[1]
+    kk = (k - 1).clamp(min=0)
+    prev_au = torch.where(k > 0, cum_au.gather(1, kk[:, None]).squeeze(1), torch.zeros_like(c))
+    prev_a = torch.where(k > 0, cum_a.gather(1, kk[:, None]).squeeze(1), torch.zeros_like(c))
+    rest = (total.squeeze(1) - prev_a).clamp_min(1e-30)
+    lam = ((c - prev_au) / rest).clamp_min(0.0)
+    return torch.where(k >= d, us[:, -1], lam)
+
+
+def project_onto_hyperplane(t: Tensor, w: Tensor, b: Tensor, norm: str, lower: float = 0.0,
+                            upper: float = 1.0) -> Tensor:
+    """The smallest step d (in Lp) with ⟨w, t + d⟩ = b and lower ≤ t + d ≤ upper, per row.
+
+    ``t``, ``w``: [N, D]; ``b``: [N]. Where the hyperplane cannot be reached inside the
+    box, the step that gets closest (every coordinate at its bound) is returned.
+    L∞: d_i = sign(w_i)·min(λ, room_i); L2: d_i = w_i·min(λ, room_i/|w_i|);
+    L1: the coordinates with the largest |w_i| are used first."""
+    t = t.float()
+    w = w.float()
+    c = b.float() - (w * t).sum(1)
+    flip = c < 0
+    sgn = torch.where(flip, -1.0, 1.0)[:, None]
+    w = w * sgn
+    c = c.abs()
+    room = torch.where(w > 0, upper - t, t - lower).clamp_min(0.0)
+    room = torch.where(w != 0, room, torch.zeros_like(room))
+    aw = w.abs()
+    if norm == "Linf":
+        lam = _waterfill(aw, room, c)
+        d = torch.sign(w) * torch.minimum(lam[:, None], room)
+    elif norm == "L2":
+        ratio = torch.where(aw > 0, room / aw.clamp_min(1e-30), torch.zeros_like(room))
+        lam = _waterfill(aw * aw, ratio, c)
+        d = w * torch.minimum(lam[:, None], ratio)
+    else:
+        # greedy: spend the L1 budget on the largest |w_i| first
+        ws, order = aw.sort(1, descending=True)
+        rs = room.gather(1, order)
+        gain = (ws * rs).cumsum(1)
+        k = torch.searchsorted(gain.contiguous(), c[:, None].contiguous()).squeeze(1)
+        dim = w.shape[1]
+        pos = torch.arange(dim, device=w.device)[None, :]
+        prev = torch.where(k > 0, gain.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1),
+                           torch.zeros_like(c))
+        kk = k.clamp(max=dim - 1)
+        part = ((c - prev) / ws.gather(1, kk[:, None]).squeeze(1).clamp_min(1e-30)).clamp_min(0.0)
+        part = torch.minimum(part, rs.gather(1, kk[:, None]).squeeze(1))
+        mag_s = torch.where(pos < k[:, None], rs, torch.zeros_like(rs))
+        mag_s = torch.where((pos == k[:, None]) & (k[:, None] < dim), part[:, None], mag_s)
+        mag = torch.zeros_like(mag_s).scatter_(1, order, mag_s)
+        d = torch.sign(w) * mag
+    return d
+
+
+def _dual_norm(g: Tensor, norm: str) -> Tensor:
+    """‖g‖_q with q the dual of p, over the last dimension."""
+    if norm == "Linf":
+        return g.abs().sum(-1)
+    if norm == "L2":
+        return torch.linalg.vector_norm(g, 2, dim=-1)
+    return g.abs().amax(-1)
+
+
+# ----------------------------------------------------------------------- FAB
+class FAB(Attack):
+    """FAB (Croce & Hein 2020): untargeted (closest linearised class) or, with
+    ``multi_targeted=True``, FAB-T over the top ``n_target_classes`` classes.
+
+    Defaults follow the reference: 100 steps, α_max = 0.1, η = 1.05, β = 0.9,
+    restarts start at a random point at distance ``min(eps, best)/2``. A point
+    counts as fooled when an adversarial example within ``eps`` (in ``norm``) is
+    found; ``extra["min_norm"]`` has the smallest adversarial norm found (inf if none).
+    ``early_stop`` stops a point at its first adversarial example within eps
+    (set it to False to keep minimising the norm)."""
+
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100,
+                 n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+                 verbose: bool = False, seed: Optional[int] = 0, multi_targeted: bool = False,
+                 n_classes: Optional[int] = None, *, n_target_classes: int = 9,
+                 early_stop: bool = True, max_rows: Optional[int] = None,
+                 compact_every: Optional[int] = None, **kwargs):
+        super().__init__(kwargs.pop("name", "FAB"), model, eps=eps, seed=seed, **kwargs)
+        self.norm = norm_name(norm)
+        self.steps = _pos_int("steps", steps, allow_zero=True)
+        self.n_restarts = _pos_int("n_restarts", n_restarts)
+        self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
+        if not (0 <= self.alpha_max <= 1 and self.eta >= 1 and 0 < self.beta <= 1):
+            raise ValueError("expected 0 <= alpha_max <= 1, eta >= 1 and 0 < beta <= 1")
+        self.verbose = bool(verbose)
+        self.multi_targeted = bool(multi_targeted)
+        self.n_classes = n_classes
+        self.n_target_classes = _pos_int("n_target_classes", n_target_classes)
+        self.early_stop = bool(early_stop)
+        self.max_rows = None if max_rows is None else _pos_int("max_rows", max_rows)
+        self.compact_every = None if compact_every is None else _pos_int("compact_every", compact_every)
+
+    # ------------------------------------------------------------ gradients
+    def _diff_and_grad(self, x: Tensor, y: Tensor, tgt: Optional[Tensor]):
+        """(f, g): f = z_s − z_y and its input gradient g for the class s to move to.
+        Targeted: s = target; untargeted: the class whose
+        linearised boundary is closest (this needs the gradient of every class)."""
+        if tgt is not None:
+            def fn(z, y_, t_):
+                return z.gather(1, t_[:, None]).squeeze(1) - z.gather(1, y_[:, None]).squeeze(1)
+            f, _, g = self.loss_and_grad(x, y, tgt, fn)
+            return f, g
+        with torch.no_grad():
+            n_cls = self.logits(x[:1]).shape[1]
+        n = x.shape[0]
+        xr = x.repeat_interleave(n_cls, 0)
+        yr = y.repeat_interleave(n_cls, 0)
+        kr = torch.arange(n_cls, device=x.device).repeat(n)
+
+        def fn_all(z, y_, k_):
+            return z.gather(1, k_[:, None]).squeeze(1) - z.gather(1, y_[:, None]).squeeze(1)
+        f, _, g = self.loss_and_grad(xr, yr, kr, fn_all)
+        f = f.reshape(n, n_cls)
+        g = g.reshape(n, n_cls, -1)
+        dist = f.abs() / (_dual_norm(g, self.norm) + 1e-12)
+        dist = dist.scatter(1, y[:, None], math.inf)
+        s = dist.argmin(1)
+        u = torch.arange(n, device=x.device)
+        return f[u, s], g[u, s].reshape(x.shape)
+
+    def _random_start(self, xn: Tensor, radius: Tensor, gen: torch.Generator) -> Tensor:
+        r = view_rows(radius, xn)
+        if self.norm == "Linf":
+            t = torch.empty_like(xn).uniform_(-1.0, 1.0, generator=gen)
+        else:
+            t = torch.empty_like(xn).normal_(generator=gen)
+        t = t / view_rows(lp_norm(t, self.norm).clamp_min(1e-12), xn)
+        return (xn + r * t * 0.5).clamp_(self.lower, self.upper)
+
+    # ------------------------------------------------------------ the core
+    def _optimize(self, xn: Tensor, y: Tensor, tgt: Optional[Tensor], eps: Tensor, rand: Tensor,
+                  group: Tensor, n_groups: int, gen: torch.Generator) -> Dict[str, Tensor]:
+        n = xn.shape[0]
+        dev = xn.device
+        lo, hi = self.lower, self.upper
+        x1 = xn.clone()
+        if bool(rand.any()):
+            xr = self._random_start(xn, eps, gen)
+            x1 = torch.where(view_rows(rand, xn), xr, x1)
+        W = Working(torch.arange(n, device=dev), xn=xn, y=y, tgt=tgt, eps=eps, group=group, x=x1,
+                    best=torch.full((n,), math.inf, device=dev), x_out=xn.clone(),
+                    n_steps=torch.zeros(n, dtype=torch.long, device=dev))
+        R = {"x": xn.clone(), "norm": torch.full((n,), math.inf, device=dev),
+             "steps": torch.zeros(n, dtype=torch.long, device=dev)}
+        every = self.compact_every or (10 if dev.type == "cuda" else 1)
+        for i in range(self.steps):
+            if len(W) == 0:
+                break
+            m = len(W)
+            f, g = self._diff_and_grad(W.x, W.y, W.tgt)
+            with torch.no_grad():
+                w = g.reshape(m, -1).float()
+                xf = W.x.reshape(m, -1).float()
+                x0 = W.xn.reshape(m, -1).float()
+                b = (w * xf).sum(1) - f
+                d = project_onto_hyperplane(torch.cat((xf, x0)), torch.cat((w, w)), torch.cat((b, b)),
+                                            self.norm, lo, hi)
+                d1, d2 = d[:m], d[m:]
+                a1 = lp_norm(d1, self.norm).clamp_min(1e-8)
+                a2 = lp_norm(d2, self.norm).clamp_min(1e-8)
+                alpha = (a1 / (a1 + a2)).clamp(0.0, self.alpha_max)[:, None]
+                xnew = ((xf + self.eta * d1) * (1 - alpha) + (x0 + self.eta * d2) * alpha).clamp(lo, hi)
+                xnew = xnew.reshape(W.x.shape).to(W.x.dtype)
+                if xnew.dim() == 4 and W.xn.is_contiguous(memory_format=torch.channels_last):
+                    xnew = xnew.contiguous(memory_format=torch.channels_last)
+                z = self.logits(xnew).float()
+                adv = z.argmax(1) != W.y
+                dist = lp_norm(xnew - W.xn, self.norm)
+                better = adv & (dist < W.best)
+                W.x_out = torch.where(view_rows(better, xnew), xnew, W.x_out)
+                W.best = torch.where(better, dist, W.best)
+                # an adversarial iterate is pulled back towards the original point
+                back = W.xn + (xnew - W.xn) * self.beta
+                W.x = torch.where(view_rows(adv, xnew), back, xnew)
+                W.n_steps += 1
+                if self.early_stop and (i + 1) % every == 0:
+                    done = group_any(W.best <= W.eps, W.group, n_groups)[W.group]
+                    n_drop = int(done.sum())
+                    if n_drop and (n_drop * 16 >= m or i + 1 == self.steps):
+                        self._retire(W, R, done.nonzero().squeeze(1))
+                        W.compact(~done)
+        self._retire(W, R, torch.arange(len(W), device=dev))
+        return R
+
+    @staticmethod
+    def _retire(W: Working, R: Dict[str, Tensor], rows: Tensor) -> None:
+        if rows.numel() == 0:
+            return
+        ids = W.idx.index_select(0, rows)
+        R["x"].index_copy_(0, ids, W.x_out.index_select(0, rows))
+        R["norm"].index_copy_(0, ids, W.best.index_select(0, rows))
+        R["steps"].index_copy_(0, ids, W.n_steps.index_select(0, rows))
+
+    # ------------------------------------------------------------- layout
+    def _target_table(self, z: Tensor, target: Optional[Tensor]) -> Optional[Tensor]:
+        if target is not None:
+            return target[:, None]
+        if not self.multi_targeted:
+            return None
+        t = min(self.n_target_classes, z.shape[1] - 1)
+        return z.argsort(1, descending=True)[:, 1:t + 1]
+
+    def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor],
+                gen: torch.Generator) -> AttackResult:
+        return self._run_points(x, y, target, gen, torch.full((x.shape[0],), self.eps, device=x.device))
+
+    def _run_points(self, x: Tensor, y: Tensor, target: Optional[Tensor], gen: torch.Generator,
+                    eps: Tensor) -> AttackResult:
+        b = x.shape[0]
+        dev = x.device
+        with torch.no_grad():
+            z = self.logits(x).float()
+        tg = self._target_table(z, target)
+        done = z.argmax(1) != y
+        x_adv = x.clone()
+        success = done.clone()
+        min_norm = torch.where(done, torch.zeros(b, device=dev), torch.full((b,), math.inf, device=dev))
+        steps = torch.zeros(b, dtype=torch.long, device=dev)
+        todo = (~done).nonzero().squeeze(1)
+        n_t = 1 if tg is None else tg.shape[1]
+        reps = n_t * self.n_restarts
+        for sl in chunks(todo.numel(), reps, self.max_rows):
+            pts = todo[sl]
+            m = pts.numel()
+            if m == 0:
+                continue
+            xn = x.index_select(0, pts).repeat_interleave(reps, 0)
+            ye = y.index_select(0, pts).repeat_interleave(reps, 0)
+            te = None if tg is None else tg.index_select(0, pts).repeat_interleave(
+                self.n_restarts, 1).reshape(-1)
+            ee = eps.index_select(0, pts).repeat_interleave(reps, 0)
+            restart = torch.arange(self.n_restarts, device=dev).repeat(m * n_t)
+            group = torch.arange(m, device=dev).repeat_interleave(reps, 0)
+            R = self._optimize(xn, ye, te, ee, restart > 0, group, m, gen)
+            ok = R["norm"] <= ee
+            idx, gs = pick_per_group(group, m, ok, -R["norm"])
+            xa = torch.where(view_rows(gs, xn[:m]), R["x"].index_select(0, idx), x.index_select(0, pts))
+            x_adv.index_copy_(0, pts, xa)
+            success.index_copy_(0, pts, gs)
+            min_norm.index_copy_(0, pts, R["norm"].index_select(0, idx))
+            steps.index_copy_(0, pts, torch.zeros(m, dtype=torch.long, device=dev).index_add_(
+                0, group, R["steps"]))
+        if self.verbose:
+            print(f"{self.attack}: robust accuracy {1 - success.float().mean().item():.2%} on {b} points")
+        loss = -min_norm
+        return AttackResult(x_adv, success, loss, steps, extra={"min_norm": min_norm, "norm": self.norm})
+
+
+class FABT(FAB):
+    """FAB-T: FAB targeted at each of the top ``n_target_classes`` classes (AutoAttack's fab-t)."""
+
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100,
+                 n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+                 verbose: bool = False, seed: Optional[int] = 0, n_classes: Optional[int] = None,
+                 **kwargs):
+        kwargs.setdefault("name", "FABT")
+        super().__init__(model, norm, eps, steps, n_restarts, alpha_max, eta, beta, verbose, seed,
+                         True, n_classes, **kwargs)
