@@ -28,7 +28,6 @@ import platform
 import re
 import subprocess
 import sys
-import sysconfig
 import threading
 import warnings
 from pathlib import Path
@@ -331,15 +330,12 @@ def _compile(name: str, root: Path, build_dir: Path, cuda: bool, archs: str, ver
     return mod
 
 
-def _jit(root: Path):
-    skip = cuda_skip_reason()
-    cuda = skip is None
-    archs = normalize_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST") or visible_arch_list()) if cuda else ""
+def _jit_variant(root: Path, cuda: bool, archs: str, cuda_skip: Optional[str]):
     variant = _variant(root, cuda, archs)
     key = hashlib.sha256(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:12]
     build_dir = cache_root() / f"{torch.__version__}-{key}"
     name = "fastadv_ext_cuda" if cuda else "fastadv_ext_cpu"
-    so = build_dir / f"{name}.so" if os.name != "nt" else build_dir / f"{name}.pyd"
+    so = build_dir / (f"{name}.pyd" if os.name == "nt" else f"{name}.so")
     ok = build_dir / _OK_FILE
     if ok.is_file() and so.is_file():
         try:
@@ -353,9 +349,25 @@ def _jit(root: Path):
     mod = _compile(name, root, build_dir, cuda, archs, verbose=False,
                    announce=f"fastadv: compiling the {what} extension (once, cached in {build_dir})")
     manifest = dict(variant, library=so.name, kind="jit")
+    if cuda_skip:
+        manifest["cuda_skip_reason"] = cuda_skip
     ok.write_text(json.dumps(manifest, indent=1))
     _origin.update(kind="jit", path=str(so), manifest=manifest)
     return mod
+
+
+def _jit(root: Path):
+    skip = cuda_skip_reason()
+    if skip is not None:
+        return _jit_variant(root, False, "", skip)
+    archs = normalize_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST") or visible_arch_list())
+    try:
+        return _jit_variant(root, True, archs, None)
+    except BuildError as exc:
+        # Keep the CPU kernels usable: build them alone (the cuda backend reports why not).
+        print(f"fastadv: the CUDA build failed ({exc}); building the cpp extension without CUDA",
+              file=sys.stderr, flush=True)
+        return _jit_variant(root, False, "", f"the CUDA build failed: {exc}")
 
 
 def load():
@@ -369,6 +381,11 @@ def load():
         try:
             if os.environ.get("FASTADV_NO_EXT") == "1":
                 raise BuildError("disabled by FASTADV_NO_EXT=1")
+            if _already_registered():
+                # e.g. the CMake library, loaded with torch.ops.load_library: use it as it is
+                _module = torch.ops.fastadv_ext
+                _origin.update(kind="preloaded", path=None, manifest={})
+                return _module
             try:
                 root: Optional[Path] = source_root()
             except BuildError as exc:
@@ -471,6 +488,15 @@ def build(arch_list: Optional[str] = None, verbose: bool = False, cpu_only: bool
         _module = mod
         _origin.update(kind="aot", path=str(so), manifest=manifest)
     return so
+
+
+def _already_registered() -> bool:
+    """Whether some library in this process already defines the fastadv_ext ops."""
+    try:
+        torch.ops.fastadv_ext.build_info
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def _registered_namespaces() -> set:

@@ -6,8 +6,8 @@
 //
 // Two schedules, chosen by the launcher:
 //  * fused: one block per sample does every phase (sum g², sum δ², write) in one
-//    kernel; the re-reads of a sample mostly hit L1/L2. Used when there are
-//    enough samples to fill the GPU, or samples are small.
+//    kernel; the re-reads of a small sample mostly hit L1/L2. Used when samples
+//    are small or there are enough of them to fill the GPU.
 //  * split: `bps` blocks per sample, one kernel per phase; each block writes its
 //    partial sum to the workspace and the next phase adds a sample's partials in
 //    a fixed order (deterministic, no atomics, no memset).
@@ -181,11 +181,12 @@ __global__ void __launch_bounds__(kThreads) l2_split_kernel(L2Args p) {
   write_out<X, G, VEC, STEP>(p, begin, end, a, gn, scale);
 }
 
-// Blocks per sample: 1 unless samples are few and big.
+// Blocks per sample: 1 unless samples are big and too few to give every
+// multiprocessor ~4 blocks (a block streams one sample at a time).
 int blocks_per_sample(int64_t batch, int64_t per_sample) {
   const int sms = multiprocessor_count();
-  if (batch >= sms || per_sample < 32768) return 1;
-  int64_t bps = (2 * sms + batch - 1) / batch;
+  if (batch >= 4 * sms || per_sample < 32768) return 1;
+  int64_t bps = (4 * sms + batch - 1) / batch;
   const int64_t by_size = (per_sample + 8191) / 8192;
   if (bps > by_size) bps = by_size;
   if (bps > 128) bps = 128;

@@ -17,8 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["BestIterate", "ActiveSet", "LoopOutput", "StepLoop", "restart_blocks",
-           "auto_max_rows", "pick_restart", "merge_best", "tile", "per_sample"]
+__all__ = ["BestIterate", "ActiveSet", "LoopOutput", "StepLoop", "GraphedLoop", "restart_blocks",
+           "auto_max_rows", "pick_restart", "merge_best", "tile", "per_sample", "memory_format"]
 
 # A step: update x (the active rows) in place from the gradient.
 StepFn = Callable[[Tensor, Tensor, Tensor], None]
@@ -29,6 +29,13 @@ _FP16_INIT_SCALE = 1024.0
 def per_sample(t: Tensor, ndim: int) -> Tensor:
     """View a ``[B]`` tensor so that it broadcasts against a ``[B, ...]`` tensor of ``ndim`` dims."""
     return t.view((-1,) + (1,) * (ndim - 1))
+
+
+def memory_format(t: Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out so (and not also contiguous), else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def tile(t: Tensor, n: int) -> Tensor:

@@ -117,10 +117,28 @@ class Square(Attack):
 
     @staticmethod
     def _window(vh: Tensor, vw: Tensor, s: int, h: int, w: int) -> Tensor:
-        ii = torch.arange(h, device=vh.device)[None, None, :, None]
-        jj = torch.arange(w, device=vh.device)[None, None, None, :]
-        vh4, vw4 = vh[:, None, None, None], vw[:, None, None, None]
-        return (ii >= vh4) & (ii < vh4 + s) & (jj >= vw4) & (jj < vw4 + s)
+        """[n, 1, h, w] bool: the s×s window at each row's corner."""
+        ii = torch.arange(h, device=vh.device)[None, :]
+        jj = torch.arange(w, device=vh.device)[None, :]
+        rows = ((ii >= vh[:, None]) & (ii < vh[:, None] + s))[:, None, :, None]
+        cols = ((jj >= vw[:, None]) & (jj < vw[:, None] + s))[:, None, None, :]
+        return rows & cols
+
+    def _flip_unchanged(self, sg: Tensor, same: Tensor, gen: torch.Generator) -> Tensor:
+        """New signs for rows whose window would not change: XOR with a random non-zero
+        pattern, i.e. uniform over the other sign patterns (what redrawing until the
+        window changes gives, in one draw)."""
+        m, c = sg.shape[0], sg.shape[1]
+        r = torch.randint(0, 2, (m, c), generator=gen, device=sg.device).bool()
+        none = ~r.any(1)
+        if c > 1:
+            # an all-zero pattern (probability 2^-c) becomes one random flipped channel
+            j = torch.randint(0, c, (m,), generator=gen, device=sg.device)
+            r = r | (none[:, None] & (torch.arange(c, device=sg.device)[None, :] == j[:, None]))
+        else:
+            r = torch.ones_like(r)
+        flip = r & same[:, None]
+        return torch.where(flip.reshape(sg.shape), -sg, sg)
 
     # ------------------------------------------------------------ L∞
     def _search_linf(self, W: Working, R, n_groups: int, gen: torch.Generator) -> None:
@@ -140,13 +158,10 @@ class Square(Attack):
             sg = self._signs((m, c, 1, 1), W.xn, gen)
             x_new = torch.where(win, (W.xn + e * sg).clamp(lo, hi), W.x_best)
             if self.resample_unchanged:
-                # a window that changes nothing wastes a query: redraw its signs
-                for _ in range(8):
-                    same = ~((x_new != W.x_best) & win).flatten(1).any(1)
-                    if not bool(same.any()):
-                        break
-                    sg = torch.where(view_rows(same, sg), self._signs((m, c, 1, 1), W.xn, gen), sg)
-                    x_new = torch.where(win, (W.xn + e * sg).clamp(lo, hi), W.x_best)
+                # a window that changes nothing wastes a query: give it other signs
+                same = ~((x_new != W.x_best) & win).flatten(1).any(1)
+                sg = self._flip_unchanged(sg, same, gen)
+                x_new = torch.where(win, (W.xn + e * sg).clamp(lo, hi), W.x_best)
             self._accept(W, x_new)
             if self.early_stop and (it + 1) % every == 0:
                 self._compact(W, R, n_groups)

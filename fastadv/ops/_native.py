@@ -100,7 +100,8 @@ class CudaBackend(_NativeBackend):
         info = _build.build_info()
         if not info.get("cuda"):
             why = info.get("cuda_skip_reason") or "built CPU-only"
-            return f"the loaded extension ({info.get('path')}) has no CUDA code: {why}"
+            return (f"the loaded extension ({info.get('path')}) has no CUDA code ({why}); "
+                    f"build one with `fastadv build`")
         archs = sorted(int(a) for a in str(info.get("cuda_arch_list", "")).split(",") if a.strip())
         # PTX (from a "+PTX" entry of the requested list) is compiled by the driver for newer GPUs.
         ptx = [int(float(t[:-4]) * 100) for t in str(info.get("arch_request") or "").split(";")
