@@ -96,7 +96,7 @@ def native_extension():
         extra_link_args=flags["ldflags"],
     )
     manifest = {"torch": torch.__version__, "python": helpers.python_tag(), "cuda": cuda,
-                "archs": archs if cuda else "", "sources_hash": helpers.sources_hash(ROOT),
+                "archs": archs if cuda else "", "sources_hash": helpers.sources_hash(ROOT, cuda),
                 "kind": "installed"}
     if why_not:
         manifest["cuda_skip_reason"] = why_not

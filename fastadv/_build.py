@@ -77,10 +77,10 @@ def read_sources(root: Path, cuda: bool) -> List[str]:
     return out
 
 
-def sources_hash(root: Path) -> str:
-    """A digest of every file under csrc/ and kernels/ (sources and headers)."""
+def sources_hash(root: Path, cuda: bool = True) -> str:
+    """A digest of every file a build reads: csrc/, and kernels/ for a CUDA build."""
     h = hashlib.sha256()
-    for d in SOURCE_DIRS:
+    for d in SOURCE_DIRS if cuda else SOURCE_DIRS[:1]:
         base = root / d
         if not base.is_dir():
             continue
@@ -210,7 +210,14 @@ def aot_dir() -> Path:
     return cache_root() / f"aot-{torch.__version__}-{python_tag()}"
 
 
-def _try_aot(root: Optional[Path], digest: Optional[str]):
+def _stale(root: Optional[Path], manifest: Dict[str, object]) -> bool:
+    """Whether the sources here differ from those a manifest says it was built from."""
+    if root is None or "sources_hash" not in manifest:
+        return False
+    return manifest["sources_hash"] != sources_hash(root, bool(manifest.get("cuda")))
+
+
+def _try_aot(root: Optional[Path]):
     d = aot_dir()
     mf = d / _OK_FILE
     if not mf.is_file():
@@ -223,7 +230,7 @@ def _try_aot(root: Optional[Path], digest: Optional[str]):
     if manifest.get("torch") != torch.__version__:
         _notes.append(f"ignored {d}: built for torch {manifest.get('torch')}")
         return None
-    if digest is not None and manifest.get("sources_hash") != digest:
+    if _stale(root, manifest):
         _notes.append(f"ignored {d}: the sources changed since it was built (run `fastadv build` again)")
         return None
     so = d / manifest.get("library", f"{AOT_NAME}.so")
@@ -236,7 +243,7 @@ def _try_aot(root: Optional[Path], digest: Optional[str]):
     return mod
 
 
-def _try_installed(digest: Optional[str]):
+def _try_installed(root: Optional[Path]):
     try:
         spec = importlib.util.find_spec(INSTALLED_MODULE)
     except (ImportError, ValueError):
@@ -253,7 +260,7 @@ def _try_installed(digest: Optional[str]):
     if manifest.get("torch") not in (None, torch.__version__):
         _notes.append(f"ignored {spec.origin}: built for torch {manifest.get('torch')}")
         return None
-    if digest is not None and manifest.get("sources_hash") not in (None, digest):
+    if _stale(root, manifest):
         _notes.append(f"ignored {spec.origin}: the sources changed since it was built")
         return None
     try:
@@ -285,7 +292,7 @@ def _first_error_line(text: str) -> str:
 def _variant(root: Path, cuda: bool, archs: str) -> Dict[str, object]:
     return {
         "torch": torch.__version__, "python": python_tag(), "cuda": cuda,
-        "archs": archs if cuda else "", "sources_hash": sources_hash(root),
+        "archs": archs if cuda else "", "sources_hash": sources_hash(root, cuda),
         "flags": compile_flags(cuda), "platform": platform.machine(),
     }
 
@@ -390,8 +397,7 @@ def load():
                 root: Optional[Path] = source_root()
             except BuildError as exc:
                 root, missing = None, str(exc)
-            digest = sources_hash(root) if root is not None else None
-            mod = _try_aot(root, digest) or _try_installed(digest)
+            mod = _try_aot(root) or _try_installed(root)
             if mod is None:
                 if root is None:
                     raise BuildError(missing)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = ["mnist5k_path", "load_mnist5k", "load_digits", "train_test_split", "IndexedDataset",
-           "make_loader", "load_dataset"]
+           "make_loader", "load_dataset", "as_cifar_shape"]
 
 
 def mnist5k_path() -> str:
@@ -78,6 +78,19 @@ def load_dataset(name: str = "mnist5k", n_test: int = 1000, seed: int = 0):
     else:
         raise ValueError(f"name: expected 'mnist5k' or 'digits', got {name!r}")
     return train_test_split(x, y, n_test=min(n_test, len(x) // 2), seed=seed)
+
+
+def as_cifar_shape(x: torch.Tensor, size: int = 32, channels: int = 3) -> torch.Tensor:
+    """Grey ``[B, 1, H, W]`` images zero-padded (centred) to ``size``×``size`` and repeated
+    over ``channels``: real digits shaped like CIFAR-10 for the CIFAR-sized models."""
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"x: expected grey images [B, 1, H, W], got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h > size or w > size:
+        raise ValueError(f"size: expected at least the image size {h}x{w}, got {size}")
+    top, left = (size - h) // 2, (size - w) // 2
+    x = torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top))
+    return x.repeat(1, channels, 1, 1)
 
 
 class IndexedDataset(Dataset):

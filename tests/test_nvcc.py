@@ -44,19 +44,28 @@ def test_every_listed_cuda_source_exists():
     assert "csrc/cuda_ops.cpp" in listed
 
 
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory):
+    """Each kernel file compiled once (both archs, torch's flags), shared by the tests below."""
+    out = tmp_path_factory.mktemp("nvcc")
+    cache = {}
+
+    def get(source):
+        if source not in cache:
+            obj = out / (source.stem + ".o")
+            _nvcc(["-c", "-std=c++17", "-O3", *ARCHS, *TORCH_NVCC_FLAGS, str(source), "-o", str(obj)], out)
+            cache[source] = obj
+        return cache[source]
+    return get
+
+
 @pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
-def test_kernel_compiles_for_sm80_and_sm90(source, tmp_path):
-    obj = tmp_path / (source.stem + ".o")
-    _nvcc(["-c", "-std=c++17", "-O3", *ARCHS, *TORCH_NVCC_FLAGS, str(source), "-o", str(obj)], tmp_path)
-    assert obj.stat().st_size > 0
+def test_kernel_compiles_for_sm80_and_sm90(source, objects):
+    assert objects(source).stat().st_size > 0
 
 
-def test_launchers_are_exported_and_report_the_archs(tmp_path):
-    objs = []
-    for source in KERNELS:
-        obj = tmp_path / (source.stem + ".o")
-        _nvcc(["-c", "-std=c++17", "-O1", *ARCHS, str(source), "-o", str(obj)], tmp_path)
-        objs.append(str(obj))
+def test_launchers_are_exported_and_report_the_archs(objects, tmp_path):
+    objs = [str(objects(source)) for source in KERNELS]
     nm = shutil.which("nm")
     if nm:
         syms = subprocess.run([nm, "-g", "--defined-only", *objs], capture_output=True, text=True).stdout

@@ -2,5 +2,10 @@
 from .base import Attack, AttackResult, preserved_model
 from .fgsm import FGSM, fgsm
 from .pgd import PGD, PGDL2, pgd, pgd_l2
+from .apgd import APGD, APGDT
+from .fab import FAB, FABT
+from .square import Square
+from .autoattack import AutoAttack
 
-__all__ = ["Attack", "AttackResult", "preserved_model", "FGSM", "PGD", "PGDL2", "fgsm", "pgd", "pgd_l2"]
+__all__ = ["Attack", "AttackResult", "preserved_model", "FGSM", "PGD", "PGDL2", "fgsm", "pgd", "pgd_l2",
+           "APGD", "APGDT", "FAB", "FABT", "Square", "AutoAttack"]

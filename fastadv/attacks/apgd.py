@@ -20,7 +20,8 @@ from ..ops import l2_project_, l2_step, linf_project_, linf_step_
 from ._groups import Working, chunks, group_any, lp_norm, norm_name, pick_per_group, view_rows
 from .base import Attack, AttackResult
 
-__all__ = ["APGD", "APGDT", "apgd_checkpoints", "apgd_l1_checkpoints", "l1_project_delta"]
+__all__ = ["APGD", "APGDT", "apgd_checkpoints", "apgd_l1_checkpoints", "step_size_reduction",
+           "l1_project_delta"]
 
 
 # ------------------------------------------------------------------ schedule
@@ -78,6 +79,19 @@ def l1_project_delta(x_nat: Tensor, delta: Tensor, eps: Tensor, lower: float, up
     lam = torch.where(need, hi, torch.zeros_like(hi))
     d = torch.sign(u) * (a - lam[:, None]).clamp_min(0.0).minimum(room)
     return d.reshape(shape).to(delta.dtype)
+
+
+def step_size_reduction(n_incr: Tensor, k: int, rho: float, reduced_last: Tensor,
+                        loss_best_last: Tensor, loss_best: Tensor) -> Tensor:
+    """Which rows halve their step size at a checkpoint (Croce & Hein 2020, §3.2):
+
+    (1) the loss rose in at most ρ·k of the k steps since the previous checkpoint
+        (``n_incr`` of them), or
+    (2) the step size was not halved at the previous checkpoint and the best loss has
+        not improved since (``loss_best_last >= loss_best``).
+
+    "At most" (≤) as in the reference code; the paper writes "<"."""
+    return (n_incr.float() <= k * rho) | (~reduced_last & (loss_best_last >= loss_best))
 
 
 def _l0(d: Tensor) -> Tensor:
@@ -203,7 +217,8 @@ class APGD(Attack):
             W.topk = torch.full((n,), 0.2, device=dev)
             W.sp_old = torch.full((n,), float(n_fts), device=dev)
         R = {"x": xn.clone(), "success": torch.zeros(n, dtype=torch.bool, device=dev),
-             "loss": torch.zeros(n, device=dev), "steps": torch.zeros(n, dtype=torch.long, device=dev)}
+             "loss": torch.zeros(n, device=dev), "steps": torch.zeros(n, dtype=torch.long, device=dev),
+             "step_size": torch.zeros(n, device=dev)}
         checks = dict(apgd_l1_checkpoints(self.steps) if self.norm == "L1"
                       else apgd_checkpoints(self.steps))
         every = self._every(dev)
@@ -249,7 +264,7 @@ class APGD(Attack):
         else:
             # (1) the loss rose in at most ρ·k of the last k steps, or (2) the step was not
             # halved at the previous check and the best loss has not improved since
-            fl = (W.n_incr.float() <= k * self.rho) | (~W.reduced & (W.loss_last >= W.loss_best))
+            fl = step_size_reduction(W.n_incr, k, self.rho, W.reduced, W.loss_last, W.loss_best)
             W.reduced = fl
             W.loss_last = W.loss_best.clone()
             W.n_incr = torch.zeros_like(W.n_incr)
@@ -270,6 +285,7 @@ class APGD(Attack):
         R["loss"].index_copy_(0, ids, torch.where(fo, W.loss_fool.index_select(0, rows),
                                                   W.loss_best.index_select(0, rows)))
         R["steps"].index_copy_(0, ids, W.n_steps.index_select(0, rows))
+        R["step_size"].index_copy_(0, ids, W.step.index_select(0, rows))
 
     def _compact(self, W: Working, R: Dict[str, Tensor], n_groups: int, force: bool = False) -> None:
         keep = ~group_any(W.fooled, W.group, n_groups)[W.group]
@@ -303,6 +319,7 @@ class APGD(Attack):
         success = done.clone()
         loss = loss_fn(z, y, None if tg is None else tg[:, 0])
         steps = torch.zeros(b, dtype=torch.long, device=dev)
+        step_size = torch.zeros(b, device=dev)
         todo = (~done).nonzero().squeeze(1)
         n_t = 1 if tg is None else tg.shape[1]
         reps = n_t * self.n_restarts
@@ -324,10 +341,12 @@ class APGD(Attack):
             loss.index_copy_(0, pts, R["loss"].index_select(0, idx))
             st = torch.zeros(m, dtype=torch.long, device=dev).index_add_(0, group, R["steps"])
             steps.index_copy_(0, pts, st)
+            step_size.index_copy_(0, pts, R["step_size"].index_select(0, idx))
         if self.verbose:
             print(f"{self.attack}: robust accuracy {1 - success.float().mean().item():.2%} "
                   f"on {b} points ({int(steps.sum())} row-steps)")
-        return AttackResult(x_adv, success, loss, steps, extra={"norm": self.norm})
+        # step_size: the final step size of the row each point's result came from
+        return AttackResult(x_adv, success, loss, steps, extra={"norm": self.norm, "step_size": step_size})
 
 
 class APGDT(APGD):

@@ -168,6 +168,7 @@ class Attack:
         if not bool((s > 0).all()):
             raise ValueError("std: expected positive values")
         self._mean, self._std = m, s
+        self._norm_cache = {}
         return self
 
     # -------------------------------------------------------- target modes
@@ -199,8 +200,14 @@ class Attack:
         if self._mean is None:
             return x
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        m = self._mean.to(x.device, x.dtype).reshape(shape)
-        s = self._std.to(x.device, x.dtype).reshape(shape)
+        key = (x.device, x.dtype, len(shape))
+        cached = self.__dict__.setdefault("_norm_cache", {}).get(key)
+        if cached is None:
+            # moved to the device once: a copy per step would sync (and break graph capture)
+            cached = (self._mean.to(x.device, x.dtype).reshape(shape),
+                      self._std.to(x.device, x.dtype).reshape(shape))
+            self._norm_cache[key] = cached
+        m, s = cached
         return (x - m) / s
 
     def logits(self, x: Tensor, *, fp32: bool = False) -> Tensor:

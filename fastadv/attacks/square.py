@@ -142,27 +142,40 @@ class Square(Attack):
 
     # ------------------------------------------------------------ L∞
     def _search_linf(self, W: Working, R, n_groups: int, gen: torch.Generator) -> None:
+        """Each query rewrites one s×s window per image to x ± eps (a random sign per
+        channel). Only the windows are gathered and written back: per query the full
+        images are copied once (the model's input) and nothing else touches them."""
         lo, hi = self.lower, self.upper
         n, c, h, w = W.xn.shape
         n_fts = c * h * w
-        every = self.compact_every or (10 if W.xn.device.type == "cuda" else 1)
+        dev = W.xn.device
+        every = self.compact_every or (10 if dev.type == "cuda" else 1)
+        ch = torch.arange(c, device=dev)[None, :, None, None] * (h * w)
         for it in range(self.n_queries):
             if len(W) == 0:
                 break
             m = len(W)
             p = p_selection(self.p_init, it, self.n_queries, self.rescale_schedule)
             s = min(max(int(round(math.sqrt(p * n_fts / c))), 1), h, w)
-            vh, vw = self._corners(m, h, w, s, W.xn.device, gen)
-            win = self._window(vh, vw, s, h, w)
-            e = view_rows(W.eps, W.xn)
-            sg = self._signs((m, c, 1, 1), W.xn, gen)
-            x_new = torch.where(win, (W.xn + e * sg).clamp(lo, hi), W.x_best)
+            vh, vw = self._corners(m, h, w, s, dev, gen)
+            ar = torch.arange(s, device=dev)
+            off = (ch + (vh[:, None, None, None] + ar[None, None, :, None]) * w
+                   + vw[:, None, None, None] + ar[None, None, None, :]).reshape(m, -1)
+            xb = W.x_best.reshape(m, -1)
+            old = xb.gather(1, off).reshape(m, c, s, s)
+            nat = W.xn.reshape(m, -1).gather(1, off).reshape(m, c, s, s)
+            e = view_rows(W.eps, nat)
+            sg = self._signs((m, c, 1, 1), nat, gen)
+            new = (nat + e * sg).clamp_(lo, hi)
             if self.resample_unchanged:
                 # a window that changes nothing wastes a query: give it other signs
-                same = ~((x_new != W.x_best) & win).flatten(1).any(1)
+                same = (new == old).reshape(m, -1).all(1)
                 sg = self._flip_unchanged(sg, same, gen)
-                x_new = torch.where(win, (W.xn + e * sg).clamp(lo, hi), W.x_best)
-            self._accept(W, x_new)
+                new = (nat + e * sg).clamp_(lo, hi)
+            x_new = W.x_best.clone()
+            x_new.reshape(m, -1).scatter_(1, off, new.reshape(m, -1))
+            take = self._accept_rows(W, x_new)
+            xb.scatter_(1, off, torch.where(view_rows(take, new), new, old).reshape(m, -1))
             if self.early_stop and (it + 1) % every == 0:
                 self._compact(W, R, n_groups)
 
@@ -243,7 +256,9 @@ class Square(Attack):
                 self._compact(W, R, n_groups)
 
     # ------------------------------------------------------------ shared
-    def _accept(self, W: Working, x_new: Tensor) -> None:
+    def _accept_rows(self, W: Working, x_new: Tensor) -> Tensor:
+        """Query x_new; update the loss and margin of rows that improve (or are fooled)
+        and return which rows take x_new."""
         margin, loss = self._margin_and_loss(x_new, W.y, W.tgt)
         active = W.margin > 0
         W.queries += active
@@ -251,6 +266,10 @@ class Square(Attack):
         W.loss = torch.where(improved, loss, W.loss)
         take = (improved | (margin <= 0)) & active
         W.margin = torch.where(take, margin, W.margin)
+        return take
+
+    def _accept(self, W: Working, x_new: Tensor) -> None:
+        take = self._accept_rows(W, x_new)
         W.x_best = torch.where(view_rows(take, x_new), x_new, W.x_best)
 
     def _compact(self, W: Working, R, n_groups: int, force: bool = False) -> None:
@@ -273,6 +292,7 @@ class Square(Attack):
 
     def _optimize(self, xn: Tensor, y: Tensor, tgt: Optional[Tensor], eps: Tensor, group: Tensor,
                   n_groups: int, gen: torch.Generator) -> Dict[str, Tensor]:
+        xn = xn.contiguous()  # the window arithmetic indexes NCHW memory
         n, c, h, w = xn.shape
         dev = xn.device
         if self.norm == "Linf":

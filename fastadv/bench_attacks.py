@@ -1,0 +1,345 @@
+"""The attack benchmark: fastadv against torchattacks on the same model, batch and budget.
+
+``attacks_table(device=None, threads=2, quick=False, repeats=3, cases=None) -> rows`` and
+``format_table(rows)`` are what ``fastadv bench attacks`` and ``benchmarks/bench_attacks.py``
+print. Each row times one fastadv configuration and its baseline (torchattacks, or fastadv
+without the feature the row is about) interleaved repeat by repeat, and reports the median
+seconds, the speedup (baseline / fastadv), the floor ratio (attack time / (K × one eager
+fp32 forward + input-backward of the bare model); below 1 only by layout or precision) and
+the robust accuracy each side leaves, measured in float32 on the same points.
+
+The models are trained here on the embedded MNIST-5k (28×28, or padded to 3×32×32 for the
+CIFAR-shaped rows), once, and cached in ``FASTADV_BENCH_CACHE`` or ``~/.cache/fastadv/bench``.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Case", "default_cases", "attacks_table", "format_table", "floor_time", "bench_model"]
+
+CACHE = os.environ.get("FASTADV_BENCH_CACHE", os.path.expanduser("~/.cache/fastadv/bench"))
+
+
+# ------------------------------------------------------------------ models
+def _mnist_as(shape: str, device: torch.device):
+    """MNIST-5k train/test tensors, as 1×28×28 ("mnist") or padded and tiled to 3×32×32."""
+    from . import data
+    (xtr, ytr), (xte, yte) = data.load_dataset("mnist5k", n_test=1000, seed=0)
+    if shape == "cifar":
+        xtr, xte = data.as_cifar_shape(xtr), data.as_cifar_shape(xte)
+    return (xtr.to(device), ytr.to(device)), (xte.to(device), yte.to(device))
+
+
+_MODELS = {
+    # name: (builder, input shape, training epochs)
+    "mnist_cnn": (lambda: _models().SmallCNN(width=16), "mnist", 3),
+    "cnn32": (lambda: _models().SmallCNN(in_channels=3, input_size=32, width=32), "cifar", 1),
+    "preact_resnet18": (lambda: _models().PreActResNet18(), "cifar", 1),
+}
+
+
+def _models():
+    from . import models
+    return models
+
+
+def _train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen).to(x.device)
+        for i in range(0, len(x), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+
+
+def bench_model(name: str, batch: int, device: torch.device) -> Tuple[nn.Module, Tensor, Tensor]:
+    """A zoo model trained on MNIST-5k (cached) and ``batch`` test points for it."""
+    if name not in _MODELS:
+        raise ValueError(f"model: expected one of {sorted(_MODELS)}, got {name!r}")
+    build, shape, epochs = _MODELS[name]
+    (xtr, ytr), (xte, yte) = _mnist_as(shape, device)
+    path = os.path.join(CACHE, f"{name}-torch{torch.__version__}.pt")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)                     # a seeded init; the caller's RNG is put back
+        model = build().to(device)
+        if os.path.exists(path):
+            model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        else:
+            _train(model, xtr, ytr, epochs)
+            os.makedirs(CACHE, exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, path)
+    model.eval()
+    reps = (batch + len(xte) - 1) // len(xte)
+    x, y = xte.repeat((reps,) + (1,) * (xte.dim() - 1))[:batch], yte.repeat(reps)[:batch]
+    return model, x.contiguous(), y.contiguous()
+
+
+# ------------------------------------------------------------------ timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> Tuple[float, object]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def floor_time(model: nn.Module, x: Tensor, y: Tensor, repeats: int = 5) -> float:
+    """Median seconds of one eager fp32 forward + input-backward of the bare model (input
+    as given, parameters frozen, CE summed): the unit of the floor ratio."""
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        def once():
+            xx = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(model(xx), y, reduction="sum"), xx)
+            return g
+        for _ in range(2):
+            once()
+        return statistics.median(_timed(once, x.device)[0] for _ in range(repeats))
+    finally:
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+
+
+def _robust(model: nn.Module, x_adv: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return (model(x_adv).argmax(1) == y).float().mean().item()
+
+
+# ------------------------------------------------------------------- cases
+Maker = Callable[[nn.Module], Callable[[Tensor, Tensor], Tensor]]
+
+
+@dataclass
+class Case:
+    """One row: a fastadv attack and the baseline it is timed against."""
+    name: str
+    model: str
+    batch: int
+    steps: int                        # K of the floor ratio (gradient steps per sample)
+    fastadv: Maker
+    baseline_name: str
+    baseline: Optional[Maker]         # None: no baseline (e.g. torchattacks missing)
+    device: str = "any"               # "cpu", "cuda" or "any"
+
+
+def _torchattacks():
+    try:
+        import torchattacks  # noqa: F401  (a test/benchmark extra)
+        return torchattacks
+    except Exception:  # absent, or a broken optional import of it
+        return None
+
+
+def _ta(cls: str, **kw) -> Optional[Maker]:
+    ta = _torchattacks()
+    if ta is None:
+        return None
+
+    def make(model):
+        atk = getattr(ta, cls)(model, **kw)
+
+        def call(x, y):
+            # torchattacks draws its start from the global RNG: give it a fork of its own
+            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+                torch.manual_seed(0)
+                return atk(x, y)
+        return call
+    return make
+
+
+def _fa(cls: str, **kw) -> Maker:
+    def make(model):
+        from . import attacks
+        return getattr(attacks, cls)(model, seed=0, **kw)
+    return make
+
+
+def _sequential(cls: str, runs: int, **kw) -> Maker:
+    """``runs`` separate fastadv runs, the worst case kept per sample (restarts done by hand)."""
+    def make(model):
+        from . import attacks
+        atks = [getattr(attacks, cls)(model, seed=i, **kw) for i in range(runs)]
+
+        def call(x, y):
+            best, fooled = None, None
+            for atk in atks:
+                res = atk.run(x, y)
+                if best is None:
+                    best, fooled = res.x_adv.clone(), res.success.clone()
+                else:
+                    take = res.success & ~fooled
+                    best[take] = res.x_adv[take]
+                    fooled |= res.success
+            return best
+        return call
+    return make
+
+
+def default_cases(device: str, quick: bool = False) -> List[Case]:
+    """The rows of ``fastadv bench attacks`` for ``device`` ("cpu" or "cuda")."""
+    linf = dict(eps=8 / 255, alpha=2 / 255, steps=10)
+    l2 = dict(eps=0.5, alpha=0.1, steps=10)
+    cases: List[Case] = []
+    if device == "cpu":
+        cases += [
+            Case("PGD-10 Linf fp32", "cnn32", 256, 10, _fa("PGD", **linf),
+                 "torchattacks.PGD", _ta("PGD", **linf), "cpu"),
+            Case("PGD-10 Linf amp=bf16", "cnn32", 256, 10, _fa("PGD", amp="bf16", **linf),
+                 "torchattacks.PGD", _ta("PGD", **linf), "cpu"),
+            Case("PGD-10 Linf fp32 channels_last=False", "cnn32", 256, 10,
+                 _fa("PGD", channels_last=False, **linf), "torchattacks.PGD",
+                 _ta("PGD", **linf), "cpu"),
+            Case("PGD-L2-10 fp32", "cnn32", 256, 10, _fa("PGDL2", **l2),
+                 "torchattacks.PGDL2", _ta("PGDL2", **l2), "cpu"),
+            Case("PGD-50 Linf eps=0.3 early_stop", "mnist_cnn", 500, 50,
+                 _fa("PGD", eps=0.3, alpha=0.015, steps=50, early_stop=True),
+                 "fastadv early_stop=False",
+                 _fa("PGD", eps=0.3, alpha=0.015, steps=50), "cpu"),
+        ]
+        if not quick:
+            cases += [
+                Case("PGD-10 Linf x10 restarts batched", "cnn32", 64, 100,
+                     _fa("PGD", restarts=10, **linf), "10 sequential runs",
+                     _sequential("PGD", 10, **linf), "cpu"),
+            ]
+    else:
+        cases += [
+            Case("PGD-10 Linf fp32", "preact_resnet18", 512, 10, _fa("PGD", **linf),
+                 "torchattacks.PGD", _ta("PGD", **linf), "cuda"),
+            Case("PGD-10 Linf bf16 + cuda_graph", "preact_resnet18", 512, 10,
+                 _fa("PGD", amp="bf16", cuda_graph=True, **linf),
+                 "torchattacks.PGD", _ta("PGD", **linf), "cuda"),
+            Case("PGD-10 Linf fp16 + cuda_graph", "preact_resnet18", 512, 10,
+                 _fa("PGD", amp="fp16", cuda_graph=True, **linf),
+                 "torchattacks.PGD", _ta("PGD", **linf), "cuda"),
+            Case("PGD-10 Linf bf16", "preact_resnet18", 512, 10, _fa("PGD", amp="bf16", **linf),
+                 "torchattacks.PGD", _ta("PGD", **linf), "cuda"),
+            Case("PGD-L2-10 fp32", "preact_resnet18", 512, 10, _fa("PGDL2", **l2),
+                 "torchattacks.PGDL2", _ta("PGDL2", **l2), "cuda"),
+            Case("PGD-10 Linf x10 restarts batched", "preact_resnet18", 512, 100,
+                 _fa("PGD", restarts=10, **linf), "10 sequential runs",
+                 _sequential("PGD", 10, **linf), "cuda"),
+            Case("PGD-50 Linf eps=0.3 early_stop", "preact_resnet18", 512, 50,
+                 _fa("PGD", eps=0.3, alpha=0.015, steps=50, early_stop=True),
+                 "fastadv early_stop=False", _fa("PGD", eps=0.3, alpha=0.015, steps=50), "cuda"),
+        ]
+    return cases
+
+
+# ------------------------------------------------------------------- table
+def attacks_table(device: Optional[str] = None, threads: Optional[int] = 2, quick: bool = False,
+                  repeats: int = 3, cases: Optional[Sequence[Case]] = None,
+                  names: Optional[Sequence[str]] = None) -> List[dict]:
+    """Run ``cases`` (default: ``default_cases(device, quick)``; ``names`` filters them by
+    substring) and return one dict per row.
+
+    Row keys: case, model, batch, steps, device, threads, backend, fastadv_s, baseline,
+    baseline_s, speedup, floor_ratio, baseline_floor_ratio, floor_s, robust_fastadv,
+    robust_baseline."""
+    from . import ops
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    cases = list(cases if cases is not None else default_cases(dev.type, quick))
+    if names:
+        cases = [c for c in cases if any(n.lower() in c.name.lower() for n in names)]
+    old_threads = torch.get_num_threads()
+    if threads and dev.type == "cpu":
+        torch.set_num_threads(int(threads))
+    rows: List[dict] = []
+    floors: Dict[Tuple[str, int], float] = {}
+    try:
+        for case in cases:
+            if case.device not in ("any", dev.type):
+                continue
+            model, x, y = bench_model(case.model, case.batch, dev)
+            key = (case.model, case.batch)
+            if key not in floors:
+                floors[key] = floor_time(model, x, y)
+            fa = case.fastadv(model)
+            fns = {"fastadv": fa}
+            if case.baseline is not None:
+                fns["baseline"] = case.baseline(model)
+            outs = {name: fn(x, y) for name, fn in fns.items()}     # warm-up (and graph capture)
+            times: Dict[str, List[float]] = {name: [] for name in fns}
+            for _ in range(repeats):
+                for name, fn in fns.items():
+                    t, outs[name] = _timed(lambda: fn(x, y), dev)
+                    times[name].append(t)
+            t_fa = statistics.median(times["fastadv"])
+            t_base = statistics.median(times["baseline"]) if "baseline" in times else None
+            floor = floors[key]
+            rows.append({
+                "case": case.name, "model": case.model, "batch": case.batch, "steps": case.steps,
+                "device": _device_name(dev), "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+                "backend": ops.resolve_name(None, dev),
+                "fastadv_s": t_fa, "baseline": case.baseline_name if t_base is not None else "(none)",
+                "baseline_s": t_base, "speedup": (t_base / t_fa) if t_base else None,
+                "floor_s": floor, "floor_ratio": t_fa / (case.steps * floor),
+                "baseline_floor_ratio": (t_base / (case.steps * floor)) if t_base else None,
+                "robust_fastadv": _robust(model, outs["fastadv"], y),
+                "robust_baseline": _robust(model, outs["baseline"], y) if "baseline" in outs else None,
+            })
+    finally:
+        torch.set_num_threads(old_threads)
+    return rows
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return "CPU"
+
+
+def format_table(rows: List[dict]) -> str:
+    """A plain-text (markdown-compatible) table of ``attacks_table`` rows."""
+    if not rows:
+        return "(no rows)"
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    head = ["case", "model", "batch", "fastadv s", "baseline", "baseline s", "speedup",
+            "floor", "base floor", "robust fastadv", "robust base"]
+    lines = [head]
+    for r in rows:
+        lines.append([r["case"], r["model"], str(r["batch"]), f(r["fastadv_s"], ".3f"),
+                      r["baseline"], f(r["baseline_s"], ".3f"),
+                      "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+                      f(r["floor_ratio"], ".2f"), f(r["baseline_floor_ratio"], ".2f"),
+                      f(r["robust_fastadv"], ".3f"), f(r["robust_baseline"], ".3f")])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    r0 = rows[0]
+    thr = f", {r0['threads']} threads" if r0.get("threads") else ""
+    out.append(f"\n({r0['device']}{thr}, ops backend {r0['backend']}, torch {torch.__version__}; "
+               f"median of interleaved repeats; speedup = baseline s / fastadv s; floor = attack s / "
+               f"(K x one eager fp32 forward+input-backward of the bare model); robust = accuracy "
+               f"left on the same points, float32)")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m fastadv.bench_attacks
+    print(format_table(attacks_table(quick=True)))

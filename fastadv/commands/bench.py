@@ -1,0 +1,62 @@
+"""``fastadv bench ops|attacks``: print a benchmark's comparison table (and save it as JSON)."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="suite", metavar="SUITE")
+    ops = sub.add_parser("ops", help="each fused op on each ready backend vs the eager sequence")
+    ops.add_argument("--threads", type=int, default=None,
+                     help="CPU threads (default: 2 on CPU, as the targets are stated)")
+    ops.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ops.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+    atk = sub.add_parser("attacks", help="fastadv attacks vs torchattacks on the same model and batch")
+    atk.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    atk.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                     help="default: cuda when available, else cpu")
+    atk.add_argument("--quick", action="store_true", help="skip the slowest rows")
+    atk.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median)")
+    atk.add_argument("--only", nargs="+", metavar="TEXT",
+                     help="only the rows whose name contains one of these")
+    atk.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+def _write_json(path, rows) -> None:
+    if path:
+        with open(path, "w") as fh:
+            json.dump(rows, fh, indent=1, default=str)
+
+
+def run(args) -> int:
+    suite = getattr(args, "suite", None)
+    if suite == "ops":
+        try:
+            from fastadv import bench_ops
+        except ImportError as exc:
+            print(f"fastadv bench ops: not available in this build ({exc})", file=sys.stderr)
+            return 1
+        import torch
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        threads = args.threads if args.threads is not None else (2 if device == "cpu" else None)
+        rows = bench_ops.ops_table(threads=threads, device=device)
+        print(bench_ops.format_table(rows))
+        _write_json(args.json, rows)
+        return 0
+    if suite == "attacks":
+        from fastadv import bench_attacks
+        if bench_attacks._torchattacks() is None:
+            print("fastadv bench attacks: torchattacks is not installed; timing fastadv alone "
+                  "(pip install torchattacks for the comparison)", file=sys.stderr)
+        if args.repeats < 1:
+            print("--repeats: expected an int >= 1", file=sys.stderr)
+            return 2
+        rows = bench_attacks.attacks_table(device=args.device, threads=args.threads,
+                                           quick=args.quick, repeats=args.repeats, names=args.only)
+        print(bench_attacks.format_table(rows))
+        _write_json(args.json, rows)
+        return 0
+    print("fastadv bench: choose a suite: ops or attacks (fastadv bench --help)", file=sys.stderr)
+    return 2
