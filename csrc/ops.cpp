@@ -283,10 +283,22 @@ std::string build_info_json() {
   js << "{\"torch_version\": \"" << TORCH_VERSION_MAJOR << "." << TORCH_VERSION_MINOR << "."
      << TORCH_VERSION_PATCH << "\"";
 #if defined(FASTADV_WITH_CUDA)
-  js << ", \"cuda\": true, \"cuda_arch_list\": \"" << fastadv_cuda_arch_list()
-     << "\", \"cuda_runtime\": " << fastadv_cuda_runtime_version();
+  // "800,900" (nvcc's __CUDA_ARCH_LIST__) -> ["sm_80", "sm_90"]
+  const std::string list = fastadv_cuda_arch_list();
+  std::string archs;
+  std::istringstream items(list);
+  for (std::string item; std::getline(items, item, ',');) {
+    if (item.empty()) continue;
+    const int arch = std::stoi(item);
+    archs += (archs.empty() ? "" : ", ") + std::string("\"sm_") + std::to_string(arch / 10) + "\"";
+  }
+  const int rt = fastadv_cuda_runtime_version();
+  js << ", \"cuda\": true, \"cuda_arch_list\": \"" << list << "\", \"cuda_archs\": [" << archs
+     << "], \"cuda_runtime\": " << rt << ", \"cuda_version\": \"" << rt / 1000 << "."
+     << (rt % 1000) / 10 << "\"";
 #else
-  js << ", \"cuda\": false, \"cuda_arch_list\": \"\", \"cuda_runtime\": 0";
+  js << ", \"cuda\": false, \"cuda_arch_list\": \"\", \"cuda_archs\": [], \"cuda_runtime\": 0, "
+     << "\"cuda_version\": null";
 #endif
   js << ", \"cpu_isas\": \"" << cpu::compiled_isas() << "\", \"cpu_isa\": \"" << cpu::isa() << "\"";
 #if defined(_OPENMP)

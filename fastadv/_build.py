@@ -437,8 +437,6 @@ def build_info() -> Dict[str, object]:
     except BuildError as exc:
         return {"loaded": False, "error": str(exc), "notes": list(_notes)}
     info = json.loads(torch.ops.fastadv_ext.build_info())
-    arch_list = [int(a) for a in str(info.get("cuda_arch_list", "")).split(",") if a.strip()]
-    info["cuda_archs"] = [f"sm_{a // 10}" for a in arch_list]
     manifest = _origin.get("manifest") or {}
     info.update(loaded=True, kind=_origin.get("kind"), path=_origin.get("path"),
                 arch_request=manifest.get("archs", ""), notes=list(_notes))

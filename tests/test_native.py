@@ -345,6 +345,8 @@ def test_build_info_reports_the_build():
     assert info["torch_version"] == torch.__version__.split("+")[0]
     assert "baseline" in info["cpu_isas"].split(",")
     assert isinstance(info["cuda"], bool)
+    assert isinstance(info["cuda_archs"], list) and "cuda_version" in info
+    assert bool(info["cuda_archs"]) == info["cuda"]
     if not info["cuda"]:
         assert info["cuda_skip_reason"]
     mod = _build.load()

@@ -232,7 +232,7 @@ class APGD(Attack):
             loss, z, grad = self._loss_grad(x_new, W.y, W.tgt, loss_fn)
             succ = success_fn(z, W.y, W.tgt)
             active = ~W.fooled
-            W.n_steps += active
+            W.n_steps += 1  # work done: the row was in the batch
             newly = succ & active
             torch.where(view_rows(newly, x_new), x_new, W.x_fool, out=W.x_fool)
             W.loss_fool = torch.where(newly, loss, W.loss_fool)
