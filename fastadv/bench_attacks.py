@@ -292,7 +292,8 @@ def attacks_table(device: Optional[str] = None, threads: Optional[int] = 2, quic
             floor = floors[key]
             rows.append({
                 "case": case.name, "model": case.model, "batch": case.batch, "steps": case.steps,
-                "device": _device_name(dev), "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+                "device": _device_name(dev),
+                "threads": torch.get_num_threads() if dev.type == "cpu" else None,
                 "backend": ops.resolve_name(None, dev),
                 "fastadv_s": t_fa, "baseline": case.baseline_name if t_base is not None else "(none)",
                 "baseline_s": t_base, "speedup": (t_base / t_fa) if t_base else None,

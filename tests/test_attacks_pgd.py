@@ -343,6 +343,13 @@ def test_channels_last_input_and_output_layout(mnist):
     assert (out == same).float().mean() > 0.99  # same math, another memory layout
 
 
+def test_empty_batch(mnist):
+    model, x, y = mnist
+    for cls in (fastadv.PGD, fastadv.PGDL2, fastadv.FGSM):
+        res = cls(model).run(x[:0], y[:0])
+        assert res.x_adv.shape == (0, 1, 28, 28) and res.success.shape == (0,)
+
+
 def test_digits_model_attack():
     model = zoo.digits_cnn()
     (_, _), (xt, yt) = zoo.digits_split()

@@ -177,13 +177,13 @@ class AutoAttack(Attack):
                 steps.index_add_(0, pts, res.steps.to(steps.device))
                 work[name] = work.get(name, 0) + int(res.steps.sum())
                 tried[pts] = True
-                if progress is not None:
-                    progress(name, int(pts.numel()))
                 if state_path:
                     state["time"][k] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     state["tried"][k] = tried.cpu()
                     _save_state(state_path, fp, robust, attack_of, state, x_adv, clean)
+                if progress is not None:
+                    progress(name, int(pts.numel()))
             state["time"][k] += time.perf_counter() - t0
             state["tried"][k] = tried.cpu()
             if self.verbose:

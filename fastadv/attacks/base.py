@@ -310,7 +310,7 @@ class Attack:
         if not bool(torch.isfinite(z).all()):
             raise ValueError("model: returned non-finite logits (NaN or inf) on the clean input")
         n = z.shape[1]
-        if self.check_inputs:
+        if self.check_inputs and y.numel():
             if int(y.min()) < 0 or int(y.max()) >= n:
                 raise ValueError(f"y: expected labels in [0, {n - 1}] for a model with {n} classes, "
                                  f"got range [{int(y.min())}, {int(y.max())}]")

@@ -7,7 +7,6 @@ iterate per sample, early stop, amp, CUDA graphs.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch

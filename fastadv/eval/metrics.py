@@ -1,0 +1,205 @@
+"""Robustness metrics: clean/robust accuracy (per attack, worst case, per class), the robust
+accuracy-vs-eps curve in one pass, calibration under attack, and transfer robustness."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks.apgd import APGD, APGDT
+from ..attacks.base import Attack, AttackResult, preserved_model
+
+__all__ = ["predict_logits", "accuracy", "per_class_accuracy", "worst_case", "accuracy_summary",
+           "robust_accuracy_curve", "calibration_bins", "expected_calibration_error",
+           "calibration_under_attack", "transfer_robustness"]
+
+
+class _Probe(Attack):
+    def __init__(self, model, **kw):
+        super().__init__("probe", model, **kw)
+
+
+def predict_logits(model, x: Tensor, bs: int = 256, normalization=None) -> Tensor:
+    """The model's float32 logits on ``x`` in eval mode, batch by batch (model state kept)."""
+    probe = _Probe(model, normalization=normalization, check_inputs=False,
+                   lower=-math.inf, upper=math.inf)
+    out = []
+    ctx = preserved_model(model, "eval", devices=(x.device,)) if isinstance(model, nn.Module) else _Null()
+    with ctx, torch.no_grad():
+        for i in range(0, len(x), bs):
+            out.append(probe.logits(x[i:i + bs].float()).float())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def accuracy(correct: Tensor) -> float:
+    return correct.float().mean().item() if correct.numel() else float("nan")
+
+
+def per_class_accuracy(correct: Tensor, y: Tensor, n_classes: Optional[int] = None) -> List[float]:
+    """Accuracy per true class (NaN for a class with no points)."""
+    n = int(n_classes if n_classes is not None else (int(y.max()) + 1 if y.numel() else 0))
+    tot = torch.zeros(n).index_add_(0, y.cpu(), torch.ones(len(y)))
+    hit = torch.zeros(n).index_add_(0, y.cpu(), correct.cpu().float())
+    return [(h / t).item() if t > 0 else float("nan") for h, t in zip(hit, tot)]
+
+
+def worst_case(robust_per_attack: Mapping[str, Tensor]) -> Tensor:
+    """A point is robust only if robust against every attack."""
+    it = iter(robust_per_attack.values())
+    out = next(it).clone()
+    for v in it:
+        out &= v
+    return out
+
+
+def accuracy_summary(y: Tensor, clean_correct: Tensor, robust: Tensor,
+                     per_attack: Optional[Mapping[str, Tensor]] = None,
+                     attack_order: Optional[Sequence[str]] = None,
+                     n_classes: Optional[int] = None) -> Dict[str, object]:
+    """Clean and robust accuracy, overall and per class, and per attack.
+
+    ``per_attack`` maps attack name -> [B] bool "fooled by this attack" (AutoAttack's
+    ``extra["per_attack"]``); with ``attack_order`` the robust accuracy after each
+    attack in sequence is reported too."""
+    out: Dict[str, object] = {"n": int(len(y)), "clean_accuracy": accuracy(clean_correct),
+                              "robust_accuracy": accuracy(robust),
+                              "per_class": {"clean": per_class_accuracy(clean_correct, y, n_classes),
+                                            "robust": per_class_accuracy(robust, y, n_classes)}}
+    if per_attack:
+        out["fooled_by"] = {k: int(v.sum()) for k, v in per_attack.items()}
+        order = list(attack_order or per_attack)
+        still = clean_correct.clone()
+        after = {}
+        for k in order:
+            still = still & ~per_attack[k].to(still.device)
+            after[k] = accuracy(still)
+        out["robust_accuracy_after"] = after
+    return out
+
+
+# ------------------------------------------------------------- eps curve
+def robust_accuracy_curve(model, x: Tensor, y: Tensor, eps_list: Sequence[float], norm: str = "Linf",
+                          attacks: Sequence[str] = ("apgd-ce", "apgd-t"), steps: int = 100,
+                          seed: int = 0, bs: Optional[int] = None, **attack_kwargs) -> Dict[str, object]:
+    """Robust accuracy at every eps in ``eps_list`` in one pass.
+
+    Every (point, eps) pair is a row of one batch (per-row eps), attacked by APGD-CE and
+    then, on the survivors, APGD-T. A point fooled at some eps is fooled at every larger
+    eps (the same perturbation), which is applied between attacks so the larger budgets
+    need not be attacked again. Returns {"eps": [...], "robust_accuracy": [...],
+    "clean_accuracy": float, "robust": [B, E] bool}."""
+    eps = sorted(float(e) for e in eps_list)
+    if not eps:
+        raise ValueError("eps_list: expected at least one eps")
+    if any(e < 0 for e in eps):
+        raise ValueError("eps_list: expected values >= 0")
+    e_n = len(eps)
+    builders = {"apgd-ce": lambda: APGD(model, norm, 1.0, steps, 1, seed, "ce", **attack_kwargs),
+                "apgd-dlr": lambda: APGD(model, norm, 1.0, steps, 1, seed, "dlr", **attack_kwargs),
+                "apgd-t": lambda: APGDT(model, norm, 1.0, steps, 1, seed, **attack_kwargs)}
+    bad = [a for a in attacks if a not in builders]
+    if bad:
+        raise ValueError(f"attacks: expected names from {sorted(builders)}, got {bad}")
+    first = builders[attacks[0]]()
+    xf, yl = first._prepare(x, y)
+    b = len(xf)
+    dev = xf.device
+    ctx = preserved_model(model, first.model_mode, devices=(dev,)) if isinstance(model, nn.Module) else _Null()
+    with ctx:
+        with torch.no_grad():
+            clean = first.logits(xf).float().argmax(1) == yl
+        robust = clean[:, None].repeat(1, e_n)              # [B, E]
+        eps_t = torch.tensor(eps, device=dev)
+        gen = first.make_generator(dev)
+        for name in attacks:
+            atk = builders[name]() if name != attacks[0] else first
+            todo = robust.reshape(-1).nonzero().squeeze(1)  # rows (point, eps)
+            step = bs or max(len(todo), 1)
+            for s in range(0, len(todo), step):
+                rows = todo[s:s + step]
+                pts, ei = rows // e_n, rows % e_n
+                res = atk._run_points(xf.index_select(0, pts), yl.index_select(0, pts), None, gen,
+                                      eps_t.index_select(0, ei))
+                fooled = rows[res.success]
+                robust.view(-1)[fooled] = False
+            # monotone in eps: fooled at eps_i means fooled at every eps_j >= eps_i
+            robust = torch.cummin(robust.int(), dim=1).values.bool()
+    accs = robust.float().mean(0).tolist() if b else [float("nan")] * e_n
+    return {"eps": eps, "robust_accuracy": accs, "clean_accuracy": accuracy(clean),
+            "norm": norm, "attacks": list(attacks), "robust": robust}
+
+
+# ----------------------------------------------------------- calibration
+def calibration_bins(logits: Tensor, y: Tensor, n_bins: int = 15) -> Dict[str, List[float]]:
+    """Equal-width confidence bins of the top-class softmax probability:
+    per bin its mean confidence, accuracy and count."""
+    p = torch.softmax(logits.float(), 1)
+    conf, pred = p.max(1)
+    correct = (pred == y.to(pred.device)).float()
+    idx = (conf * n_bins).long().clamp(max=n_bins - 1)
+    cnt = torch.zeros(n_bins).index_add_(0, idx.cpu(), torch.ones(len(y)))
+    sc = torch.zeros(n_bins).index_add_(0, idx.cpu(), conf.cpu())
+    sa = torch.zeros(n_bins).index_add_(0, idx.cpu(), correct.cpu())
+    safe = cnt.clamp_min(1)
+    return {"edges": torch.linspace(0, 1, n_bins + 1).tolist(), "count": cnt.tolist(),
+            "confidence": (sc / safe).tolist(), "accuracy": (sa / safe).tolist()}
+
+
+def expected_calibration_error(logits: Tensor, y: Tensor, n_bins: int = 15) -> float:
+    """ECE = Σ_b (n_b / N)·|accuracy_b − confidence_b| over equal-width confidence bins
+    (Guo et al. 2017)."""
+    bins = calibration_bins(logits, y, n_bins)
+    n = sum(bins["count"])
+    if n == 0:
+        return float("nan")
+    return float(sum(c / n * abs(a - f) for c, a, f in zip(bins["count"], bins["accuracy"],
+                                                          bins["confidence"])))
+
+
+def calibration_under_attack(model, x: Tensor, y: Tensor, x_adv: Tensor, n_bins: int = 15,
+                             bs: int = 256, normalization=None) -> Dict[str, object]:
+    """ECE and reliability-diagram bins on the clean and on the adversarial inputs."""
+    out = {}
+    for name, inp in (("clean", x), ("adversarial", x_adv)):
+        z = predict_logits(model, inp, bs, normalization)
+        yy = y.to(z.device)
+        out[name] = {"ece": expected_calibration_error(z, yy, n_bins), "bins": calibration_bins(z, yy, n_bins),
+                     "accuracy": accuracy(z.argmax(1) == yy),
+                     "mean_confidence": torch.softmax(z, 1).max(1).values.mean().item() if len(z) else float("nan")}
+    return out
+
+
+# -------------------------------------------------------------- transfer
+def transfer_robustness(surrogate, target, x: Tensor, y: Tensor, eps: float, norm: str = "Linf",
+                        attack: Optional[Attack] = None, steps: int = 100, seed: int = 0,
+                        bs: int = 256, **attack_kwargs) -> Dict[str, float]:
+    """Black-box transfer: adversarial examples crafted on ``surrogate`` (APGD-CE by
+    default, or ``attack`` built on the surrogate), evaluated on ``target``.
+
+    Returns the target's clean and transfer-robust accuracy (a point counts as robust if
+    the target classifies its transferred example correctly), the surrogate's own
+    white-box robust accuracy, and the transfer success rate on target-correct points."""
+    atk = attack if attack is not None else APGD(surrogate, norm, eps, steps, 1, seed, "ce", **attack_kwargs)
+    x_adv = torch.cat([atk(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]) if len(x) else x
+    zt_clean = predict_logits(target, x, bs)
+    zt_adv = predict_logits(target, x_adv, bs)
+    zs_adv = predict_logits(surrogate, x_adv, bs)
+    yy = y.to(zt_clean.device)
+    clean_ok = zt_clean.argmax(1) == yy
+    adv_ok = zt_adv.argmax(1) == yy
+    fooled = clean_ok & ~adv_ok
+    return {"target_clean_accuracy": accuracy(clean_ok),
+            "transfer_robust_accuracy": accuracy(clean_ok & adv_ok),
+            "surrogate_robust_accuracy": accuracy(zs_adv.argmax(1) == yy),
+            "transfer_success_rate": (fooled.sum() / clean_ok.sum().clamp_min(1)).item(),
+            "eps": float(eps), "norm": norm}
