@@ -110,3 +110,18 @@ def digits_cnn() -> torch.nn.Module:
     m = models.SmallCNN(width=16, input_size=8)
     m.load_state_dict(_digits_cnn_state())
     return m.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist_cnn_surrogate_state():
+    (xtr, ytr), _ = mnist_split()
+    m = cached_model("mnist-smallcnn-std-seed1", lambda: models.SmallCNN(width=16),
+                     lambda m: _train(m, xtr, ytr, epochs=3, lr=2e-3, seed=1))
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def mnist_cnn_surrogate() -> torch.nn.Module:
+    """Like ``mnist_cnn`` but trained from another seed: a surrogate for transfer attacks."""
+    m = models.SmallCNN(width=16)
+    m.load_state_dict(_mnist_cnn_surrogate_state())
+    return m.eval()

@@ -42,14 +42,14 @@ class _Null:
 
 
 def accuracy(correct: Tensor) -> float:
-    return correct.float().mean().item() if correct.numel() else float("nan")
+    return correct.double().mean().item() if correct.numel() else float("nan")
 
 
 def per_class_accuracy(correct: Tensor, y: Tensor, n_classes: Optional[int] = None) -> List[float]:
     """Accuracy per true class (NaN for a class with no points)."""
     n = int(n_classes if n_classes is not None else (int(y.max()) + 1 if y.numel() else 0))
-    tot = torch.zeros(n).index_add_(0, y.cpu(), torch.ones(len(y)))
-    hit = torch.zeros(n).index_add_(0, y.cpu(), correct.cpu().float())
+    tot = torch.zeros(n, dtype=torch.float64).index_add_(0, y.cpu(), torch.ones(len(y), dtype=torch.float64))
+    hit = torch.zeros(n, dtype=torch.float64).index_add_(0, y.cpu(), correct.cpu().double())
     return [(h / t).item() if t > 0 else float("nan") for h, t in zip(hit, tot)]
 
 

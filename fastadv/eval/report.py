@@ -111,6 +111,9 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
         close()
     res = aa.last_result
     ex = res.extra
+    if n_classes is None and len(x):
+        n_classes = int(metrics.predict_logits(model, x[:1], normalization=attack_kwargs.get(
+            "normalization")).shape[1])
     summary = metrics.accuracy_summary(y.cpu(), ex["clean"].cpu(), ex["robust"].cpu(),
                                        {k: v.cpu() for k, v in ex["per_attack"].items()},
                                        ex["attacks"], n_classes)

@@ -176,7 +176,7 @@ class TRADES(Method):
 
     def adversary(self, t, x, y):
         with torch.no_grad(), t.attacking(t.attack_bn(self)):
-            z_nat = t.forward(x, t.module).float()
+            z_nat = t.forward(x, t.module, attack=True).float()
         eps, alpha = self.now(t)
         x_adv = t.normal_start(x, 0.001, eps)
         return _pgd(t, x, y, x_adv, self.steps, alpha, eps, t.attack_bn(self),
@@ -449,7 +449,7 @@ class YOPO(Method):
             with t.attacking("keep"):
                 for _ in range(n):
                     xi = x_adv.detach().requires_grad_(True)
-                    with torch.enable_grad(), t.autocast():
+                    with torch.enable_grad(), t.autocast(attack=True):
                         out = self.first(xi)
                     (g,) = torch.autograd.grad(out, xi, grad_outputs=p.to(out.dtype))
                     t.linf_step_(x_adv, x, g, alpha, eps)
@@ -528,7 +528,7 @@ class ATTA(Method):
         bn = t.attack_bn(self)
         if trades:
             with torch.no_grad(), t.attacking(bn):
-                z_nat0 = t.forward(x, t.module).float()
+                z_nat0 = t.forward(x, t.module, attack=True).float()
             loss_fn = lambda z: _losses.trades_kl(z, z_nat0).sum()  # noqa: E731
         else:
             loss_fn = _ce_sum(y)

@@ -114,6 +114,9 @@ class AdversarialTrainer:
                "yopo" | "atta" | "standard"
     eps        L∞ radius (> 0); ``alpha``/``steps`` default to the method's published rule
     amp        None | "bf16" | "fp16" (fp16 with a GradScaler); attack iterates stay fp32
+    attack_amp precision of the attack's forward/backward: "same" (as ``amp``), "fp32",
+               "bf16" or "fp16". An L∞ step needs only the gradient's signs, so a bf16
+               attack beside fp32 training is the cheap setting on CPUs with bf16 units
     scheduler  None | "cyclic" | "one_cycle" | "piecewise" | "constant" | a
                ``fastadv.train.schedules.Schedule`` | a torch LR scheduler (stepped every
                optimizer step, or every epoch with ``scheduler_interval="epoch"``)
@@ -127,7 +130,8 @@ class AdversarialTrainer:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, method: str = "fgsm_rs",
                  eps: float = 8 / 255, alpha: Optional[float] = None, steps: Optional[int] = None,
-                 amp: Optional[str] = None, scheduler=None, *, attack_bn: Optional[str] = None,
+                 amp: Optional[str] = None, scheduler=None, *, attack_amp="same",
+                 attack_bn: Optional[str] = None,
                  lower: float = 0.0, upper: float = 1.0, channels_last="auto",
                  augment: Optional[RandomCropFlip] = None, seed: Optional[int] = None,
                  grad_clip: Optional[float] = None, scheduler_interval: str = "step",
@@ -171,8 +175,14 @@ class AdversarialTrainer:
         self._scaler = None
         if self._amp_dtype is torch.float16:
             self._scaler = torch.amp.GradScaler(self.device.type)
+        if attack_amp == "same":
+            attack_amp = amp
+        if attack_amp not in _AMP and attack_amp != "fp32":
+            raise ValueError(f"attack_amp: expected 'same', 'fp32', 'bf16' or 'fp16', got {attack_amp!r}")
+        self.attack_amp = attack_amp
+        self._attack_dtype = _AMP.get(attack_amp)
         # fp16 input gradients underflow unscaled; signs are all an L∞ step needs
-        self._attack_scale = 1024.0 if self._amp_dtype is torch.float16 else 1.0
+        self._attack_scale = 1024.0 if self._attack_dtype is torch.float16 else 1.0
         if attack_bn not in (None, "eval", "train"):
             raise ValueError(f"attack_bn: expected None, 'eval' or 'train', got {attack_bn!r}")
         self._attack_bn = attack_bn
@@ -226,24 +236,28 @@ class AdversarialTrainer:
     def attack_bn(self, method: Method) -> str:
         return self._attack_bn or method.attack_bn
 
-    def autocast(self):
-        if self._amp_dtype is None:
+    def autocast(self, attack: bool = False):
+        dt = self._attack_dtype if attack else self._amp_dtype
+        if dt is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self._amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=dt)
 
-    def forward(self, x: Tensor, model: Optional[nn.Module] = None) -> Tensor:
-        with self.autocast():
+    def forward(self, x: Tensor, model: Optional[nn.Module] = None, attack: bool = False) -> Tensor:
+        with self.autocast(attack):
             return (model if model is not None else self.model)(x)
 
     def input_grad(self, x_adv: Tensor, loss_fn: Callable[[Tensor], Tensor],
                    model: Optional[nn.Module] = None, create_graph: bool = False):
-        """The gradient of ``loss_fn(logits)`` w.r.t. the input only (weights' .grad untouched)."""
+        """The gradient of ``loss_fn(logits)`` w.r.t. the input only (weights' .grad untouched),
+        at the attack's precision; with ``create_graph`` (a regulariser on it) at the training's."""
         xa = x_adv.detach().requires_grad_(True)
+        attack = not create_graph
         with torch.enable_grad():
-            z = self.forward(xa, model if model is not None else self.module)
+            z = self.forward(xa, model if model is not None else self.module, attack=attack)
             loss = loss_fn(z)
-            if self._attack_scale != 1.0:
-                loss = loss * self._attack_scale
+            scale = self._attack_scale if attack else (1024.0 if self._amp_dtype is torch.float16 else 1.0)
+            if scale != 1.0:
+                loss = loss * scale
             (g,) = torch.autograd.grad(loss, xa, create_graph=create_graph)
         return g, z
 
@@ -476,7 +490,8 @@ class AdversarialTrainer:
             torch.cuda.set_rng_state(st["cuda"], self.device)
 
     def config(self) -> Dict[str, object]:
-        return {**self._method.config(), "amp": self.amp, "lower": self.lower, "upper": self.upper}
+        return {**self._method.config(), "amp": self.amp, "attack_amp": self.attack_amp,
+                "lower": self.lower, "upper": self.upper}
 
     def state_dict(self) -> Dict[str, object]:
         """Everything a resumed run needs (loads with ``torch.load(weights_only=True)``)."""

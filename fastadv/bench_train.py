@@ -1,0 +1,204 @@
+"""Time-to-robustness of the training methods on the embedded MNIST-5k (``fastadv bench train``).
+
+Every method trains the same small CNN with the same optimizer, epochs, batches and
+seed; the table gives its training wall time ÷ standard training's, and the clean
+and PGD-40 accuracy on held-out digits. The issue's target: one method within 2
+points of PGD-10 AT's PGD-40 accuracy in ≤ 2× standard training's wall time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+# (label, method, options): the table's rows, in order
+SPECS: List[Tuple[str, str, Dict[str, object]]] = [
+    ("standard", "standard", {}),
+    ("pgd-10", "pgd", {"steps": 10}),
+    ("fgsm_rs", "fgsm_rs", {}),
+    ("n_fgsm", "n_fgsm", {}),
+    ("gradalign", "gradalign", {}),
+    ("free (m=4)", "free", {}),
+    ("yopo-5-3", "yopo", {}),
+    ("atta-1", "atta", {}),
+    ("atta-2", "atta", {"steps": 2}),
+    ("trades", "trades", {}),
+    ("mart", "mart", {}),
+]
+QUICK = ("standard", "pgd-10", "fgsm_rs", "atta-1")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--width", type=int, default=16, help="SmallCNN width")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--n-train", type=int, default=4000)
+    parser.add_argument("--n-test", type=int, default=1000)
+    parser.add_argument("--eval-steps", type=int, default=40, help="PGD steps of the final evaluation")
+    parser.add_argument("--eps-warmup", type=float, default=2.0, help="epochs of linear eps ramp-up")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attack-amp", default="bf16", choices=["fp32", "bf16", "same"],
+                        help="precision of the training attacks (training itself is fp32)")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--pgd-fp32", action="store_true",
+                        help="run the PGD-10 reference with an fp32 attack")
+    parser.add_argument("--only", nargs="+", metavar="LABEL", help="rows to run (labels of SPECS)")
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+def train_table(specs: Sequence[Tuple[str, str, Dict[str, object]]] = SPECS, *, epochs: int = 5,
+                eps: float = 0.3, width: int = 16, batch_size: int = 64, lr: float = 1e-3,
+                n_train: int = 4000, n_test: int = 1000, eval_steps: int = 40,
+                eps_warmup: float = 2.0, threads: Optional[int] = 2, attack_amp: str = "bf16",
+                channels_last: bool = True, pgd_fp32: bool = False, seed: int = 0,
+                log=print) -> List[Dict[str, object]]:
+    """Train each spec and evaluate it; return one row (dict) per spec."""
+    from . import data, models
+    from .train import AdversarialTrainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    (xtr, ytr), (xte, yte) = data.load_dataset("mnist5k", n_test=1000, seed=0)
+    xtr, ytr, xte, yte = xtr[:n_train], ytr[:n_train], xte[:n_test], yte[:n_test]
+    rows = []
+    for label, method, opts in specs:
+        torch.manual_seed(seed)
+        model = models.SmallCNN(width=width)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        a_amp = "fp32" if (pgd_fp32 and label.startswith("pgd")) else attack_amp
+        tr = AdversarialTrainer(model, opt, method=method, eps=eps, seed=seed, channels_last=channels_last,
+                                attack_amp=a_amp, **opts)
+        loader = data.make_loader(xtr, ytr, batch_size=batch_size, indexed=(method == "atta"), seed=seed)
+        val = data.make_loader(xte[:500], yte[:500], batch_size=500, shuffle=False)
+        t0 = time.perf_counter()
+        hist = tr.fit(loader, epochs, val_loader=val, guard_size=500, eps_warmup=eps_warmup, verbose=False)
+        wall = time.perf_counter() - t0
+        train_time = sum(r["time"] for r in hist)
+        test = data.make_loader(xte, yte, batch_size=500, shuffle=False)
+        ev = tr.evaluate(test, eps=eps, steps=eval_steps, seed=seed)
+        row = {"label": label, "method": method, "alpha": tr.alpha, "steps": tr.steps,
+               "options": {k: v for k, v in opts.items()}, "attack_amp": a_amp,
+               "epochs": epochs, "train_time_s": train_time, "epoch_time_s": train_time / epochs,
+               "wall_s": wall, "clean_acc": ev["clean_acc"], f"pgd{eval_steps}_acc": ev["robust_acc"],
+               "robust_acc": ev["robust_acc"], "guard_curve": [r.get("robust_acc") for r in hist],
+               "collapsed": hist.collapsed}
+        rows.append(row)
+        log(f"{label:12s} time {train_time:7.1f}s  clean {ev['clean_acc']:.1%}  "
+            f"PGD-{eval_steps} {ev['robust_acc']:.1%}  guard {['%.2f' % v for v in row['guard_curve']]}")
+    base = next((r for r in rows if r["method"] == "standard"), None)
+    ref = next((r for r in rows if r["label"].startswith("pgd")), None)
+    for r in rows:
+        r["time_ratio"] = r["train_time_s"] / base["train_time_s"] if base else float("nan")
+        r["gap_to_pgd_points"] = 100 * (ref["robust_acc"] - r["robust_acc"]) if ref else float("nan")
+        r["meets_target"] = bool(ref is not None and base is not None and r is not ref and
+                                 r["method"] != "standard" and r["gap_to_pgd_points"] <= 2.0
+                                 and r["time_ratio"] <= 2.0)
+    return rows
+
+
+def format_table(rows: List[Dict[str, object]], eval_steps: int = 40) -> str:
+    head = (f"| method | α | steps | epoch time (s) | × standard | clean | PGD-{eval_steps} | "
+            f"gap to PGD-10 AT (pts) | target met |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        gap = r["gap_to_pgd_points"]
+        lines.append(f"| {r['label']} | {r['alpha']:.3g} | {r['steps']} | {r['epoch_time_s']:.2f} | "
+                     f"{r['time_ratio']:.2f} | {r['clean_acc']:.1%} | {r['robust_acc']:.1%} | "
+                     f"{'' if math.isnan(gap) else f'{gap:+.1f}'} | {'yes' if r['meets_target'] else ''} |")
+    return "\n".join(lines)
+
+
+def cost_table(methods: Sequence[str] = ("standard", "pgd", "fgsm_rs", "n_fgsm", "gradalign", "free",
+                                         "yopo", "atta", "trades", "mart"),
+               *, model_fn=None, shape=(1, 28, 28), batch_size: int = 64, batches: int = 20,
+               repeats: int = 3, eps: float = 0.3, device: str = "cpu", threads: Optional[int] = None,
+               amp=None, attack_amp: str = "same", channels_last="auto") -> List[Dict[str, object]]:
+    """Per-batch cost of each method ÷ standard training's, timed interleaved (min of repeats)
+    on random data: what each method's epoch costs relative to a standard epoch."""
+    from . import models
+    from .train import AdversarialTrainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    model_fn = model_fn or (lambda: models.SmallCNN(width=16))
+    g = torch.Generator().manual_seed(0)
+    xs = torch.rand(batches, batch_size, *shape, generator=g)
+    ys = torch.randint(0, 10, (batches, batch_size), generator=g)
+    trainers = {}
+    for m in methods:
+        torch.manual_seed(0)
+        net = model_fn().to(dev)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        kw = {"dataset_size": batches * batch_size} if m == "atta" else {}
+        trainers[m] = AdversarialTrainer(net, opt, method=m, eps=eps, seed=0, amp=amp,
+                                         attack_amp=attack_amp, channels_last=channels_last, **kw)
+    batches_dev = [(xs[i].to(dev), ys[i].to(dev), torch.arange(i * batch_size, (i + 1) * batch_size))
+                   for i in range(batches)]
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for m, tr in trainers.items():   # warm-up (first-call costs, cudnn autotune)
+        for x, y, i in batches_dev[:2]:
+            tr.step(x, y, i)
+    best = {m: math.inf for m in methods}
+    for _ in range(repeats):
+        for m, tr in trainers.items():
+            sync()
+            t = time.perf_counter()
+            for x, y, i in batches_dev:
+                tr.step(x, y, i)
+            sync()
+            best[m] = min(best[m], (time.perf_counter() - t) / batches)
+    base = best.get("standard", math.nan)
+    return [{"method": m, "ms_per_batch": 1000 * best[m], "ratio": best[m] / base,
+             "alpha": trainers[m].alpha, "steps": trainers[m].steps} for m in methods]
+
+
+def format_cost_table(rows) -> str:
+    lines = ["| method | ms / batch | × standard |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['ms_per_batch']:.2f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    specs = SPECS
+    if args.quick:
+        specs = [s for s in SPECS if s[0] in QUICK]
+    if args.only:
+        specs = [s for s in SPECS if s[0] in args.only]
+        if not specs:
+            print(f"--only: no rows named {args.only}; rows: {[s[0] for s in SPECS]}")
+            return 2
+    rows = train_table(specs, epochs=args.epochs, eps=args.eps, width=args.width,
+                       batch_size=args.batch_size, lr=args.lr, n_train=args.n_train, n_test=args.n_test,
+                       eval_steps=args.eval_steps, eps_warmup=args.eps_warmup, threads=args.threads,
+                       attack_amp=args.attack_amp, channels_last=not args.no_channels_last,
+                       pgd_fp32=args.pgd_fp32, seed=args.seed)
+    print()
+    print(format_table(rows, args.eval_steps))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1, default=str)
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="bench_train", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""``fastadv train``: adversarially train a zoo model on an embedded data set (DDP under torchrun)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+RECOMMENDED = "atta"   # meets the time-to-robustness target on MNIST-5k (benchmarks/RESULTS_train_cpu.md)
+
+
+def add_arguments(parser) -> None:
+    from fastadv.train.methods import METHODS
+
+    g = parser.add_argument_group("method")
+    g.add_argument("--method", default=RECOMMENDED, choices=sorted(METHODS),
+                   help=f"training method (default {RECOMMENDED})")
+    g.add_argument("--eps", type=float, default=None, help="L∞ radius (default 0.3 on mnist5k, 0.2 on digits)")
+    g.add_argument("--alpha", type=float, default=None, help="attack step (default: the method's rule)")
+    g.add_argument("--steps", type=int, default=None, help="attack steps (default: the method's)")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. beta=6 (trades), replays=8 (free), outer=5 (yopo)")
+    g.add_argument("--eps-warmup", type=float, default=None,
+                   help="epochs of linear eps ramp-up (default 2 on mnist5k, else 0)")
+    g = parser.add_argument_group("data and model")
+    g.add_argument("--data", default="mnist5k", choices=["mnist5k", "digits"])
+    g.add_argument("--n-test", type=int, default=1000, help="held-out samples")
+    g.add_argument("--n-train", type=int, default=None, help="use only this many training samples")
+    g.add_argument("--model", default="small_cnn", choices=["small_cnn", "preact_resnet18"])
+    g.add_argument("--width", type=int, default=16, help="SmallCNN width")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=5)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    g.add_argument("--lr", type=float, default=None, help="peak LR (default 1e-3 adam, 0.05 sgd)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", default="none",
+                   choices=["none", "constant", "cyclic", "one_cycle", "piecewise"])
+    g.add_argument("--amp", default=None, choices=["bf16", "fp16"])
+    g.add_argument("--attack-amp", default="same", choices=["same", "fp32", "bf16", "fp16"])
+    g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", default="fastadv-train", help="directory for checkpoints, history, weights")
+    g.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="BATCHES")
+    g.add_argument("--guard-size", type=int, default=512)
+    g.add_argument("--guard-steps", type=int, default=10)
+    g.add_argument("--co-drop", type=float, default=0.2)
+    g.add_argument("--stop-on-collapse", action="store_true")
+    g.add_argument("--eval-steps", type=int, default=20, help="PGD steps of the final evaluation")
+    g.add_argument("--safetensors", action="store_true", help="write weights as .safetensors")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    g.add_argument("--progress", action="store_true", help="progress bars (tqdm)")
+
+
+def _options(pairs):
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"--option: expected KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        for conv in (int, float):
+            try:
+                out[k] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = {"true": True, "false": False, "none": None}.get(v.lower(), v)
+    return out
+
+
+def build(args):
+    """(trainer, train_loader, test_loader, model) as the arguments say (DDP under torchrun)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fastadv import data, models
+    from fastadv.train import AdversarialTrainer
+    from fastadv.train import distributed as dist_
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = dist_.init_from_env() if "RANK" in os.environ else torch.device(
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    (xtr, ytr), (xte, yte) = data.load_dataset(args.data, n_test=args.n_test, seed=0)
+    if args.n_train:
+        xtr, ytr = xtr[: args.n_train], ytr[: args.n_train]
+    torch.manual_seed(args.seed)
+    side = xtr.shape[-1]
+    if args.model == "small_cnn":
+        model = models.SmallCNN(in_channels=xtr.shape[1], width=args.width, input_size=side)
+    else:
+        model = models.PreActResNet18(in_channels=xtr.shape[1])
+    model = model.to(device)
+    if dist_.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    lr = args.lr if args.lr is not None else (1e-3 if args.optimizer == "adam" else 0.05)
+    if args.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum,
+                              weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+    eps = args.eps if args.eps is not None else (0.3 if args.data == "mnist5k" else 0.2)
+    cl = {"auto": "auto", "on": True, "off": False}[args.channels_last]
+    trainer = AdversarialTrainer(model, opt, method=args.method, eps=eps, alpha=args.alpha,
+                                 steps=args.steps, amp=args.amp, attack_amp=args.attack_amp,
+                                 scheduler=None if args.schedule == "none" else args.schedule,
+                                 channels_last=cl, seed=args.seed + dist_.rank(),
+                                 **_options(args.option))
+    indexed = args.method == "atta"
+    if dist_.is_initialized():
+        ds = TensorDataset(xtr, ytr)
+        ds = data.IndexedDataset(ds) if indexed else ds
+        loader = DataLoader(ds, batch_size=args.batch_size,
+                            sampler=dist_.ShardedSampler(ds, seed=args.seed))
+        tds = TensorDataset(xte, yte)
+        test = DataLoader(tds, batch_size=500, sampler=dist_.ShardedSampler(tds, shuffle=False))
+    else:
+        loader = data.make_loader(xtr, ytr, batch_size=args.batch_size, indexed=indexed, seed=args.seed)
+        test = data.make_loader(xte, yte, batch_size=500, shuffle=False)
+    return trainer, loader, test, model
+
+
+def run(args) -> int:
+    try:
+        trainer, loader, test, model = build(args)
+    except (ValueError, TypeError, ImportError) as exc:
+        print(f"fastadv train: {exc}", file=sys.stderr)
+        return 2
+    from fastadv.train import checkpoint as ckpt
+    from fastadv.train import distributed as dist_
+
+    main = dist_.is_main()
+    warm = args.eps_warmup if args.eps_warmup is not None else (2.0 if args.data == "mnist5k" else 0.0)
+    if main:
+        print(f"fastadv train: {trainer!r} on {args.data} ({len(loader.dataset)} training samples), "
+              f"{args.epochs} epochs -> {args.out}", flush=True)
+    try:
+        hist = trainer.fit(loader, args.epochs, val_loader=test, checkpoint_dir=args.out,
+                           resume=not args.no_resume, checkpoint_every=args.checkpoint_every,
+                           guard_size=args.guard_size, guard_steps=args.guard_steps,
+                           co_drop=args.co_drop, stop_on_collapse=args.stop_on_collapse,
+                           best_format="safetensors" if args.safetensors else "pt",
+                           eps_warmup=warm, progress=args.progress or None, verbose=main)
+    except (ValueError, TypeError) as exc:
+        print(f"fastadv train: {exc}", file=sys.stderr)
+        return 2
+    ev = trainer.evaluate(test, steps=args.eval_steps)
+    if main:
+        name = "final.safetensors" if args.safetensors else "final.pt"
+        ckpt.save_weights(trainer.module.state_dict(), os.path.join(args.out, name),
+                          {"method": args.method, "eps": trainer.eps})
+        with open(os.path.join(args.out, "history.json"), "w") as fh:
+            json.dump({"config": trainer.config(), "history": list(hist), "final": ev,
+                       "best_epoch": hist.best_epoch, "collapsed_epochs": hist.collapsed_epochs},
+                      fh, indent=1)
+        t = sum(r["time"] for r in hist)
+        print(f"\n| method | eps | epochs | train time (s) | clean | PGD-{args.eval_steps} |")
+        print("|---|---|---|---|---|---|")
+        print(f"| {args.method} | {trainer.eps:.3g} | {len(hist)} | {t:.1f} | {ev['clean_acc']:.1%} | "
+              f"{ev['robust_acc']:.1%} |")
+        if hist.collapsed:
+            print(f"catastrophic overfitting at epoch(s) {hist.collapsed_epochs}; "
+                  f"kept the weights of epoch {hist.best_epoch}")
+    if dist_.is_initialized():
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return 0

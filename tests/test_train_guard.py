@@ -1,0 +1,86 @@
+"""The catastrophic-overfitting guard: a collapse of PGD accuracy on the held-out batch is
+reported, the best weights are kept on disk and put back; and no collapse happens at a
+method's recommended settings."""
+import warnings
+
+import pytest
+import torch
+
+from fastadv import data, models
+from fastadv.train import AdversarialTrainer
+from fastadv.train.checkpoint import load_weights
+
+
+def _setup(method="fgsm_rs", eps=0.1):
+    x, y = data.load_digits()
+    torch.manual_seed(0)
+    model = models.SmallCNN(width=4, input_size=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    tr = AdversarialTrainer(model, opt, method=method, eps=eps, seed=0)
+    return tr, model, data.make_loader(x[:256], y[:256], batch_size=64), \
+        data.make_loader(x[256:356], y[256:356], batch_size=100, shuffle=False)
+
+
+def _scripted_robustness(monkeypatch, fractions):
+    """The guard's PGD verdicts follow a script (fractions of the guard batch robust)."""
+    seq = iter(fractions)
+
+    def fake(self, x, y, eps=None, steps=10, restarts=1, seed=0):
+        k = round(next(seq) * x.shape[0])
+        m = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        m[:k] = True
+        return m
+
+    monkeypatch.setattr(AdversarialTrainer, "robust_mask", fake)
+
+
+def test_collapse_reported_best_kept_and_restored(tmp_path, monkeypatch):
+    tr, model, loader, val = _setup()
+    _scripted_robustness(monkeypatch, [0.30, 0.50, 0.45, 0.10])
+    snapshots = {}
+    real_fit_end = []
+
+    def on_batch_end(trainer, epoch, b):
+        if b == len(loader):
+            snapshots[epoch + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with pytest.warns(RuntimeWarning, match="catastrophic overfitting at epoch 4"):
+        hist = tr.fit(loader, epochs=4, val_loader=val, checkpoint_dir=str(tmp_path),
+                      guard_size=100, verbose=False, on_batch_end=on_batch_end)
+    assert [r["collapse"] for r in hist] == [False, False, False, True]
+    assert [r["best"] for r in hist] == [True, True, False, False]
+    assert hist.collapsed and hist.collapsed_epochs == [4]
+    assert hist.best_epoch == 2 and hist.best_robust_acc == pytest.approx(0.5)
+    best = load_weights(str(tmp_path / "best.pt"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshots[2][k]), "the model was not restored to the best epoch"
+        assert torch.equal(best[k], snapshots[2][k])
+
+
+def test_no_restore_without_collapse_and_stop_on_collapse(monkeypatch):
+    tr, model, loader, val = _setup()
+    _scripted_robustness(monkeypatch, [0.30, 0.50, 0.45])
+    tr.fit(loader, epochs=3, val_loader=val, guard_size=100, verbose=False)
+    last = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not tr.history.collapsed
+    # a drop smaller than co_drop is not a collapse; the weights stay the last epoch's
+    assert torch.equal(last["features.0.weight"], model.state_dict()["features.0.weight"])
+
+    tr2, _, loader, val = _setup()
+    _scripted_robustness(monkeypatch, [0.6, 0.1, 0.5, 0.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hist = tr2.fit(loader, epochs=4, val_loader=val, guard_size=100, verbose=False,
+                       stop_on_collapse=True)
+    assert len(hist) == 2 and hist[-1]["collapse"]
+
+
+def test_records_have_the_promised_fields():
+    tr, _, loader, val = _setup()
+    hist = tr.fit(loader, epochs=1, val_loader=val, guard_size=50, guard_steps=3, verbose=False)
+    r = hist[0]
+    for k in ("epoch", "lr", "train_loss", "train_adv_acc", "val_clean_acc", "robust_acc",
+              "guard_clean_acc", "time", "eval_time", "peak_mem_mb", "collapse", "best"):
+        assert k in r, k
+    assert 0 <= r["robust_acc"] <= r["guard_clean_acc"] <= 1
+    assert r["time"] > 0 and r["peak_mem_mb"] > 0
