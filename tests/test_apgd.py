@@ -16,7 +16,7 @@ from fastadv.attacks.apgd import (apgd_checkpoints, apgd_l1_checkpoints, l1_proj
 def mnist():
     model = zoo.mnist_cnn()
     _, (xt, yt) = zoo.mnist_split()
-    return model, xt[:64], yt[:64]
+    return model, xt[:40], yt[:40]
 
 
 # ------------------------------------------------------------ the schedule
@@ -134,8 +134,8 @@ def test_apgd_fools_the_model_within_the_ball(mnist, norm, eps, loss):
 
 def test_early_stop_changes_cost_not_result(mnist):
     model, x, y = mnist
-    a = APGD(model, eps=0.1, steps=30, seed=1, early_stop=True).run(x, y)
-    b = APGD(model, eps=0.1, steps=30, seed=1, early_stop=False).run(x, y)
+    a = APGD(model, eps=0.1, steps=20, seed=1, early_stop=True).run(x, y)
+    b = APGD(model, eps=0.1, steps=20, seed=1, early_stop=False).run(x, y)
     # rows are independent: dropping fooled ones leaves the others' trajectories alone
     assert (a.success != b.success).sum() <= 1
     assert a.steps.sum() < b.steps.sum()
@@ -143,8 +143,8 @@ def test_early_stop_changes_cost_not_result(mnist):
 
 def test_restarts_batched_are_at_least_as_strong(mnist):
     model, x, y = mnist
-    one = APGD(model, eps=0.08, steps=20, n_restarts=1, seed=3).run(x, y)
-    three = APGD(model, eps=0.08, steps=20, n_restarts=3, seed=3).run(x, y)
+    one = APGD(model, eps=0.08, steps=10, n_restarts=1, seed=3).run(x, y)
+    three = APGD(model, eps=0.08, steps=10, n_restarts=3, seed=3).run(x, y)
     # the first of the three restarts draws the same start as the single run
     assert three.success.sum() >= one.success.sum() - 1
     assert three.steps.sum() > one.steps.sum()
@@ -152,12 +152,12 @@ def test_restarts_batched_are_at_least_as_strong(mnist):
 
 def test_apgdt_targets_top_classes_and_is_strong(mnist):
     model, x, y = mnist
-    res = APGDT(model, eps=0.1, steps=20, seed=0).run(x, y)
+    res = APGDT(model, eps=0.1, steps=10, seed=0).run(x, y)
     _valid(x, res.x_adv, 0.1, "Linf")
     with torch.no_grad():
         pred = model(res.x_adv).argmax(1)
     assert torch.equal(res.success, pred != y)
-    ce = APGD(model, eps=0.1, steps=20, seed=0).run(x, y)
+    ce = APGD(model, eps=0.1, steps=10, seed=0).run(x, y)
     # nine targeted runs per point: not weaker than one untargeted run (a point of slack)
     assert res.success.sum() >= ce.success.sum() - 1
 

@@ -154,6 +154,7 @@ def test_eps_zero_returns_x(mnist, cls_name):
 @pytest.mark.parametrize("options", [
     dict(), dict(restarts=3), dict(early_stop=True), dict(amp="bf16"), dict(loss="cw"),
     dict(loss="dlr"), dict(max_batch=50, restarts=2), dict(channels_last=False),
+    dict(amp="bf16", early_stop=True, restarts=2),
 ])
 def test_outputs_inside_ball_and_bounds(mnist, options):
     model, x, y = mnist

@@ -70,7 +70,7 @@ def test_cw_binary_search_reaches_the_minimal_l2_distance():
 def mnist():
     model = zoo.mnist_cnn()
     _, (xt, yt) = zoo.mnist_split()
-    return model, xt[:24], yt[:24]
+    return model, xt[:16], yt[:16]
 
 
 def test_deepfool_and_cw_on_the_model(mnist):

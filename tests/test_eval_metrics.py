@@ -16,7 +16,7 @@ from fastadv.eval import metrics
 def mnist():
     model = zoo.mnist_cnn()
     _, (xt, yt) = zoo.mnist_split()
-    return model, xt[200:248], yt[200:248]
+    return model, xt[200:232], yt[200:232]
 
 
 # ------------------------------------------------------------ hand cases
@@ -55,7 +55,7 @@ def test_ece_hand_computed():
 def test_eps_curve_one_pass(mnist):
     model, x, y = mnist
     eps = [0.0, 0.05, 0.1, 0.2]
-    c = metrics.robust_accuracy_curve(model, x, y, eps, steps=20, seed=0)
+    c = metrics.robust_accuracy_curve(model, x, y, eps, steps=10, seed=0)
     acc = c["robust_accuracy"]
     assert c["eps"] == eps and len(acc) == 4
     assert math.isclose(acc[0], c["clean_accuracy"])                # eps 0: nothing moves
@@ -63,7 +63,7 @@ def test_eps_curve_one_pass(mnist):
     assert acc[-1] < 0.2
     # one pass (APGD-CE + APGD-T) is at least as strong as a separate APGD-CE run per eps
     for e, a in zip(eps[1:], acc[1:]):
-        sep = 1 - APGD(model, eps=e, steps=20, seed=0).run(x, y).success.float().mean().item()
+        sep = 1 - APGD(model, eps=e, steps=10, seed=0).run(x, y).success.float().mean().item()
         assert a <= sep + 1 / len(x) + 1e-9
 
 
@@ -80,8 +80,8 @@ def test_calibration_under_attack(mnist):
 def test_transfer_is_weaker_than_white_box(mnist):
     model, x, y = mnist
     surrogate = zoo.mnist_cnn_surrogate()
-    tr = metrics.transfer_robustness(surrogate, model, x, y, eps=0.15, steps=20)
-    white = 1 - APGD(model, eps=0.15, steps=20, seed=0).run(x, y).success.float().mean().item()
+    tr = metrics.transfer_robustness(surrogate, model, x, y, eps=0.15, steps=10)
+    white = 1 - APGD(model, eps=0.15, steps=10, seed=0).run(x, y).success.float().mean().item()
     assert tr["surrogate_robust_accuracy"] <= tr["transfer_robust_accuracy"]
     assert white <= tr["transfer_robust_accuracy"]
     assert tr["transfer_robust_accuracy"] <= tr["target_clean_accuracy"]

@@ -62,7 +62,7 @@ def test_quiet_on_a_normal_model(mnist):
     model, x, y = mnist
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientMaskingWarning)
-        checks = masking.check_gradient_masking(model, x[:24], y[:24], eps=0.1, steps=(10, 50))
+        checks = masking.check_gradient_masking(model, x[:16], y[:16], eps=0.1, steps=(5, 25))
     assert _fired(checks) == set()
     assert {c.name for c in checks} == {"randomness", "softmax_output", "gradients", "large_eps", "more_effort"}
 
@@ -71,7 +71,7 @@ def test_quantised_input_layer_fires(mnist):
     model, x, y = mnist
     masked = Quantised(model).eval()
     with pytest.warns(GradientMaskingWarning) as rec:
-        checks = masking.check_gradient_masking(masked, x[:24], y[:24], eps=0.1, steps=(10, 50))
+        checks = masking.check_gradient_masking(masked, x[:16], y[:16], eps=0.1, steps=(5, 25))
     fired = _fired(checks)
     assert "gradients" in fired
     assert "large_eps" in fired       # the white-box attack cannot move even with the whole box
@@ -81,16 +81,16 @@ def test_quantised_input_layer_fires(mnist):
 def test_square_beating_whitebox_fires_in_autoattack(mnist):
     model, x, y = mnist
     masked = Quantised(model).eval()
-    aa = AutoAttack(masked, eps=0.3, steps=10, n_queries=100, seed=0)
+    aa = AutoAttack(masked, eps=0.3, steps=5, n_queries=100, seed=0)
     with pytest.warns(GradientMaskingWarning) as rec:
-        aa.run_standard_evaluation(x[:16], y[:16])
+        aa.run_standard_evaluation(x[:12], y[:12])
     msgs = " ".join(str(r.message) for r in rec)
     assert "square_beats_whitebox" in msgs and "gradients" in msgs
     assert aa.last_result.extra["per_attack"]["square"].sum() > 0
     # on the normal model AutoAttack's own checks say nothing
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientMaskingWarning)
-        AutoAttack(model, eps=0.3, steps=10, n_queries=100, seed=0).run_standard_evaluation(x[:16], y[:16])
+        AutoAttack(model, eps=0.3, steps=5, n_queries=100, seed=0).run_standard_evaluation(x[:12], y[:12])
 
 
 def test_softmax_and_randomness_fire(mnist):

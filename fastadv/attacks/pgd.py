@@ -109,6 +109,12 @@ class _IterativeAttack(Attack):
                               f"fastadv: cuda_graph=True ignored ({why}); running eagerly")
         return loop.run(x_nat, y, t, x0, samples)
 
+    def _exact(self, x: Tensor, y: Tensor, target: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Loss and success of ``x`` from a float32 forward (amp's verdicts are approximate)."""
+        with torch.no_grad():
+            z = self.logits(x, fp32=True).float()
+        return self.attack_loss(z, y, target).float(), self.is_success(z, y, target)
+
     def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor],
                 gen: torch.Generator) -> AttackResult:
         b = x.shape[0]
@@ -134,6 +140,9 @@ class _IterativeAttack(Attack):
 
         r = 0
         while r < self.restarts and b:
+            if self.early_stop and self.amp is not None and r > 0:
+                # which samples are done is judged in float32 (see the end)
+                res_loss, res_succ = self._exact(res_x, y, target)
             todo = (~res_succ).nonzero().squeeze(1) if self.early_stop else None
             n = b if todo is None else int(todo.numel())
             if n == 0:
@@ -164,10 +173,7 @@ class _IterativeAttack(Attack):
 
         if self.amp is not None:
             # the iterates were judged on low-precision logits: report exact figures
-            with torch.no_grad():
-                zf = self.logits(res_x, fp32=True).float()
-            res_loss = self.attack_loss(zf, y, target).float()
-            res_succ = self.is_success(zf, y, target)
+            res_loss, res_succ = self._exact(res_x, y, target)
         return AttackResult(res_x, res_succ, res_loss, res_steps,
                             extra={"restart": res_restart, "target": target})
 

@@ -462,12 +462,16 @@ class ATTA(Method):
     by ``steps`` (default 1) PGD steps of α = ε/2 a batch, from where it was left; the
     first visit starts from U(-ε, ε). The objective is PGD-AT's CE (``loss="ce"``) or
     TRADES' (``loss="trades"``, β). The cache lives in input space, one per rank; with the
-    trainer's ``augment`` (crop/flip) it is mapped through the augmentation and back."""
+    trainer's ``augment`` (crop/flip) it is mapped through the augmentation and back.
+
+    ``free_step=True`` (fastadv's addition, Free's reuse inside ATTA): the training
+    backward also yields the input gradient at x_adv, which moves the cached δ one more
+    step for the next visit, so each visit refines twice for one attack pass."""
 
     name = "atta"
     needs_indices = True
     options = {"loss": "ce", "beta": 6.0, "cache_device": None, "cache_dtype": "float32",
-               "dataset_size": None}
+               "dataset_size": None, "free_step": False}
 
     def __init__(self, eps, alpha, steps, **options):
         super().__init__(eps, alpha, steps, **options)
@@ -533,19 +537,25 @@ class ATTA(Method):
         else:
             loss_fn = _ce_sum(y)
         _pgd(t, x, y, x_adv, self.steps, alpha, eps, bn, loss_fn)
-        new = x_adv - x
-        if aug is not None:
-            new = t.augment.invert_into(delta, new, aug)
-        cache[ci] = new.to(device=cache.device, dtype=cache.dtype)
+        free = bool(self.opts["free_step"])
+        xa = x_adv.detach().requires_grad_(free)
         if trades:
-            z = t.forward(x_adv)
+            z = t.forward(xa)
             z_nat = t.forward(x, t.module)
             loss = F.cross_entropy(z_nat.float(), y) + self.opts["beta"] * _losses.trades_kl(
                 z, z_nat, "mean")
         else:
-            z = t.forward(x_adv)
+            z = t.forward(xa)
             loss = F.cross_entropy(z.float(), y)
         t.update(loss)
+        if free:
+            # the training backward also gave ∇ₓ of the loss at x_adv: one more step for the
+            # cache, at the cost of the first layer's input gradient (Free's reuse, in ATTA)
+            t.linf_step_(x_adv, x, xa.grad, alpha, eps)
+        new = x_adv - x
+        if aug is not None:
+            new = t.augment.invert_into(delta, new, aug)
+        cache[ci] = new.to(device=cache.device, dtype=cache.dtype)
         return loss.detach(), z.detach()
 
     def state_dict(self):
