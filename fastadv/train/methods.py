@@ -19,6 +19,7 @@ trainer only through its engine calls (``forward``, ``input_grad``, ``update``,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Optional, Tuple
 
@@ -65,13 +66,16 @@ class Method:
             raise TypeError(f"method {self.name!r}: unknown option(s) {unknown}; its options: {known}")
         self.eps = float(eps)
         if steps is not None:
-            steps = _check_int("steps", steps)
+            steps = _check_int("steps", steps, lo=0 if self.zero_steps_ok(options) else 1)
             if self.single_step and steps != 1:
                 raise ValueError(f"steps: method {self.name!r} takes one attack step, got steps={steps}")
         self.steps = steps if steps is not None else self.default_steps()
         self.alpha = _check_pos("alpha", alpha) if alpha is not None else self.default_alpha()
         self.opts = {**self.options, **options}
         self.check_options()
+
+    def zero_steps_ok(self, options) -> bool:
+        return False
 
     # -- published defaults, derived from eps
     def default_steps(self) -> int:
@@ -366,6 +370,63 @@ class Free(Method):
             self.delta = state["delta"]
 
 
+class _FirstLayerTap:
+    """The model's first layer, and its output captured during a forward (YOPO's reuse)."""
+
+    def __init__(self, owner: str):
+        self.owner = owner
+        self.first: Optional[nn.Module] = None
+        self.h: Optional[Tensor] = None
+        self._on = False
+        self._retain = False
+        self._handle = None
+
+    def attach(self, module: nn.Module, x: Tensor, y: Tensor, spec=None) -> nn.Module:
+        if spec is None:
+            first = find_first_layer(module, x[:2])
+        elif isinstance(spec, str):
+            try:
+                first = module.get_submodule(spec)
+            except AttributeError as exc:
+                raise ValueError(f"{self.owner}: first_layer {spec!r} is not a submodule of the model") from exc
+        elif isinstance(spec, nn.Module):
+            first = spec
+        else:
+            raise TypeError(f"{self.owner}: first_layer must be None, a module or its name, "
+                            f"got {type(spec).__name__}")
+        if not any(p.requires_grad for p in first.parameters()):
+            raise ValueError(f"{self.owner}: the first layer ({type(first).__name__}) has no trainable weights")
+        check_first_layer(module, first, x[:4], y[:4])
+        if self._handle is not None:
+            self._handle.remove()
+        self.first = first
+        self._handle = first.register_forward_hook(self._keep)
+        return first
+
+    def _keep(self, mod, inputs, out):
+        if self._on and isinstance(out, Tensor) and out.requires_grad:
+            if self._retain:
+                out.retain_grad()
+            self.h = out
+
+    @contextlib.contextmanager
+    def capture(self, retain_grad: bool = False):
+        self._on, self._retain, self.h = True, retain_grad, None
+        try:
+            yield self
+        finally:
+            self._on = False
+
+    def steps(self, t, x_adv: Tensor, x: Tensor, p: Tensor, n: int, alpha, eps) -> None:
+        """``n`` L∞ steps on ⟨p, first(x_adv)⟩: only the first layer runs, p held."""
+        for _ in range(n):
+            xi = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad(), t.autocast(attack=True):
+                out = self.first(xi)
+            (g,) = torch.autograd.grad(out, xi, grad_outputs=p.to(out.dtype))
+            t.linf_step_(x_adv, x, g, alpha, eps)
+
+
 class YOPO(Method):
     """Zhang et al. 2019 (YOPO-m-n): m full forward/backward passes per minibatch, each
     giving the weight gradient (accumulated over the m passes, one optimizer step) and
@@ -381,10 +442,11 @@ class YOPO(Method):
 
     def __init__(self, eps, alpha, steps, **options):
         super().__init__(eps, alpha, steps, **options)
-        self.first: Optional[nn.Module] = None
-        self._h: Optional[Tensor] = None
-        self._capture = False
-        self._hook = None
+        self.tap = _FirstLayerTap("yopo")
+
+    @property
+    def first(self) -> Optional[nn.Module]:
+        return self.tap.first
 
     def default_steps(self):
         return 3
@@ -395,33 +457,8 @@ class YOPO(Method):
     def check_options(self):
         _check_int("outer", self.opts["outer"])
 
-    # -- first layer
     def prepare(self, t, x, y, idx):
-        module = t.module
-        spec = self.opts["first_layer"]
-        if spec is None:
-            first = find_first_layer(module, x[:2])
-        elif isinstance(spec, str):
-            try:
-                first = module.get_submodule(spec)
-            except AttributeError as exc:
-                raise ValueError(f"yopo: first_layer {spec!r} is not a submodule of the model") from exc
-        elif isinstance(spec, nn.Module):
-            first = spec
-        else:
-            raise TypeError(f"yopo: first_layer must be None, a module or its name, got {type(spec).__name__}")
-        if not any(p.requires_grad for p in first.parameters()):
-            raise ValueError(f"yopo: the first layer ({type(first).__name__}) has no trainable weights")
-        check_first_layer(module, first, x[:4], y[:4])
-        self.first = first
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = first.register_forward_hook(self._keep_output)
-
-    def _keep_output(self, mod, inputs, out):
-        if self._capture and isinstance(out, Tensor) and out.requires_grad:
-            out.retain_grad()
-            self._h = out
+        self.tap.attach(t.module, x, y, self.opts["first_layer"])
 
     def train_batch(self, t, x, y, idx):
         eps, alpha = self.now(t)
@@ -430,29 +467,19 @@ class YOPO(Method):
         t.zero_grad()
         total = torch.zeros((), device=x.device)
         for j in range(m):
-            self._capture, self._h = True, None
-            try:
-                with t.no_sync(j < m - 1):
-                    z = t.forward(x_adv)
-                    loss = F.cross_entropy(z.float(), y)
-                    t.backward(loss / m)            # weights' .grad accumulate over the m passes
-            finally:
-                self._capture = False
-            h, self._h = self._h, None
+            with self.tap.capture(retain_grad=True), t.no_sync(j < m - 1):
+                z = t.forward(x_adv)
+                loss = F.cross_entropy(z.float(), y)
+                t.backward(loss / m)            # weights' .grad accumulate over the m passes
+            h, self.tap.h = self.tap.h, None
             if h is None or h.grad is None:
                 raise RuntimeError("yopo: the first layer's output received no gradient; "
                                    "is the first layer part of the forward pass?")
             total += loss.detach()
             if j == m - 1:
                 break                                # the last pass only trains
-            p = h.grad.detach()
             with t.attacking("keep"):
-                for _ in range(n):
-                    xi = x_adv.detach().requires_grad_(True)
-                    with torch.enable_grad(), t.autocast(attack=True):
-                        out = self.first(xi)
-                    (g,) = torch.autograd.grad(out, xi, grad_outputs=p.to(out.dtype))
-                    t.linf_step_(x_adv, x, g, alpha, eps)
+                self.tap.steps(t, x_adv, x, h.grad.detach(), n, alpha, eps)
         t.optimizer_step()
         return total / m, z.detach()
 
@@ -496,6 +523,10 @@ class ATTA(Method):
     @property
     def attack_bn(self):
         return "eval" if self.opts["loss"] == "trades" else "train"
+
+    def zero_steps_ok(self, options) -> bool:
+        # with free_step the training backward alone refines the cache
+        return bool(options.get("free_step"))
 
     def prepare(self, t, x, y, idx):
         if idx is None:
