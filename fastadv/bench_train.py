@@ -24,11 +24,12 @@ SPECS: List[Tuple[str, str, Dict[str, object]]] = [
     ("free (m=4)", "free", {}),
     ("yopo-5-3", "yopo", {}),
     ("atta-1", "atta", {}),
+    ("atta-1+free", "atta", {"free_step": True}),
     ("atta-2", "atta", {"steps": 2}),
     ("trades", "trades", {}),
     ("mart", "mart", {}),
 ]
-QUICK = ("standard", "pgd-10", "fgsm_rs", "atta-1")
+QUICK = ("standard", "pgd-10", "fgsm_rs", "atta-1", "atta-1+free", "atta-2")
 
 
 def add_arguments(parser) -> None:
@@ -81,11 +82,13 @@ def train_table(specs: Sequence[Tuple[str, str, Dict[str, object]]] = SPECS, *, 
         hist = tr.fit(loader, epochs, val_loader=val, guard_size=500, eps_warmup=eps_warmup, verbose=False)
         wall = time.perf_counter() - t0
         train_time = sum(r["time"] for r in hist)
+        # the median epoch: robust to other jobs stealing the CPU for a while
+        epoch_time = sorted(r["time"] for r in hist)[len(hist) // 2]
         test = data.make_loader(xte, yte, batch_size=500, shuffle=False)
         ev = tr.evaluate(test, eps=eps, steps=eval_steps, seed=seed)
         row = {"label": label, "method": method, "alpha": tr.alpha, "steps": tr.steps,
                "options": {k: v for k, v in opts.items()}, "attack_amp": a_amp,
-               "epochs": epochs, "train_time_s": train_time, "epoch_time_s": train_time / epochs,
+               "epochs": epochs, "train_time_s": train_time, "epoch_time_s": epoch_time,
                "wall_s": wall, "clean_acc": ev["clean_acc"], f"pgd{eval_steps}_acc": ev["robust_acc"],
                "robust_acc": ev["robust_acc"], "guard_curve": [r.get("robust_acc") for r in hist],
                "collapsed": hist.collapsed}
@@ -95,7 +98,8 @@ def train_table(specs: Sequence[Tuple[str, str, Dict[str, object]]] = SPECS, *, 
     base = next((r for r in rows if r["method"] == "standard"), None)
     ref = next((r for r in rows if r["label"].startswith("pgd")), None)
     for r in rows:
-        r["time_ratio"] = r["train_time_s"] / base["train_time_s"] if base else float("nan")
+        r["time_ratio"] = r["epoch_time_s"] / base["epoch_time_s"] if base else float("nan")
+        r["total_time_ratio"] = r["train_time_s"] / base["train_time_s"] if base else float("nan")
         r["gap_to_pgd_points"] = 100 * (ref["robust_acc"] - r["robust_acc"]) if ref else float("nan")
         r["meets_target"] = bool(ref is not None and base is not None and r is not ref and
                                  r["method"] != "standard" and r["gap_to_pgd_points"] <= 2.0
@@ -104,13 +108,14 @@ def train_table(specs: Sequence[Tuple[str, str, Dict[str, object]]] = SPECS, *, 
 
 
 def format_table(rows: List[Dict[str, object]], eval_steps: int = 40) -> str:
-    head = (f"| method | α | steps | epoch time (s) | × standard | clean | PGD-{eval_steps} | "
-            f"gap to PGD-10 AT (pts) | target met |")
-    lines = [head, "|" + "---|" * 9]
+    head = (f"| method | α | steps | median epoch (s) | × standard | total × standard | clean | "
+            f"PGD-{eval_steps} | gap to PGD-10 AT (pts) | target met |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         gap = r["gap_to_pgd_points"]
         lines.append(f"| {r['label']} | {r['alpha']:.3g} | {r['steps']} | {r['epoch_time_s']:.2f} | "
-                     f"{r['time_ratio']:.2f} | {r['clean_acc']:.1%} | {r['robust_acc']:.1%} | "
+                     f"{r['time_ratio']:.2f} | {r['total_time_ratio']:.2f} | {r['clean_acc']:.1%} | "
+                     f"{r['robust_acc']:.1%} | "
                      f"{'' if math.isnan(gap) else f'{gap:+.1f}'} | {'yes' if r['meets_target'] else ''} |")
     return "\n".join(lines)
 

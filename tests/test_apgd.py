@@ -1,6 +1,4 @@
 """APGD / APGD-T: the schedule and losses on hand-computed cases, and the attacks on a real model."""
-import math
-
 import pytest
 import torch
 from torch import nn

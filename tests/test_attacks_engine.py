@@ -49,7 +49,7 @@ def test_active_set_schedule_and_shrink():
 def test_restart_planning_and_reduction():
     assert _engine.restart_blocks(100, 10, 1000) == (10, 100)
     assert _engine.restart_blocks(100, 10, 350) == (3, 100)
-    assert _engine.restart_blocks(100, 2, 40) == (1, 40)
+    assert _engine.restart_blocks(100, 2, 40) == (1, 34)      # 3 equal chunks, not 40+40+20
     x = torch.arange(6.0).view(6, 1)     # 3 restarts x 2 samples, restart-major
     loss = torch.tensor([1.0, 5.0, 3.0, 2.0, 2.0, 9.0])
     succ = torch.tensor([False, True, False, False, False, False])

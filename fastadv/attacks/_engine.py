@@ -9,6 +9,9 @@ PGD uses all of it through ``StepLoop``; an APGD-style attack can reuse the piec
 """
 from __future__ import annotations
 
+import functools
+import glob
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -128,38 +131,90 @@ def restart_blocks(n_samples: int, restarts_left: int, max_rows: int) -> Tuple[i
     """How to run the next restarts: ``(restarts in this block, samples per chunk)``.
 
     All samples' restarts go in one ``restarts·n`` batch when it fits in ``max_rows``;
-    else as many whole restarts as fit; else one restart in chunks of ``max_rows`` samples."""
+    else as many whole restarts as fit; else one restart in equal chunks of at most
+    ``max_rows`` samples."""
     max_rows = max(1, int(max_rows))
     if n_samples <= max_rows:
-        return max(1, min(restarts_left, max_rows // n_samples)), n_samples
-    return 1, max_rows
+        return max(1, min(restarts_left, max_rows // max(n_samples, 1))), n_samples
+    chunks = -(-n_samples // max_rows)
+    return 1, -(-n_samples // chunks)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_cache_bytes() -> int:
+    """The last-level CPU cache (``FASTADV_CPU_CACHE_BYTES`` overrides; 32 MiB if unknown)."""
+    env = os.environ.get("FASTADV_CPU_CACHE_BYTES")
+    if env:
+        return int(env)
+    best = 0
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(index, "size")) as fh:
+                text = fh.read().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best or 32 * 2 ** 20
+
+
+def saved_bytes_per_row(attack, x: Tensor, y: Tensor, target: Optional[Tensor]) -> float:
+    """Bytes autograd keeps for the backward, per row of ``x``: the slope between probe
+    forwards on 1 and 3 rows (so the weights a layer saves once are not counted per row).
+    Cached on the attack per input shape, device and amp."""
+    key = (tuple(x.shape[1:]), x.stride()[1:], str(x.device), attack.amp)
+    cache = attack.__dict__.setdefault("_saved_bytes", {})
+    if key in cache:
+        return cache[key]
+    sizes = []
+    for n in (1, 3):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        xs = x[:1].expand((n,) + tuple(x.shape[1:])).contiguous(
+            memory_format=memory_format(x)).requires_grad_(True)
+        ys = y[:1].expand(n)
+        ts = None if target is None else target[:1].expand(n)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            attack.attack_loss(attack.logits(xs), ys, ts)
+        sizes.append(total)
+    per_row = max((sizes[1] - sizes[0]) / 2.0, float(x[0].numel() * 4))
+    cache[key] = per_row
+    return per_row
 
 
 def auto_max_rows(attack, x: Tensor, y: Tensor, target: Optional[Tensor], wanted: int) -> int:
-    """Rows per forward for ``wanted`` rows: all on CPU (up to 8192 or the batch); on CUDA,
-    what fits in 60% of the free memory, from the peak memory of a probe step on a few rows."""
+    """Rows per forward for a run of ``wanted`` rows (``restarts·B``).
+
+    CPU: chunks whose saved activations fit the last-level cache (at least 32 rows): a
+    forward+backward on a cache-sized chunk costs up to 2x less per sample than on a big
+    batch on these CPUs; the math per sample is the same. A model with a module in
+    training mode (batch statistics couple the rows) is never split below its batch.
+    CUDA: the user's batch as given; with restarts, as many rows as fit in half the free
+    memory."""
     b = x.shape[0]
-    if wanted <= b:
-        return b
-    if x.device.type != "cuda":
-        return max(b, min(wanted, 8192))
+    if b == 0:
+        return 1
+    model = attack.model
+    coupled = isinstance(model, torch.nn.Module) and any(m.training for m in model.modules())
     try:
-        dev = x.device
-        key = (tuple(x.shape[1:]), str(dev), attack.amp)
-        probes = attack.__dict__.setdefault("_row_bytes", {})
-        per_row = probes.get(key)
-        if per_row is None:   # once per input shape: the probe resets the peak-memory stat
-            n = min(b, 32)
-            torch.cuda.synchronize(dev)
-            base = torch.cuda.memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            attack.loss_and_grad(x[:n], y[:n], None if target is None else target[:n])
-            torch.cuda.synchronize(dev)
-            per_row = max(1, (torch.cuda.max_memory_allocated(dev) - base)) / n * 1.25
-            per_row += 3 * x[0].numel() * 4          # x, x_nat, best x of each row
-            probes[key] = per_row
-        free, _ = torch.cuda.mem_get_info(dev)
-        return max(1, min(wanted, int(0.6 * free / per_row)))
+        if x.device.type == "cuda":
+            if wanted <= b:
+                return b
+            per_row = 2.0 * saved_bytes_per_row(attack, x, y, target) + 3 * x[0].numel() * 4
+            free, _ = torch.cuda.mem_get_info(x.device)
+            rows = int(0.5 * free / per_row)
+            return max(b, min(wanted, rows)) if coupled else max(1, min(wanted, rows))
+        if coupled:
+            return max(b, min(wanted, 8192))
+        rows = int(cpu_cache_bytes() / saved_bytes_per_row(attack, x, y, target))
+        return max(1, min(wanted, max(32, min(rows, 8192))))
     except Exception:  # a probe that fails must not fail the attack: run the batch as given
         return b
 

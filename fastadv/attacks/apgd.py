@@ -9,7 +9,6 @@ periodic compaction of the active set.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch

@@ -12,7 +12,6 @@ up where it stopped.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 import warnings

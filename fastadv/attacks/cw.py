@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._groups import lp_norm, view_rows
+from ._groups import view_rows
 from .apgd import _pos_int
 from .base import Attack, AttackResult
 

@@ -13,13 +13,13 @@ from .train import RECOMMENDED
 def add_arguments(parser) -> None:
     parser.add_argument("--method", default=RECOMMENDED, help=f"training method (default {RECOMMENDED})")
     parser.add_argument("--eps", type=float, default=0.3)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=None, help="default 5 (1 with --quick)")
     parser.add_argument("--width", type=int, default=16, help="SmallCNN width")
-    parser.add_argument("--n-train", type=int, default=4000)
-    parser.add_argument("--n-test", type=int, default=1000)
+    parser.add_argument("--n-train", type=int, default=None, help="default 4000 (1000 with --quick)")
+    parser.add_argument("--n-test", type=int, default=None, help="default 1000 (200 with --quick)")
     parser.add_argument("--pgd-steps", type=int, default=40)
-    parser.add_argument("--aa-samples", type=int, default=200,
-                        help="held-out samples AutoAttack evaluates (it is the slow part)")
+    parser.add_argument("--aa-samples", type=int, default=None,
+                        help="held-out samples AutoAttack evaluates, the slow part (default 200; 20 with --quick)")
     parser.add_argument("--aa-version", default="standard", choices=["standard", "plus", "rand"])
     parser.add_argument("--no-autoattack", action="store_true")
     parser.add_argument("--no-baseline", action="store_true", help="skip the standard-training baseline")
@@ -27,7 +27,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="fastadv-demo", help="directory for the table, curve, weights")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 1 epoch on 1000 digits, 200 test, AutoAttack on 20")
+                        help="a smoke run: 1 epoch on 1000 digits, 200 test, AutoAttack on 20 "
+                             "(explicit options still win)")
 
 
 def _autoattack(model, x, y, eps, version, seed):
@@ -71,8 +72,10 @@ def run(args) -> int:
     from fastadv.train import AdversarialTrainer
     from fastadv.train import checkpoint as ckpt
 
-    if args.quick:
-        args.epochs, args.n_train, args.n_test, args.aa_samples = 1, 1000, 200, 20
+    defaults = (1, 1000, 200, 20) if args.quick else (5, 4000, 1000, 200)
+    for name, v in zip(("epochs", "n_train", "n_test", "aa_samples"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, v)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)

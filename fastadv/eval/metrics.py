@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks.apgd import APGD, APGDT
-from ..attacks.base import Attack, AttackResult, preserved_model
+from ..attacks.base import Attack, preserved_model
 
 __all__ = ["predict_logits", "accuracy", "per_class_accuracy", "worst_case", "accuracy_summary",
            "robust_accuracy_curve", "calibration_bins", "expected_calibration_error",

@@ -16,7 +16,6 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from ..attacks.autoattack import AutoAttack, model_signature

@@ -10,7 +10,6 @@ with no SciPy needed.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch

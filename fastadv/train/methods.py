@@ -66,16 +66,13 @@ class Method:
             raise TypeError(f"method {self.name!r}: unknown option(s) {unknown}; its options: {known}")
         self.eps = float(eps)
         if steps is not None:
-            steps = _check_int("steps", steps, lo=0 if self.zero_steps_ok(options) else 1)
+            steps = _check_int("steps", steps)
             if self.single_step and steps != 1:
                 raise ValueError(f"steps: method {self.name!r} takes one attack step, got steps={steps}")
         self.steps = steps if steps is not None else self.default_steps()
         self.alpha = _check_pos("alpha", alpha) if alpha is not None else self.default_alpha()
         self.opts = {**self.options, **options}
         self.check_options()
-
-    def zero_steps_ok(self, options) -> bool:
-        return False
 
     # -- published defaults, derived from eps
     def default_steps(self) -> int:
@@ -523,10 +520,6 @@ class ATTA(Method):
     @property
     def attack_bn(self):
         return "eval" if self.opts["loss"] == "trades" else "train"
-
-    def zero_steps_ok(self, options) -> bool:
-        # with free_step the training backward alone refines the cache
-        return bool(options.get("free_step"))
 
     def prepare(self, t, x, y, idx):
         if idx is None:
