@@ -59,11 +59,12 @@ def train_table(specs: Sequence[Tuple[str, str, Dict[str, object]]] = SPECS, *, 
                 n_train: int = 4000, n_test: int = 1000, eval_steps: int = 40,
                 eps_warmup: float = 2.0, threads: Optional[int] = 2, attack_amp: str = "bf16",
                 channels_last: bool = True, pgd_fp32: bool = False, seed: int = 0,
-                log=print) -> List[Dict[str, object]]:
+                log=None) -> List[Dict[str, object]]:
     """Train each spec and evaluate it; return one row (dict) per spec."""
     from . import data, models
     from .train import AdversarialTrainer
 
+    log = log or (lambda msg: print(msg, flush=True))
     if threads:
         torch.set_num_threads(threads)
     (xtr, ytr), (xte, yte) = data.load_dataset("mnist5k", n_test=1000, seed=0)

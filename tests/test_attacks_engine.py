@@ -71,12 +71,33 @@ def mnist():
 def test_chunking_gives_the_same_attack(mnist):
     model, x, y = mnist
     kw = dict(eps=0.1, alpha=0.025, steps=5, random_start=False)
-    whole = fastadv.PGD(model, **kw).run(x, y)
+    whole = fastadv.PGD(model, max_batch=len(x), **kw).run(x, y)
     parts = fastadv.PGD(model, max_batch=64, **kw).run(x, y)
+    auto = fastadv.PGD(model, **kw).run(x, y)
+    assert (whole.x_adv == auto.x_adv).float().mean() > 0.999
     assert (whole.x_adv == parts.x_adv).float().mean() > 0.999
     assert torch.equal(whole.success, parts.success)
     r = fastadv.PGD(model, eps=0.1, steps=3, restarts=5, max_batch=450, seed=0).run(x, y)
     assert bool((r.steps == 15).all()) and r.extra["restart"].max() <= 4
+
+
+def test_cpu_chunks_fit_the_cache_but_never_split_coupled_batches(mnist, monkeypatch):
+    model, x, y = mnist
+    atk = fastadv.PGD(model)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with fastadv.attacks.preserved_model(model):
+        per_row = _engine.saved_bytes_per_row(atk, xc, y, None)
+        # conv1 output + relu + pool indices etc.: tens of KB per 28x28 digit, not MBs
+        assert 50e3 < per_row < 2e6
+        monkeypatch.setattr(_engine, "cpu_cache_bytes", lambda: int(per_row * 100))
+        assert _engine.auto_max_rows(atk, xc, y, None, 200) == 100
+        monkeypatch.setattr(_engine, "cpu_cache_bytes", lambda: 1)
+        assert _engine.auto_max_rows(atk, xc, y, None, 200) == 32      # a floor on chunk size
+    bn = zoo.mnist_cnn_bn()
+    atk = fastadv.PGD(bn, model_mode="train")
+    with fastadv.attacks.preserved_model(bn, "train"):
+        assert _engine.auto_max_rows(atk, xc, y, None, 200) == 200      # batch statistics
+        assert _engine.auto_max_rows(atk, xc, y, None, 600) == 600
 
 
 def test_batched_restarts_share_the_first_restart_noise(mnist):

@@ -362,3 +362,39 @@ def test_optimizer_of_another_model_rejected():
     a, b = _tiny(), _tiny()
     with pytest.raises(ValueError, match="optimizer"):
         AdversarialTrainer(a, torch.optim.SGD(b.parameters(), lr=0.1), "fgsm_rs", eps=0.1)
+
+
+def test_second_fit_continues_to_the_total_epochs():
+    x, y = _digits(128)
+    tr = _trainer()
+    loader = data.make_loader(x, y, batch_size=64)
+    tr.fit(loader, epochs=1, verbose=False, guard=False)
+    tr.fit(loader, epochs=2, verbose=False, guard=False)
+    assert [r["epoch"] for r in tr.history] == [1, 2] and tr.global_step == 4
+    tr.fit(loader, epochs=2, verbose=False, guard=False)   # nothing left to do
+    assert tr.global_step == 4
+
+
+def test_torch_lr_scheduler_is_stepped_per_optimizer_step():
+    x, y = _digits(64)
+    model = _tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    tr = AdversarialTrainer(model, opt, "free", eps=0.1, replays=3, scheduler=sched)
+    tr.step(x, y)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+
+
+def test_frozen_batchnorm_stays_frozen():
+    """A BatchNorm the user put in eval mode keeps its running statistics through training
+    steps, also across attacks that switch BatchNorm to eval mode and back."""
+    x, y = _digits(32)
+    model = _tiny(bn=True).train()
+    bn = model.features[1]
+    bn.eval()
+    stats = (bn.running_mean.clone(), bn.running_var.clone())
+    for method in ("trades", "fgsm_rs"):
+        tr = _trainer(method, model=model, steps=1 if method == "fgsm_rs" else 2)
+        tr.step(x, y)
+        assert not bn.training and model.training
+        assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])

@@ -119,7 +119,8 @@ class AdversarialTrainer:
                attack beside fp32 training is the cheap setting on CPUs with bf16 units
     scheduler  None | "cyclic" | "one_cycle" | "piecewise" | "constant" | a
                ``fastadv.train.schedules.Schedule`` | a torch LR scheduler (stepped every
-               optimizer step, or every epoch with ``scheduler_interval="epoch"``)
+               optimizer step, or by ``fit`` every epoch with ``scheduler_interval="epoch"``;
+               a loop of its own that calls only ``step`` steps an epoch scheduler itself)
     attack_bn  BatchNorm while attacking: "train" (batch statistics) or "eval"; None
                takes the method's published choice (eval for TRADES/MART, else train)
     augment    None or ``RandomCropFlip`` applied by the trainer (ATTA maps its cache through it)
@@ -224,6 +225,7 @@ class AdversarialTrainer:
         self.epoch = 0                # completed epochs
         self.history = History()
         self.dataset_size: Optional[int] = None
+        self._best_state: Optional[Dict[str, Tensor]] = None
         self._prepared = False
         self._num_classes: Optional[int] = None
         self._sample_shape: Optional[Tuple[int, ...]] = None
@@ -263,13 +265,16 @@ class AdversarialTrainer:
 
     @contextlib.contextmanager
     def attacking(self, bn: str):
-        """BatchNorm (and dropout) in eval mode while attacking if ``bn == "eval"``."""
+        """BatchNorm (and dropout) in eval mode while attacking if ``bn == "eval"``; every
+        module's own mode comes back afterwards (a BatchNorm the user froze stays frozen)."""
         if bn == "eval" and self.module.training:
+            flags = [(m, m.training) for m in self.module.modules()]
             self.module.eval()
             try:
                 yield
             finally:
-                self.module.train()
+                for m, f in flags:
+                    m.training = f
         else:
             yield
 
@@ -411,13 +416,17 @@ class AdversarialTrainer:
         if self.augment is not None:
             self.augment_params = self.augment.sample(x.shape[0], self.generator, x.device)
             x = self.augment.apply(x, self.augment_params, fill=self.lower)
-        was_training = self.model.training
-        self.model.train()
+        # a model in train mode is used as it is (submodules the user put in eval mode stay
+        # so); a model in eval mode trains in train mode and gets every module's mode back
+        flags = None if self.model.training else [(m, m.training) for m in self.model.modules()]
+        if flags is not None:
+            self.model.train()
         try:
             loss, z = self._method.train_batch(self, x, y, idx)
         finally:
-            if not was_training:
-                self.model.eval()
+            if flags is not None:
+                for m, f in flags:
+                    m.training = f
             self.augment_params = None
         return loss, z, y
 
@@ -602,7 +611,8 @@ class AdversarialTrainer:
             eps_warmup: float = 0.0,
             progress: Optional[bool] = None, verbose: bool = True,
             on_batch_end: Optional[Callable] = None) -> History:
-        """Train for ``epochs`` passes over ``train_loader``; returns the per-epoch History.
+        """Train until ``epochs`` passes over ``train_loader`` are done (counting those of an
+        earlier ``fit`` or of the checkpoint resumed from); returns the per-epoch History.
 
         Each record: epoch, lr, train_loss, train_adv_acc (accuracy on the trained
         inputs), val_clean_acc (whole ``val_loader``), robust_acc / guard_clean_acc (PGD
@@ -651,15 +661,21 @@ class AdversarialTrainer:
         log = (lambda msg: print(msg, flush=True)) if (verbose and main) else (lambda msg: None)
 
         # resume
-        start_epoch, skip_batches, rank_state = 0, 0, None
+        skip_batches, rank_state = 0, None
         guard_batch = None
         if checkpoint_dir is not None and resume and os.path.exists(os.path.join(checkpoint_dir, "last.pt")):
             rank_state = self.load_checkpoint(checkpoint_dir)
-            start_epoch, skip_batches = self.epoch, int(rank_state.get("batch", 0))
+            skip_batches = int(rank_state.get("batch", 0))
             if rank_state.get("guard_x") is not None:
                 guard_batch = (rank_state["guard_x"], rank_state["guard_y"])
-            log(f"fastadv: resumed from {checkpoint_dir}/last.pt at epoch {start_epoch + 1}, "
+            for name in ("best.pt", "best.safetensors"):
+                if self.history.best_epoch is not None and os.path.exists(os.path.join(checkpoint_dir, name)):
+                    self._best_state = _ckpt.load_weights(os.path.join(checkpoint_dir, name),
+                                                          map_location=self.device)
+                    break
+            log(f"fastadv: resumed from {checkpoint_dir}/last.pt at epoch {self.epoch + 1}, "
                 f"batch {skip_batches}, step {self.global_step}")
+        start_epoch = self.epoch   # ``epochs`` is the run's total: a second fit() continues
         if self.schedule is not None:
             if n_batches is None:
                 raise ValueError("scheduler: a schedule needs len(train_loader) to know the total steps")
@@ -786,7 +802,7 @@ class AdversarialTrainer:
                 break
         self.eps_scale = 1.0
         if (restore_best is True or (restore_best == "on_collapse" and self.history.collapsed)) \
-                and getattr(self, "_best_state", None) is not None:
+                and self._best_state is not None:
             self.module.load_state_dict(self._best_state)
             log(f"fastadv: restored the best weights (epoch {self.history.best_epoch}, "
                 f"PGD accuracy {self.history.best_robust_acc:.1%} on the held-out batch)")
