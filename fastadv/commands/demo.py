@@ -13,7 +13,8 @@ from .train import RECOMMENDED
 def add_arguments(parser) -> None:
     parser.add_argument("--method", default=RECOMMENDED, help=f"training method (default {RECOMMENDED})")
     parser.add_argument("--eps", type=float, default=0.3)
-    parser.add_argument("--epochs", type=int, default=None, help="default 5 (1 with --quick)")
+    parser.add_argument("--epochs", type=int, default=None, help="default 10 (1 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="attack steps (default: the method's)")
     parser.add_argument("--width", type=int, default=16, help="SmallCNN width")
     parser.add_argument("--n-train", type=int, default=None, help="default 4000 (1000 with --quick)")
     parser.add_argument("--n-test", type=int, default=None, help="default 1000 (200 with --quick)")
@@ -72,7 +73,7 @@ def run(args) -> int:
     from fastadv.train import AdversarialTrainer
     from fastadv.train import checkpoint as ckpt
 
-    defaults = (1, 1000, 200, 20) if args.quick else (5, 4000, 1000, 200)
+    defaults = (1, 1000, 200, 20) if args.quick else (10, 4000, 1000, 200)
     for name, v in zip(("epochs", "n_train", "n_test", "aa_samples"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, v)
@@ -96,6 +97,7 @@ def run(args) -> int:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         try:
             tr = AdversarialTrainer(model, opt, method=method, eps=args.eps, seed=args.seed,
+                                    steps=args.steps if method != "standard" else None,
                                     channels_last=True, attack_amp="bf16")
         except (ValueError, TypeError) as exc:
             print(f"fastadv demo: {exc}", file=sys.stderr)

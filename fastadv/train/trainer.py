@@ -774,11 +774,12 @@ class AdversarialTrainer:
             if rob is not None:
                 if hist.best_robust_acc is not None and rob < hist.best_robust_acc - co_drop:
                     rec["collapse"] = True
+                    ongoing = bool(hist) and hist[-1].get("collapse")
                     hist.collapsed_epochs.append(epoch + 1)
                     msg = (f"fastadv: catastrophic overfitting at epoch {epoch + 1}: PGD accuracy on the "
                            f"held-out batch fell to {rob:.1%} from {hist.best_robust_acc:.1%} "
                            f"(epoch {hist.best_epoch}); the best weights are kept")
-                    if main:
+                    if main and not ongoing:   # once per collapse, not every epoch it lasts
                         warnings.warn(msg, RuntimeWarning, stacklevel=2)
                     log(msg)
                 if hist.best_robust_acc is None or rob >= hist.best_robust_acc:
