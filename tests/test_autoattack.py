@@ -43,7 +43,7 @@ def _check_adv(model, x, y, xa, eps):
 def test_autoattack_not_weaker_than_pgd50(mnist):
     model, x, y = mnist
     eps = 0.1
-    aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=0, steps=30, n_queries=200)
+    aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=0, steps=20, n_queries=200)
     xa = aa.run_standard_evaluation(x, y, bs=64)
     robust = _check_adv(model, x, y, xa, eps)
     assert torch.equal(robust, aa.last_result.extra["robust"])

@@ -62,7 +62,7 @@ def test_quiet_on_a_normal_model(mnist):
     model, x, y = mnist
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientMaskingWarning)
-        checks = masking.check_gradient_masking(model, x[:16], y[:16], eps=0.1, steps=(5, 25))
+        checks = masking.check_gradient_masking(model, x[:16], y[:16], eps=0.1, steps=(5, 15))
     assert _fired(checks) == set()
     assert {c.name for c in checks} == {"randomness", "softmax_output", "gradients", "large_eps", "more_effort"}
 
@@ -71,7 +71,7 @@ def test_quantised_input_layer_fires(mnist):
     model, x, y = mnist
     masked = Quantised(model).eval()
     with pytest.warns(GradientMaskingWarning) as rec:
-        checks = masking.check_gradient_masking(masked, x[:16], y[:16], eps=0.1, steps=(5, 25))
+        checks = masking.check_gradient_masking(masked, x[:16], y[:16], eps=0.1, steps=(5, 15))
     fired = _fired(checks)
     assert "gradients" in fired
     assert "large_eps" in fired       # the white-box attack cannot move even with the whole box
