@@ -142,8 +142,7 @@ class FAB(Attack):
                 return z.gather(1, t_[:, None]).squeeze(1) - z.gather(1, y_[:, None]).squeeze(1)
             f, _, g = self.loss_and_grad(x, y, tgt, fn)
             return f, g
-        with torch.no_grad():
-            n_cls = self.logits(x[:1]).shape[1]
+        n_cls = self._n_cls
         n = x.shape[0]
         xr = x.repeat_interleave(n_cls, 0)
         yr = y.repeat_interleave(n_cls, 0)
@@ -278,6 +277,7 @@ class FAB(Attack):
         dev = x.device
         with torch.no_grad():
             z = self.logits(x).float()
+        self._n_cls = z.shape[1]
         tg = self._target_table(z, target)
         done = z.argmax(1) != y
         x_adv = x.clone()
