@@ -6,8 +6,13 @@ present. Slow cases are skipped unless ``-m slow`` or ``FASTADV_SLOW=1``.
 """
 import os
 
-import pytest
-import torch
+# On shared cores OpenMP's default spin-waiting makes every parallel region wait
+# for a busy core (measured: a 5-minute attack test file drops to ~70 s). It must be
+# set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
