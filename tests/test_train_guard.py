@@ -38,7 +38,6 @@ def test_collapse_reported_best_kept_and_restored(tmp_path, monkeypatch):
     tr, model, loader, val = _setup()
     _scripted_robustness(monkeypatch, [0.30, 0.50, 0.45, 0.10])
     snapshots = {}
-    real_fit_end = []
 
     def on_batch_end(trainer, epoch, b):
         if b == len(loader):

@@ -7,7 +7,7 @@ only the pixels the crop kept.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
