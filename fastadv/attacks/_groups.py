@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["lp_norm", "view_rows", "pick_per_group", "group_any", "Working", "chunks",
-           "NORMS", "norm_name"]
+           "NORMS", "norm_name", "forward_rows", "chunked_loss_and_grad", "channels_last"]
 
 NORMS = ("Linf", "L2", "L1")
 _ALIASES = {"linf": "Linf", "inf": "Linf", "l2": "L2", "2": "L2", "l1": "L1", "1": "L1"}
@@ -108,6 +108,52 @@ class Working:
             if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == keep.shape[0]:
                 self.t[k] = v.index_select(0, rows)
         return True
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` with NHWC strides that say so. ``x.contiguous(memory_format=channels_last)``
+    leaves a one-channel batch with NCHW strides (both layouts are "contiguous" then), and
+    oneDNN keeps NCHW activations for it: 2x slower convolutions and pools on MNIST-shaped
+    input. For one channel the memory order is the same, so this is a free view."""
+    if x.dim() != 4:
+        return x
+    n, c, h, w = x.shape
+    want = (h * w * c, 1, w * c, c)
+    if x.stride() == want or x.numel() == 0:
+        return x
+    if c == 1 and x.is_contiguous():
+        return x.as_strided(x.shape, want)
+    out = torch.empty_strided(x.shape, want, dtype=x.dtype, device=x.device)
+    out.copy_(x)
+    return out
+
+
+def forward_rows(attack, x: Tensor, y: Tensor, tgt: Optional[Tensor]) -> Optional[int]:
+    """Rows per forward/backward for a batch like ``x``: on CPU, chunks whose saved
+    activations fit the last-level cache (same math per row, less time); elsewhere None
+    (the whole batch). Uses the engine's probe when it is there."""
+    if x.device.type != "cpu" or x.shape[0] == 0:
+        return None
+    try:
+        from ._engine import auto_max_rows
+    except ImportError:  # pragma: no cover - the engine ships with the package
+        return None
+    k = min(int(x.shape[0]), 4)
+    rows = auto_max_rows(attack, x[:k], y[:k], None if tgt is None else tgt[:k], int(x.shape[0]))
+    return rows if rows < x.shape[0] else None
+
+
+def chunked_loss_and_grad(attack, x: Tensor, y: Tensor, tgt: Optional[Tensor], loss_fn,
+                          rows: Optional[int]):
+    """``attack.loss_and_grad`` over row chunks of at most ``rows`` (all at once if None)."""
+    n = x.shape[0]
+    if not rows or n <= rows:
+        return attack.loss_and_grad(x, y, tgt, loss_fn)
+    parts = [attack.loss_and_grad(x[i:i + rows], y[i:i + rows],
+                                  None if tgt is None else tgt[i:i + rows], loss_fn)
+             for i in range(0, n, rows)]
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            torch.cat([p[2] for p in parts]))
 
 
 def chunks(n_points: int, rows_per_point: int, max_rows: Optional[int]):

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .. import losses as _losses
 from ..ops import l2_project_, l2_step, linf_project_, linf_step_
-from ._groups import Working, chunks, group_any, lp_norm, norm_name, pick_per_group, view_rows
+from ._groups import (Working, channels_last, chunked_loss_and_grad, chunks, forward_rows, group_any,
+                      lp_norm, norm_name, pick_per_group, view_rows)
 from .base import Attack, AttackResult
 
 __all__ = ["APGD", "APGDT", "apgd_checkpoints", "apgd_l1_checkpoints", "step_size_reduction",
@@ -142,11 +143,14 @@ class APGD(Attack):
         return 10 if device.type == "cuda" else 1
 
     def _loss_grad(self, x: Tensor, y: Tensor, tgt: Optional[Tensor], loss_fn: LossFn):
+        rows = self.__dict__.get("_rows")
+        if self.__dict__.get("_cl"):
+            x = channels_last(x)
         if self.eot_iter == 1:
-            return self.loss_and_grad(x, y, tgt, loss_fn)
+            return chunked_loss_and_grad(self, x, y, tgt, loss_fn, rows)
         loss = z = g = None
         for _ in range(self.eot_iter):  # expectation over the model's randomness
-            l_, z_, g_ = self.loss_and_grad(x, y, tgt, loss_fn)
+            l_, z_, g_ = chunked_loss_and_grad(self, x, y, tgt, loss_fn, rows)
             loss, z, g = (l_, z_, g_) if loss is None else (loss + l_, z + z_, g + g_)
         k = float(self.eot_iter)
         return loss / k, z / k, g / k
@@ -198,11 +202,15 @@ class APGD(Attack):
 
         Returns per entry: x (first adversarial iterate if fooled, else the highest-loss
         one), success, loss (at x), steps (iterations run)."""
+        self._cl = self._use_channels_last(xn)
+        if self._cl:
+            xn = channels_last(xn)
         n = xn.shape[0]
         dev = xn.device
         alpha = 1.0 if self.norm == "L1" else 2.0
         n_fts = xn[0].numel() if n else 1
         x0 = self._random_start(xn, eps, gen)
+        self._rows = forward_rows(self, xn, y, tgt) if self.max_rows is None else self.max_rows
         loss, z, grad = self._loss_grad(x0, y, tgt, loss_fn)
         fooled = success_fn(z, y, tgt)
         W = Working(torch.arange(n, device=dev), xn=xn, y=y, tgt=tgt, eps=eps, group=group,

@@ -16,7 +16,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from ._groups import Working, chunks, group_any, lp_norm, norm_name, pick_per_group, view_rows
+from ._groups import (Working, channels_last, chunked_loss_and_grad, chunks, forward_rows, group_any,
+                      lp_norm, norm_name, pick_per_group, view_rows)
 from .apgd import _pos_int, l1_project_delta
 from .base import Attack, AttackResult
 
@@ -140,7 +141,7 @@ class FAB(Attack):
         if tgt is not None:
             def fn(z, y_, t_):
                 return z.gather(1, t_[:, None]).squeeze(1) - z.gather(1, y_[:, None]).squeeze(1)
-            f, _, g = self.loss_and_grad(x, y, tgt, fn)
+            f, _, g = chunked_loss_and_grad(self, x, y, tgt, fn, self.__dict__.get("_rows"))
             return f, g
         n_cls = self._n_cls
         n = x.shape[0]
@@ -150,7 +151,7 @@ class FAB(Attack):
 
         def fn_all(z, y_, k_):
             return z.gather(1, k_[:, None]).squeeze(1) - z.gather(1, y_[:, None]).squeeze(1)
-        f, _, g = self.loss_and_grad(xr, yr, kr, fn_all)
+        f, _, g = chunked_loss_and_grad(self, xr, yr, kr, fn_all, self.__dict__.get("_rows"))
         f = f.reshape(n, n_cls)
         g = g.reshape(n, n_cls, -1)
         dist = f.abs() / (_dual_norm(g, self.norm) + 1e-12)
@@ -171,6 +172,9 @@ class FAB(Attack):
     # ------------------------------------------------------------ the core
     def _optimize(self, xn: Tensor, y: Tensor, tgt: Optional[Tensor], eps: Tensor, rand: Tensor,
                   group: Tensor, n_groups: int, gen: torch.Generator) -> Dict[str, Tensor]:
+        cl = self._use_channels_last(xn)
+        if cl:
+            xn = channels_last(xn)
         n = xn.shape[0]
         dev = xn.device
         lo, hi = self.lower, self.upper
@@ -184,6 +188,7 @@ class FAB(Attack):
         R = {"x": xn.clone(), "norm": torch.full((n,), math.inf, device=dev),
              "steps": torch.zeros(n, dtype=torch.long, device=dev)}
         every = self.compact_every or (10 if dev.type == "cuda" else 1)
+        self._rows = forward_rows(self, xn, y, tgt) if self.max_rows is None else self.max_rows
         for i in range(self.steps):
             if len(W) == 0:
                 break
@@ -202,9 +207,10 @@ class FAB(Attack):
                 alpha = (a1 / (a1 + a2)).clamp(0.0, self.alpha_max)[:, None]
                 xnew = ((xf + self.eta * d1) * (1 - alpha) + (x0 + self.eta * d2) * alpha).clamp(lo, hi)
                 xnew = xnew.reshape(W.x.shape).to(W.x.dtype)
-                if xnew.dim() == 4 and W.xn.is_contiguous(memory_format=torch.channels_last):
-                    xnew = xnew.contiguous(memory_format=torch.channels_last)
-                z = self.logits(xnew).float()
+                if cl:
+                    xnew = channels_last(xnew)
+                rows = self.__dict__.get("_rows") or m
+                z = torch.cat([self.logits(xnew[r:r + rows]).float() for r in range(0, m, rows)])
                 adv = z.argmax(1) != W.y
                 dist = lp_norm(xnew - W.xn, self.norm)
                 better = adv & (dist < W.best)

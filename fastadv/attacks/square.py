@@ -14,7 +14,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from ._groups import Working, chunks, group_any, lp_norm, norm_name, pick_per_group, view_rows
+from ._groups import (Working, channels_last, chunks, group_any, lp_norm, norm_name, pick_per_group,
+                      view_rows)
 from .apgd import _pos_int
 from .base import Attack, AttackResult
 
@@ -92,6 +93,8 @@ class Square(Attack):
     # ------------------------------------------------------------- loss
     def _margin_and_loss(self, x: Tensor, y: Tensor, tgt: Optional[Tensor]):
         """(margin, loss): margin ≤ 0 means success; the search minimises loss."""
+        if self._use_channels_last(x):
+            x = channels_last(x)  # a free view for one channel, a copy otherwise
         with torch.no_grad():
             z = self.logits(x).float()
         lab = y if tgt is None else tgt
