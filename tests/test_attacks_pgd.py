@@ -51,7 +51,11 @@ def test_at_least_as_strong_as_torchattacks_random_start(mnist, cls_name, eps, a
         assert abs(fa[-1] - res.robust_accuracy) <= 1.0 / N + 1e-9  # success matches the model
     fa_mean, ta_mean = sum(fa) / 2, sum(ta) / 2
     assert 0.3 < ta_mean < 0.95, "the budget should leave the comparison room either way"
-    assert fa_mean <= ta_mean + 0.005, (fa, ta)
+    # Random starts differ between the two libraries' RNGs: with 2 seeds × 400 points the
+    # difference of means has a standard error of ~0.5 pt even at equal strength (seen:
+    # +0.75 pt once in three fresh-clone runs). The issue's exact +0.5 pt bound is checked
+    # deterministically in the no-random-start test below; here 2 standard errors.
+    assert fa_mean <= ta_mean + 0.01, (fa, ta)
 
 
 @pytest.mark.parametrize("cls_name,eps,alpha", [("PGD", 0.1, 0.025), ("PGDL2", 1.5, 0.375)])
@@ -71,7 +75,8 @@ def test_fgsm_matches_torchattacks(mnist):
     # the same step: identical pixels but for sign flips of gradients within rounding of 0
     assert (res.x_adv == ta_x).float().mean().item() > 0.999
     best = fastadv.FGSM(model, eps=0.1).run(x, y)
-    assert best.robust_accuracy <= robust_acc(model, ta_x, y) + 1e-9
+    # robust_accuracy is float32 arithmetic, robust_acc float64: compare to well below 1/N
+    assert best.robust_accuracy <= robust_acc(model, ta_x, y) + 1e-6
     assert torch.equal(fastadv.fgsm(model, x, y, eps=0.1, keep="last", channels_last=False),
                        res.x_adv)
 
