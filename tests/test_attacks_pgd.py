@@ -89,7 +89,7 @@ def test_restarts_and_early_stop_never_weaker(mnist):
     ten = fastadv.PGD(model, restarts=10, **kw).run(x, y)
     stop = fastadv.PGD(model, early_stop=True, **kw).run(x, y)
     assert ten.robust_accuracy <= one.robust_accuracy
-    assert one.robust_accuracy - ten.robust_accuracy >= 0.01  # restarts do find more
+    assert int(ten.success.sum()) > int(one.success.sum())  # restarts find at least one more point
     # Early stop runs the same trajectories, but on a shrinking batch, whose convolutions
     # round differently: allow two samples of rounding-driven divergence either way.
     assert stop.robust_accuracy <= one.robust_accuracy + 2 / 200
