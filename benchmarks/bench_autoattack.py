@@ -14,6 +14,9 @@ Model: the standard SmallCNN(width=16) the tests train on 4,000 embedded MNIST
 digits (not adversarially trained), L∞ eps = 0.1 (at 0.3 it has no robust points
 left and the comparison would time nothing but APGD-CE's first steps).
 
+On a shared machine run it with ``OMP_WAIT_POLICY=PASSIVE`` (two-thread OpenMP spin-waits
+are pathological under load) and quote the CPU-time ratio as well as the wall-clock one.
+
     python benchmarks/bench_autoattack.py                 # 100 points, 2 threads
     python benchmarks/bench_autoattack.py --n 200         # the setting
     python benchmarks/bench_autoattack.py --json out.json

@@ -38,7 +38,8 @@ def _progress_factory(enabled: bool, total: int):
 
     def cb(name, n):
         if name not in bars:
-            bars[name] = tqdm(total=total, desc=name, unit="pt", leave=True)
+            # each attack only sees the points still robust: count them, no fixed total
+            bars[name] = tqdm(desc=name, unit="pt", leave=True)
         bars[name].update(n)
 
     def close():
