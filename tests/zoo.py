@@ -49,7 +49,14 @@ def cached_model(name: str, build, train):
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    train(model)
+    # One thread: the same bits on every machine of the same CPU family, whatever its
+    # core count, so a fresh clone trains the very model the thresholds were set on.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(model)
+    finally:
+        torch.set_num_threads(threads)
     os.makedirs(CACHE, exist_ok=True)
     tmp = path + f".tmp{os.getpid()}"
     torch.save(model.state_dict(), tmp)
