@@ -45,7 +45,11 @@ def _train(model, x, y, epochs: int, lr: float, batch_size: int = 64, seed: int 
 def cached_model(name: str, build, train):
     """Load ``name`` from the cache or build and train it, then save it."""
     path = os.path.join(CACHE, f"{name}-torch{torch.__version__}.pt")
-    model = build()
+    # The initial weights come from a fixed seed, not from whatever the global RNG
+    # holds after the tests that happened to run first in this process.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build()
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
