@@ -83,9 +83,10 @@ inline void store_floats(T* dst, const float* __restrict buf, int64_t m) {
   }
 }
 
-// max/min keeping a NaN of `a` (the value clamped), as torch.clamp/maximum do.
-inline float max_keep_nan(float a, float b) { return a < b ? b : a; }
-inline float min_keep_nan(float a, float b) { return a > b ? b : a; }
+// max/min propagating a NaN of either operand, as torch.maximum/minimum and torch.clamp
+// with tensor bounds do (a NaN in x_nat makes its ball bounds NaN, and the output NaN).
+inline float max_keep_nan(float a, float b) { return (a < b || b != b) ? b : a; }
+inline float min_keep_nan(float a, float b) { return (a > b || b != b) ? b : a; }
 
 // sign with sign(0) = sign(NaN) = 0.
 inline float finite_sign(float g) {

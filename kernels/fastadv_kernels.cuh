@@ -108,9 +108,10 @@ template <class T, int N> struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// max/min that keep a NaN in `a` (the value being clamped), like torch.clamp.
-__device__ __forceinline__ float max_keep_nan(float a, float b) { return (a < b) ? b : a; }
-__device__ __forceinline__ float min_keep_nan(float a, float b) { return (a > b) ? b : a; }
+// max/min propagating a NaN of either operand, like torch.maximum/minimum and torch.clamp
+// with tensor bounds (a NaN in x_nat makes its ball bounds NaN, and the output NaN).
+__device__ __forceinline__ float max_keep_nan(float a, float b) { return (a < b || b != b) ? b : a; }
+__device__ __forceinline__ float min_keep_nan(float a, float b) { return (a > b || b != b) ? b : a; }
 
 __device__ __forceinline__ float clamp_keep_nan(float v, float lo, float hi) {
   return min_keep_nan(max_keep_nan(v, lo), hi);

@@ -197,9 +197,55 @@ def test_custom_bounds_and_normalization(mnist):
     assert abs(plain.robust_accuracy - norm.robust_accuracy) <= 0.02
     assert linf(norm.x_adv, x).max() <= 0.1 + 1e-6
     # a narrower box is respected
-    res = fastadv.PGD(model, eps=0.3, steps=3, lower=0.0, upper=1.0).set_normalization_used(
-        [0.0], [1.0]).run(x, y)
-    assert res.x_adv.max() <= 1.0
+    res = fastadv.PGD(model, eps=0.3, steps=3, lower=0.0, upper=0.9).run(x.clamp(max=0.9), y)
+    assert res.x_adv.max() <= 0.9
+    with pytest.raises(ValueError, match="normalization"):
+        fastadv.PGD(wrapped, eps=0.1, steps=1).run((x - mean) / std, y)
+    with pytest.raises(TypeError, match="normalization"):
+        fastadv.PGD(wrapped, eps=0.1, normalization=[mean])
+    with pytest.raises(ValueError, match="std"):
+        fastadv.PGD(wrapped, eps=0.1).set_normalization_used([0.1, 0.2], [0.3])
+    with pytest.raises(ValueError, match="std"):
+        fastadv.PGD(wrapped, eps=0.1).set_normalization_used([0.1], [0.0])
+
+
+@pytest.mark.parametrize("cls_name,eps,alpha", [("PGD", 0.1, 0.025), ("PGDL2", 1.5, 0.4)])
+def test_set_normalization_used_is_torchattacks_drop_in(mnist, cls_name, eps, alpha):
+    """torchattacks 3.5: with set_normalization_used, the attack takes and returns
+    *normalized* inputs while eps/alpha/the [0, 1] box are pixel-space. The same call on
+    fastadv gives the same x_adv (no random start: both deterministic)."""
+    ta = pytest.importorskip("torchattacks")
+    model, x, y = mnist
+    x, y = x[:64], y[:64]
+    mean, std = [0.1307], [0.3081]
+
+    class Normalized(torch.nn.Module):  # a model trained on normalized input
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, z):
+            return self.inner(z * std[0] + mean[0])
+
+    wrapped = Normalized().eval()
+    xn = (x - mean[0]) / std[0]
+    ref = getattr(ta, cls_name)(wrapped, eps=eps, alpha=alpha, steps=5, random_start=False)
+    ref.set_normalization_used(mean, std)
+    ours = getattr(fastadv, cls_name)(wrapped, eps=eps, alpha=alpha, steps=5, random_start=False,
+                                      keep="last", channels_last=False)
+    ours.set_normalization_used(mean, std)
+    a, b = ref(xn, y), ours(xn, y)
+    assert b.shape == xn.shape and b.dtype == xn.dtype
+    # the outputs are normalized: back in pixel space they sit in the ball and the box
+    pix = b * std[0] + mean[0]
+    dist = linf if cls_name == "PGD" else l2
+    assert dist(pix, x).max().item() <= eps + 1e-5
+    assert pix.min().item() >= -1e-6 and pix.max().item() <= 1 + 1e-6
+    # same iterates as torchattacks, up to float rounding on a few sign flips
+    close = ((a - b).abs().flatten(1).amax(1) <= 1e-4).float().mean().item()
+    assert close >= 0.9, close
+    with torch.no_grad():
+        assert (wrapped(a).argmax(1) != y).sum().item() <= (wrapped(b).argmax(1) != y).sum().item() + 1
 
 
 # ------------------------------------------------------------------ targets

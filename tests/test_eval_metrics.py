@@ -54,13 +54,13 @@ def test_ece_hand_computed():
 # ---------------------------------------------------------- on the model
 def test_eps_curve_one_pass(mnist):
     model, x, y = mnist
-    eps = [0.0, 0.05, 0.1, 0.2]
+    eps = [0.0, 0.05, 0.1, 0.3]
     c = metrics.robust_accuracy_curve(model, x, y, eps, steps=10, seed=0)
     acc = c["robust_accuracy"]
     assert c["eps"] == eps and len(acc) == 4
     assert math.isclose(acc[0], c["clean_accuracy"])                # eps 0: nothing moves
     assert all(a >= b for a, b in zip(acc, acc[1:]))               # non-increasing
-    assert acc[-1] < 0.2
+    assert acc[-1] < 0.05  # a non-robust MNIST CNN at eps 0.3
     # one pass (APGD-CE + APGD-T) is at least as strong as a separate APGD-CE run per eps
     for e, a in zip(eps[1:], acc[1:]):
         sep = 1 - APGD(model, eps=e, steps=10, seed=0).run(x, y).success.float().mean().item()

@@ -183,13 +183,17 @@ def test_cpp_non_finite_gradients(name):
 
 
 @needs_cpp
-def test_cpp_nan_in_x_adv_propagates_like_the_reference():
+@pytest.mark.parametrize("where", ["x_adv", "x_nat"])
+def test_cpp_nan_in_inputs_propagates_like_the_reference(where):
     x_adv, x_nat, grad = _inputs((2, 50), torch.float32, seed=7)
-    x_adv[0, 3] = float("nan")
+    (x_adv if where == "x_adv" else x_nat)[0, 3] = float("nan")
+    (x_adv if where == "x_adv" else x_nat)[1, 7] = float("inf")
     for name in ALL_OPS:
         alpha, eps = _params(name)
         out = _call(name, "cpp", x_adv, x_nat, grad, alpha, eps)
-        assert_matches(out, _reference(name, x_adv, x_nat, grad, alpha, eps), torch.float32)
+        expect = _reference(name, x_adv, x_nat, grad, alpha, eps)
+        assert bool(torch.isnan(expect).any()), name  # the case is not vacuous
+        assert_matches(out, expect, torch.float32)
 
 
 @needs_cpp

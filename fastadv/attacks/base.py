@@ -135,8 +135,11 @@ class Attack:
         self.check_inputs = check_inputs
         self._mean: Optional[Tensor] = None
         self._std: Optional[Tensor] = None
+        self._io_normalized = False
         if normalization is not None:
-            self.set_normalization_used(*normalization)
+            if not isinstance(normalization, (tuple, list)) or len(normalization) != 2:
+                raise TypeError("normalization: expected a pair (mean, std)")
+            self._set_model_normalization(*normalization)
         # torchattacks-style targeting
         self.targeted = bool(targeted)
         self._target_mode = "by_label" if targeted else "default"
@@ -160,16 +163,65 @@ class Attack:
 
     # -------------------------------------------------------- normalization
     def set_normalization_used(self, mean: Sequence[float], std: Sequence[float]) -> "Attack":
-        """Inputs live in [lower, upper]; the model sees (x - mean) / std, per channel."""
+        """torchattacks 3.5 semantics, for a drop-in swap: the model expects normalized
+        input, and so do you — ``atk(x, y)`` takes *normalized* ``x`` and returns a
+        *normalized* ``x_adv``. Inside, the attack works in pixel space: ``eps``, ``alpha``
+        and the box ``[lower, upper]`` are pixel-space quantities, exactly as in
+        torchattacks. To hand over and get back pixel-space tensors instead, pass
+        ``normalization=(mean, std)`` to the constructor."""
+        self._set_model_normalization(mean, std)
+        self._io_normalized = True
+        return self
+
+    def _set_model_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The model sees ``(x - mean) / std`` per channel; inputs stay in pixel space."""
         m = torch.as_tensor(mean, dtype=torch.float32).flatten()
         s = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if m.numel() == 0:
+            raise ValueError("mean: expected one value per channel, got none")
         if m.shape != s.shape:
             raise ValueError(f"std: expected {m.numel()} values like mean, got {s.numel()}")
-        if not bool((s > 0).all()):
-            raise ValueError("std: expected positive values")
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError("mean: expected finite values")
+        if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+            raise ValueError("std: expected finite positive values")
         self._mean, self._std = m, s
+        self._io_normalized = False
         self._norm_cache = {}
-        return self
+
+    def _channel_stats(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """mean/std shaped to broadcast against ``x`` (channel dim 1), on its device and
+        dtype; cached, since a per-step copy would sync (and break graph capture)."""
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        key = (x.device, x.dtype, len(shape))
+        cached = self.__dict__.setdefault("_norm_cache", {}).get(key)
+        if cached is None:
+            cached = (self._mean.to(x.device, x.dtype).reshape(shape),
+                      self._std.to(x.device, x.dtype).reshape(shape))
+            self._norm_cache[key] = cached
+        return cached
+
+    def _check_channels(self, x: Tensor) -> None:
+        c = self._mean.numel()
+        if c > 1 and (x.dim() < 2 or x.shape[1] != c):
+            raise ValueError(f"x: expected {c} channels (dim 1) to match the normalization's "
+                             f"mean/std, got shape {tuple(x.shape)}")
+
+    def _from_user(self, x: Tensor) -> Tensor:
+        """Normalized user input -> pixel space (only under set_normalization_used)."""
+        if not getattr(self, "_io_normalized", False) or not isinstance(x, Tensor) \
+                or not x.is_floating_point():
+            return x
+        self._check_channels(x)
+        m, s = self._channel_stats(x.detach().float())
+        return x.detach().float() * s + m
+
+    def _to_user(self, x_adv: Tensor, like: Tensor) -> Tensor:
+        """Pixel-space x_adv -> the user's normalized space, in ``like``'s dtype."""
+        if not getattr(self, "_io_normalized", False):
+            return x_adv
+        m, s = self._channel_stats(x_adv.float())
+        return ((x_adv.float() - m) / s).to(like.dtype)
 
     # -------------------------------------------------------- target modes
     def set_mode_default(self) -> "Attack":
@@ -199,15 +251,7 @@ class Attack:
     def _normalize(self, x: Tensor) -> Tensor:
         if self._mean is None:
             return x
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        key = (x.device, x.dtype, len(shape))
-        cached = self.__dict__.setdefault("_norm_cache", {}).get(key)
-        if cached is None:
-            # moved to the device once: a copy per step would sync (and break graph capture)
-            cached = (self._mean.to(x.device, x.dtype).reshape(shape),
-                      self._std.to(x.device, x.dtype).reshape(shape))
-            self._norm_cache[key] = cached
-        m, s = cached
+        m, s = self._channel_stats(x)
         return (x - m) / s
 
     def logits(self, x: Tensor, *, fp32: bool = False) -> Tensor:
@@ -287,7 +331,8 @@ class Attack:
             if lo < self.lower or hi > self.upper:
                 raise ValueError(f"x: expected values in [lower, upper] = [{self.lower}, {self.upper}], "
                                  f"got [{lo:.4g}, {hi:.4g}] (set lower/upper, or use "
-                                 f"set_normalization_used for normalized models)")
+                                 f"normalization=(mean, std) for a model that expects normalized input, or "
+                                 f"set_normalization_used(mean, std) if x itself is normalized)")
         xf = x.detach().to(torch.float32)
         if self._use_channels_last(xf):
             xf = xf.contiguous(memory_format=torch.channels_last)
@@ -355,6 +400,8 @@ class Attack:
     # ----------------------------------------------------------------- call
     def run(self, x: Tensor, y: Tensor, target: Optional[Tensor] = None) -> AttackResult:
         """Attack ``(x, y)`` and return an ``AttackResult`` (x_adv like x: dtype, layout)."""
+        x_user = x
+        x = self._from_user(x)
         xf, y = self._prepare(x, y)
         dev = xf.device
         with preserved_model(self.model, self.model_mode, devices=(dev,)) if isinstance(
@@ -377,8 +424,8 @@ class Attack:
                 res = self._attack(xf, y, target, gen)
             finally:
                 self.clean_logits = None
-        res.x_adv = res.x_adv.to(dtype=x.dtype).contiguous(
-            memory_format=_memory_format(x)).detach()
+        res.x_adv = self._to_user(res.x_adv, x_user).to(dtype=x_user.dtype).contiguous(
+            memory_format=_memory_format(x_user)).detach()
         return res
 
     def __call__(self, x: Tensor, y: Tensor, target: Optional[Tensor] = None) -> Tensor:
