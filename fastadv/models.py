@@ -6,7 +6,6 @@ throughout the adversarial-training literature.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -44,6 +44,14 @@ class AttackResult:
 
 
 # ------------------------------------------------------------ model state
+def model_context(model, mode: str, device: torch.device):
+    """``preserved_model(model, mode)`` for an ``nn.Module``; nothing for a plain callable
+    (which has no state to restore)."""
+    if isinstance(model, nn.Module):
+        return preserved_model(model, mode, devices=(device,))
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def preserved_model(model: nn.Module, mode: str = "eval", freeze_params: bool = True,
                     devices: Sequence[torch.device] = ()) -> Iterator[nn.Module]:
@@ -404,8 +412,7 @@ class Attack:
         x = self._from_user(x)
         xf, y = self._prepare(x, y)
         dev = xf.device
-        with preserved_model(self.model, self.model_mode, devices=(dev,)) if isinstance(
-                self.model, nn.Module) else contextlib.nullcontext():
+        with model_context(self.model, self.model_mode, dev):
             gen = self.make_generator(dev)
             with torch.no_grad():
                 # fp32 whatever amp says: the checks and the clean predictions are exact

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..attacks.base import Attack, AttackResult, preserved_model
+from ..attacks.base import Attack, AttackResult, model_context
 
 __all__ = ["GradientMaskingWarning", "MaskingCheck", "check_randomness", "check_softmax_output",
            "check_gradients", "square_beats_whitebox", "check_large_eps", "check_more_effort",
@@ -68,17 +68,8 @@ def _as_attack(model_or_attack) -> Attack:
 
 
 def _ctx(atk: Attack, x: Tensor):
-    if isinstance(atk.model, nn.Module):
-        return preserved_model(atk.model, atk.model_mode, devices=(x.device,))
-    return _Null()
+    return model_context(atk.model, atk.model_mode, x.device)
 
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 # ------------------------------------------------------------- model checks

@@ -6,10 +6,10 @@ import math
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..attacks.apgd import APGD, APGDT
-from ..attacks.base import Attack, preserved_model
+from ..attacks.base import Attack, model_context
 
 __all__ = ["predict_logits", "accuracy", "per_class_accuracy", "worst_case", "accuracy_summary",
            "robust_accuracy_curve", "calibration_bins", "expected_calibration_error",
@@ -26,19 +26,12 @@ def predict_logits(model, x: Tensor, bs: int = 256, normalization=None) -> Tenso
     probe = _Probe(model, normalization=normalization, check_inputs=False,
                    lower=-math.inf, upper=math.inf)
     out = []
-    ctx = preserved_model(model, "eval", devices=(x.device,)) if isinstance(model, nn.Module) else _Null()
+    ctx = model_context(model, "eval", x.device)
     with ctx, torch.no_grad():
         for i in range(0, len(x), bs):
             out.append(probe.logits(x[i:i + bs].float()).float())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def accuracy(correct: Tensor) -> float:
@@ -114,7 +107,7 @@ def robust_accuracy_curve(model, x: Tensor, y: Tensor, eps_list: Sequence[float]
     xf, yl = first._prepare(x, y)
     b = len(xf)
     dev = xf.device
-    ctx = preserved_model(model, first.model_mode, devices=(dev,)) if isinstance(model, nn.Module) else _Null()
+    ctx = model_context(model, first.model_mode, dev)
     with ctx:
         with torch.no_grad():
             clean = first.logits(xf).float().argmax(1) == yl

@@ -185,20 +185,28 @@ def _plots(report: Dict[str, object], out_dir: str) -> List[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    files = []
-    if "eps_curve" in report:
-        c = report["eps_curve"]
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.plot(c["eps"], c["robust_accuracy"], "o-")
-        ax.set_xlabel(f"eps ({c['norm']})")
-        ax.set_ylabel("robust accuracy")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
+    files: List[str] = []
+
+    def save(fig, name: str) -> None:
         fig.tight_layout()
-        p = os.path.join(out_dir, "eps_curve.png")
+        p = os.path.join(out_dir, name)
         fig.savefig(p, dpi=120)
         plt.close(fig)
         files.append(p)
+
+    def accuracy_axes(size, xlabel: str, ylabel: str = "accuracy"):
+        fig, ax = plt.subplots(figsize=size)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1)
+        return fig, ax
+
+    if "eps_curve" in report:
+        c = report["eps_curve"]
+        fig, ax = accuracy_axes((4.5, 3.2), f"eps ({c['norm']})", "robust accuracy")
+        ax.plot(c["eps"], c["robust_accuracy"], "o-")
+        ax.grid(alpha=0.3)
+        save(fig, "eps_curve.png")
     if "calibration" in report:
         cal = report["calibration"]
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), sharey=True)
@@ -213,41 +221,22 @@ def _plots(report: Dict[str, object], out_dir: str) -> List[str]:
             ax.set_xlabel("confidence")
         axes[0].set_ylabel("accuracy")
         axes[0].legend(loc="upper left", fontsize=8)
-        fig.tight_layout()
-        p = os.path.join(out_dir, "reliability.png")
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        files.append(p)
+        save(fig, "reliability.png")
     if "smoothing" in report:
-        s = report["smoothing"]
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.step(s["radius"], s["certified_accuracy"], where="post")
-        ax.set_xlabel("L2 radius")
-        ax.set_ylabel("certified accuracy")
-        ax.set_ylim(0, 1)
+        sm = report["smoothing"]
+        fig, ax = accuracy_axes((4.5, 3.2), "L2 radius", "certified accuracy")
+        ax.step(sm["radius"], sm["certified_accuracy"], where="post")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        p = os.path.join(out_dir, "certified.png")
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        files.append(p)
+        save(fig, "certified.png")
     if "autoattack" in report:
         pc = report["autoattack"]["per_class"]
-        n = len(pc["clean"])
-        fig, ax = plt.subplots(figsize=(5.5, 3.2))
-        idx = list(range(n))
-        ax.bar([i - 0.2 for i in idx], [0 if math.isnan(v) else v for v in pc["clean"]], 0.4, label="clean")
-        ax.bar([i + 0.2 for i in idx], [0 if math.isnan(v) else v for v in pc["robust"]], 0.4, label="robust")
+        idx = list(range(len(pc["clean"])))
+        fig, ax = accuracy_axes((5.5, 3.2), "class")
+        for shift, key in ((-0.2, "clean"), (0.2, "robust")):
+            ax.bar([i + shift for i in idx], [0 if math.isnan(v) else v for v in pc[key]], 0.4, label=key)
         ax.set_xticks(idx)
-        ax.set_xlabel("class")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = os.path.join(out_dir, "per_class.png")
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        files.append(p)
+        save(fig, "per_class.png")
     return files
 
 
@@ -260,7 +249,7 @@ def write_report(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     plots = _plots(report, out_dir)
     cfg = report["config"]
-    lines = [f"# Robustness report", "",
+    lines = ["# Robustness report", "",
              f"{cfg['n']} points, {cfg['norm']} eps = {cfg['eps']:g}, AutoAttack version "
              f"`{cfg['version']}`, seed {cfg['seed']}. Total time {report.get('total_s', 0):.1f} s.", ""]
     aa = report.get("autoattack")

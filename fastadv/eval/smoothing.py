@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..attacks.base import preserved_model
+from ..attacks.base import model_context
 
 __all__ = ["ABSTAIN", "sample_counts", "binom_upper_tail", "clopper_pearson_lower",
            "binom_test_two_sided", "certify", "predict", "certified_accuracy"]
@@ -123,18 +123,21 @@ def sample_counts(model, x: Tensor, sigma: float, num: int, batch_size: int = 10
     return counts
 
 
+def _batch_and_generator(x: Tensor, seed: Optional[int]) -> Tuple[bool, Tensor, torch.Generator]:
+    """(one point given?, x as a batch, the noise generator: seeded, or fresh entropy)."""
+    single = x.dim() in (1, 3)
+    xb = x.unsqueeze(0) if single else x
+    gen = torch.Generator(device=xb.device)
+    if seed is not None:
+        gen.manual_seed(int(seed))
+    else:
+        gen.seed()
+    return single, xb, gen
+
+
 def _ctx(model, x):
-    if isinstance(model, nn.Module):
-        return preserved_model(model, "eval", devices=(x.device,))
-    return _Null()
+    return model_context(model, "eval", x.device)
 
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def certify(model, x: Tensor, sigma: float, n0: int = 100, n: int = 100000, alpha: float = 0.001,
@@ -148,13 +151,7 @@ def certify(model, x: Tensor, sigma: float, n0: int = 100, n: int = 100000, alph
         raise ValueError(f"sigma: expected > 0, got {sigma}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha: expected in (0, 1), got {alpha}")
-    single = x.dim() >= 1 and x.dim() in (1, 3)
-    xb = x.unsqueeze(0) if single else x
-    gen = torch.Generator(device=xb.device)
-    if seed is not None:
-        gen.manual_seed(int(seed))
-    else:
-        gen.seed()
+    single, xb, gen = _batch_and_generator(x, seed)
     with _ctx(model, xb):
         c0 = sample_counts(model, xb, sigma, n0, batch_size, gen)
         c_a = c0.argmax(1)
@@ -174,13 +171,7 @@ def predict(model, x: Tensor, sigma: float, n: int = 100000, alpha: float = 0.00
             batch_size: int = 1000, seed: Optional[int] = 0) -> Tensor:
     """PREDICT (Cohen et al. 2019): the top class of n noisy samples if a two-sided
     binomial test against the runner-up rejects at level α, else ``ABSTAIN``."""
-    single = x.dim() in (1, 3)
-    xb = x.unsqueeze(0) if single else x
-    gen = torch.Generator(device=xb.device)
-    if seed is not None:
-        gen.manual_seed(int(seed))
-    else:
-        gen.seed()
+    single, xb, gen = _batch_and_generator(x, seed)
     with _ctx(model, xb):
         counts = sample_counts(model, xb, sigma, n, batch_size, gen).cpu()
     top2 = counts.topk(min(2, counts.shape[1]), dim=1)
