@@ -18,16 +18,8 @@ import torch
 from fastadv import bench_attacks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-THREADS = int(os.environ.get("FASTADV_BENCH_THREADS", "2"))
+THREADS = int(os.environ.get("FASTADV_BENCH_THREADS", "2"))  # conftest.py applies it per test
 CASES = bench_attacks.default_cases(DEVICE, quick=os.environ.get("FASTADV_BENCH_QUICK") == "1")
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(old)
 
 
 def _sync():

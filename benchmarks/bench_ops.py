@@ -18,7 +18,7 @@ import torch
 from fastadv import bench_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-THREADS = int(os.environ.get("FASTADV_BENCH_THREADS", "2"))
+THREADS = int(os.environ.get("FASTADV_BENCH_THREADS", "2"))  # conftest.py applies it per test
 
 
 def run_ops_table(sizes=None, backends=None, threads=THREADS, device=None):
@@ -28,14 +28,6 @@ def run_ops_table(sizes=None, backends=None, threads=THREADS, device=None):
 
 def _backends():
     return ["eager"] + bench_ops.ready_backends(DEVICE)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("size", bench_ops.default_sizes(DEVICE), ids=lambda s: "x".join(map(str, s)))
