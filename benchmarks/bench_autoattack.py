@@ -20,6 +20,7 @@ are pathological under load) and quote the CPU-time ratio as well as the wall-cl
     python benchmarks/bench_autoattack.py                 # 100 points, 2 threads
     python benchmarks/bench_autoattack.py --n 200         # the issue's setting
     python benchmarks/bench_autoattack.py --json out.json
+    python benchmarks/bench_autoattack.py --device cuda --n 1000   # the GPU target (>= 5x)
 
 Not a timed test: speed targets live here, not in tests/.
 """
@@ -39,9 +40,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 
-def _timed(fn):
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device="cpu"):
+    _sync(device)
     t, c = time.perf_counter(), time.process_time()
     out = fn()
+    _sync(device)
     return out, time.perf_counter() - t, time.process_time() - c
 
 
@@ -59,16 +67,19 @@ def pass_costs(model, x, y, reps: int = 10):
     xx = x.contiguous().clone()
     with torch.no_grad():
         model(xx)
+    _sync(x.device)
     t = time.perf_counter()
     for _ in range(reps):
         xr = xx.detach().requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(model(xr), y)
         torch.autograd.grad(loss, xr)
+    _sync(x.device)
     fb = (time.perf_counter() - t) / reps / len(x)
     t = time.perf_counter()
     with torch.no_grad():
         for _ in range(reps):
             model(xx)
+    _sync(x.device)
     f = (time.perf_counter() - t) / reps / len(x)
     return fb, f
 
@@ -101,6 +112,7 @@ def run_reference(model, x, y, attacks):
                 correct = model(adv).argmax(1) == y[fails]
             final[fails[~correct]] = adv[~correct]
             fails = fails[correct]
+        _sync(x.device)
         times[name] = time.perf_counter() - t
     return final, times
 
@@ -110,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=100, help="points (the issue quotes 200)")
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where both sides run (the model is trained on the CPU, then moved)")
     ap.add_argument("--ref", choices=["reference", "torchattacks", "both", "none"], default="reference")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the figures here")
@@ -118,11 +132,15 @@ def main(argv=None) -> int:
     import zoo
     from fastadv.attacks import AutoAttack
 
-    model = zoo.mnist_cnn()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU visible")
+    model = zoo.mnist_cnn().to(dev)
     _, (xt, yt) = zoo.mnist_split()
-    x, y = xt[: args.n].contiguous(), yt[: args.n].contiguous()
+    x, y = xt[: args.n].contiguous().to(dev), yt[: args.n].contiguous().to(dev)
     fb, f = pass_costs(model, x, y)
-    out = {"date": datetime.date.today().isoformat(), "device": f"CPU, {args.threads} threads",
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} threads")
+    out = {"date": datetime.date.today().isoformat(), "device": where,
            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
            "n": args.n, "eps": args.eps, "model": "SmallCNN(width=16), standard training, MNIST-5k",
            "sec_per_row_fwd_bwd": fb, "sec_per_row_fwd": f}
@@ -134,7 +152,7 @@ def main(argv=None) -> int:
     torchattacks.APGD(model, eps=args.eps, steps=2)(x[:4], y[:4])
 
     aa = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", seed=args.seed)
-    xa, wall, cpu = _timed(lambda: aa.run_standard_evaluation(x, y, bs=args.n))
+    xa, wall, cpu = _timed(lambda: aa.run_standard_evaluation(x, y, bs=args.n), dev)
     r = aa.last_result
     work = r.extra["work"]
     grad_rows = sum(v for k, v in work.items() if k != "square")
@@ -152,7 +170,7 @@ def main(argv=None) -> int:
              "both": ["reference", "torchattacks"], "none": []}[args.ref]
     for kind in kinds:
         ref = reference_attacks(model, args.eps, kind)
-        (xr, times_r), wall_r, cpu_r = _timed(lambda: run_reference(model, x, y, ref))
+        (xr, times_r), wall_r, cpu_r = _timed(lambda: run_reference(model, x, y, ref), dev)
         rob_r = _robust(model, x, y, xr, args.eps)
         out[kind] = {"robust_accuracy": rob_r.float().mean().item(), "wall_s": wall_r, "cpu_s": cpu_r,
                      "per_attack_s": times_r,
