@@ -4,7 +4,9 @@
     fastadv eval --model mypkg.nets:make --weights w.safetensors --eps 0.3 --out report/
     fastadv eval --eps-curve 0.05,0.1,0.2,0.3 --transfer --smoothing-sigma 0.25
 
-An interrupted run resumes from ``--state`` (default: ``<out>/state.json``).
+An interrupted run resumes from ``--state`` (default: ``<out>/state.json``). Under
+``torchrun --nproc-per-node N -m fastadv eval ...`` AutoAttack is sharded over the N
+ranks (one GPU each with NCCL, CPU processes with gloo) and rank 0 writes the report.
 """
 from __future__ import annotations
 
@@ -121,7 +123,10 @@ def load_model(spec: str, weights: str = None) -> torch.nn.Module:
 def run(args) -> int:
     from .. import data
     from ..eval import report as _report
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..train import distributed as _dist
+    # under torchrun: join the group (AutoAttack is then sharded over the ranks)
+    ddp_dev = _dist.init_from_env()
+    dev = torch.device(args.device) if args.device else ddp_dev
     _, (xte, yte) = data.load_dataset(args.data, n_test=1000, seed=0)
     n = min(args.n, len(xte))
     x, y = xte[:n].to(dev), yte[:n].to(dev)
@@ -154,6 +159,10 @@ def run(args) -> int:
     rep["config"]["model"] = name
     rep["config"]["data"] = args.data
     rep["config"]["device"] = str(dev)
-    paths = _report.write_report(rep, args.out)
-    print(f"report: {paths['markdown']} (json: {paths['json']})")
+    if _dist.world_size() > 1:
+        rep["config"]["ranks"] = _dist.world_size()
+    if _dist.is_main():
+        paths = _report.write_report(rep, args.out)
+        print(f"report: {paths['markdown']} (json: {paths['json']})")
+    _dist.barrier()
     return 0

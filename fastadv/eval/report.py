@@ -19,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 from torch import Tensor
 
 from ..attacks.autoattack import AutoAttack, model_signature
-from . import masking, metrics, smoothing
+from ..train import distributed as _dist
+from . import masking, metrics, sharded, smoothing
 
 __all__ = ["evaluate", "write_report", "load_state"]
 
@@ -87,7 +88,16 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
              masking_checks: bool = True, n_classes: Optional[int] = None,
              state_path: Optional[str] = None, progress: bool = True,
              log: Callable[[str], None] = print, **attack_kwargs) -> Dict[str, object]:
-    """Run the evaluation and return the report as a dict (JSON-ready)."""
+    """Run the evaluation and return the report as a dict (JSON-ready).
+
+    Under ``torchrun`` (an initialized process group) AutoAttack is sharded over the
+    ranks (``fastadv.eval.sharded``) and every rank gets its whole result; the other
+    sections run on rank 0 only, which alone writes the state file, and the other
+    ranks return the AutoAttack part of the report."""
+    main = _dist.is_main()
+    aa_state = (state_path + ".autoattack.pt") if state_path else None
+    if not main:
+        state_path, progress, log = None, False, (lambda msg: None)
     state = load_state(state_path)
     cfg = {"norm": norm, "eps": eps, "version": version, "n": int(len(x)), "steps": steps,
            "n_queries": n_queries, "seed": seed, "attacks_to_run": list(attacks_to_run),
@@ -101,12 +111,11 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     aa = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed,
                     attacks_to_run=attacks_to_run, steps=steps, n_queries=n_queries,
                     checks=False, **attack_kwargs)
-    aa_state = (state_path + ".autoattack.pt") if state_path else None
     cb, close = _progress_factory(progress, len(x))
     log(f"AutoAttack ({version}, {norm}, eps={eps:g}) on {len(x)} points: {', '.join(aa.attacks_to_run)}")
     t0 = time.perf_counter()
     try:
-        x_adv = aa.run_standard_evaluation(x, y, bs=bs, state_path=aa_state, progress=cb)
+        x_adv = sharded.run_standard_evaluation_sharded(aa, x, y, bs=bs, state_path=aa_state, progress=cb)
     finally:
         close()
     res = aa.last_result
@@ -123,6 +132,8 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     sections["autoattack"] = summary
     log(f"clean accuracy {summary['clean_accuracy']:.2%}, robust accuracy {summary['robust_accuracy']:.2%}")
     _save_state(state_path, state)
+    if not main:
+        return {"config": cfg, "total_s": time.perf_counter() - t_start, "autoattack": summary}
 
     # --- self-checks for gradient masking ----------------------------------------------------
     if masking_checks and "masking" not in sections:
