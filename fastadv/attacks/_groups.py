@@ -10,13 +10,14 @@ except ``Working.compact``, which an attack calls every few iterations.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["lp_norm", "view_rows", "pick_per_group", "group_any", "Working", "chunks",
-           "NORMS", "norm_name", "forward_rows", "chunked_loss_and_grad", "channels_last"]
+__all__ = ["lp_norm", "view_rows", "pick_per_group", "group_any", "Working", "chunks", "Entries",
+           "entry_chunks", "NORMS", "norm_name", "forward_rows", "chunked_loss_and_grad",
+           "channels_last", "layout_like"]
 
 NORMS = ("Linf", "L2", "L1")
 _ALIASES = {"linf": "Linf", "inf": "Linf", "l2": "L2", "2": "L2", "l1": "L1", "1": "L1"}
@@ -128,6 +129,20 @@ def channels_last(x: Tensor) -> Tensor:
     return out
 
 
+def layout_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` (shaped like ``like``) in ``like``'s memory layout: channels_last if ``like`` is laid
+    out so (and not also contiguous), else contiguous, and with ``like``'s very strides where
+    both are dense in that layout; for one channel that undoes ``channels_last`` (a free view)."""
+    cl = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
+        memory_format=torch.channels_last)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    out = t.contiguous(memory_format=fmt)
+    if out.stride() != like.stride() and like.is_contiguous(memory_format=fmt):
+        # both dense in one layout: only the strides of size-1 dims differ, same addresses
+        out = out.as_strided(out.shape, like.stride(), out.storage_offset())
+    return out
+
+
 def forward_rows(attack, x: Tensor, y: Tensor, tgt: Optional[Tensor]) -> Optional[int]:
     """Rows per forward/backward for a batch like ``x``: on CPU, chunks whose saved
     activations fit the last-level cache (same math per row, less time); elsewhere None
@@ -164,3 +179,48 @@ def chunks(n_points: int, rows_per_point: int, max_rows: Optional[int]):
     per = max(1, int(max_rows) // max(1, rows_per_point))
     for s in range(0, n_points, per):
         yield slice(s, min(n_points, s + per))
+
+
+class Entries:
+    """One chunk of points laid out as entries: point-major, then target, then restart.
+
+    pts     [m] the points (indices into the batch) in this chunk
+    x, y, target, eps   per entry ([m·reps, ...]; target None if untargeted)
+    group   [m·reps] the point of each entry, 0..m-1 within the chunk
+    """
+
+    def __init__(self, pts: Tensor, x: Tensor, y: Tensor, target: Optional[Tensor], eps: Tensor,
+                 n_targets: int, n_restarts: int):
+        self.pts, self.x, self.y, self.target, self.eps = pts, x, y, target, eps
+        self.n_points = int(pts.numel())
+        self.n_targets, self.n_restarts = n_targets, n_restarts
+        self.group = torch.arange(self.n_points, device=x.device).repeat_interleave(
+            n_targets * n_restarts, 0)
+
+    @property
+    def restart(self) -> Tensor:
+        """[m·reps] the restart index of each entry."""
+        return torch.arange(self.n_restarts, device=self.x.device).repeat(self.n_points * self.n_targets)
+
+    def per_point_sum(self, v: Tensor) -> Tensor:
+        """[m] the sum over each point's entries of a per-entry ``v``."""
+        return torch.zeros(self.n_points, dtype=v.dtype, device=v.device).index_add_(0, self.group, v)
+
+
+def entry_chunks(todo: Tensor, x: Tensor, y: Tensor, targets: Optional[Tensor], eps: Tensor,
+                 n_restarts: int, max_rows: Optional[int]) -> Iterator[Entries]:
+    """The points ``todo`` (indices into ``x``) expanded to points × targets × restarts entries,
+    in chunks of at most ``max_rows`` entries (at least one point per chunk).
+
+    ``targets``: a ``[B, T]`` table of target classes per point, or None (untargeted)."""
+    n_t = 1 if targets is None else targets.shape[1]
+    reps = n_t * n_restarts
+    for sl in chunks(todo.numel(), reps, max_rows):
+        pts = todo[sl]
+        if pts.numel() == 0:
+            continue
+        te = None if targets is None else targets.index_select(0, pts).repeat_interleave(
+            n_restarts, 1).reshape(-1)
+        yield Entries(pts, x.index_select(0, pts).repeat_interleave(reps, 0),
+                      y.index_select(0, pts).repeat_interleave(reps, 0), te,
+                      eps.index_select(0, pts).repeat_interleave(reps, 0), n_t, n_restarts)

@@ -9,6 +9,7 @@ periodic compaction of the active set.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -16,12 +17,12 @@ from torch import Tensor
 
 from .. import losses as _losses
 from ..ops import l2_project_, l2_step, linf_project_, linf_step_
-from ._groups import (Working, channels_last, chunked_loss_and_grad, chunks, forward_rows, group_any,
-                      lp_norm, norm_name, pick_per_group, view_rows)
+from ._groups import (Working, channels_last, chunked_loss_and_grad, entry_chunks, forward_rows,
+                      group_any, lp_norm, norm_name, pick_per_group, view_rows)
 from .base import Attack, AttackResult
 
-__all__ = ["APGD", "APGDT", "apgd_checkpoints", "apgd_l1_checkpoints", "step_size_reduction",
-           "l1_project_delta"]
+__all__ = ["APGD", "APGDT", "apgd_checkpoints", "apgd_l1_checkpoints", "largereps_schedule",
+           "step_size_reduction", "l1_project_delta"]
 
 
 # ------------------------------------------------------------------ schedule
@@ -50,6 +51,27 @@ def apgd_l1_checkpoints(steps: int) -> List[Tuple[int, int]]:
     """L1-APGD (Croce & Hein 2021) checks every ``max(int(0.04·steps), 1)`` iterations."""
     k = max(int(0.04 * steps), 1)
     return [(t, k) for t in range(k, steps + 1, k)]
+
+
+# (eps multiple, share of the steps) per stage of L1-APGD with use_largereps: the reference
+# code's decr_eps_pgd (Croce & Hein 2021, "Mind the box", §3.3)
+LARGEREPS_STAGES = ((3.0, 0.3), (2.0, 0.3), (1.0, 0.4))
+
+
+def largereps_schedule(steps: int) -> List[Tuple[float, int]]:
+    """The stages of L1-APGD with ``use_largereps``: ``[(eps multiple, iterations), ...]``.
+
+    ε is 3ε for ``ceil(0.3·steps)`` iterations, then 2ε for ``ceil(0.3·steps)``, then ε for
+    the rest, as in the reference code (100 steps: 30 + 30 + 40). Below 4 steps the
+    reference runs more iterations than asked; here the stages are cut so that they add
+    up to ``steps`` (1 step: 1 + 0 + 0)."""
+    out, used = [], 0
+    last = len(LARGEREPS_STAGES) - 1
+    for k, (factor, share) in enumerate(LARGEREPS_STAGES):
+        n = steps - used if k == last else min(math.ceil(share * steps), steps - used)
+        out.append((factor, n))
+        used += n
+    return out
 
 
 # ---------------------------------------------------------------- L1 geometry
@@ -122,9 +144,16 @@ class APGD(Attack):
     def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100,
                  n_restarts: int = 1, seed: Optional[int] = 0, loss: str = "ce", eot_iter: int = 1,
                  rho: float = 0.75, verbose: bool = False, *, early_stop: bool = True,
-                 max_rows: Optional[int] = None, compact_every: Optional[int] = None, **kwargs):
+                 max_rows: Optional[int] = None, compact_every: Optional[int] = None,
+                 use_largereps: bool = False, **kwargs):
         super().__init__(kwargs.pop("name", "APGD"), model, eps=eps, loss=loss, seed=seed, **kwargs)
         self.norm = norm_name(norm)
+        if not isinstance(use_largereps, bool):
+            raise TypeError(f"use_largereps: expected a bool, got {type(use_largereps).__name__}")
+        if use_largereps and self.norm != "L1":
+            raise ValueError(f"use_largereps: only for norm 'L1' (the eps schedule of L1-APGD), "
+                             f"got norm {self.norm!r}")
+        self.use_largereps = use_largereps
         self.steps = _pos_int("steps", steps, allow_zero=True)
         self.n_restarts = _pos_int("n_restarts", n_restarts)
         self.eot_iter = _pos_int("eot_iter", eot_iter)
@@ -209,35 +238,79 @@ class APGD(Attack):
         dev = xn.device
         alpha = 1.0 if self.norm == "L1" else 2.0
         n_fts = xn[0].numel() if n else 1
-        x0 = self._random_start(xn, eps, gen)
+        stages = largereps_schedule(self.steps) if self.use_largereps else [(1.0, self.steps)]
+        x_start = self._random_start(xn, eps * stages[0][0], gen)
         self._rows = forward_rows(self, xn, y, tgt) if self.max_rows is None else self.max_rows
-        loss, z, grad = self._loss_grad(x0, y, tgt, loss_fn)
-        fooled = success_fn(z, y, tgt)
-        W = Working(torch.arange(n, device=dev), xn=xn, y=y, tgt=tgt, eps=eps, group=group,
-                    x=x0, x_old=x0, grad=grad, x_best=x0.clone(), grad_best=grad.clone(),
-                    loss_best=loss.clone(), loss_prev=loss, loss_last=loss.clone(),
-                    reduced=torch.ones(n, dtype=torch.bool, device=dev),
-                    n_incr=torch.zeros(n, dtype=torch.int32, device=dev), step=alpha * eps.clone(),
-                    fooled=fooled, x_fool=x0.clone(), loss_fool=loss.clone(),
+        # eps: the ball of the current stage; eps_goal: the one a success must lie in
+        W = Working(torch.arange(n, device=dev), xn=xn, y=y, tgt=tgt, eps=eps, eps_goal=eps,
+                    group=group, fooled=torch.zeros(n, dtype=torch.bool, device=dev),
+                    x_fool=x_start.clone(), loss_fool=torch.zeros(n, device=dev),
                     n_steps=torch.zeros(n, dtype=torch.long, device=dev))
-        if self.norm == "L1":
-            W.topk = torch.full((n,), 0.2, device=dev)
-            W.sp_old = torch.full((n,), float(n_fts), device=dev)
         R = {"x": xn.clone(), "success": torch.zeros(n, dtype=torch.bool, device=dev),
              "loss": torch.zeros(n, device=dev), "steps": torch.zeros(n, dtype=torch.long, device=dev),
              "step_size": torch.zeros(n, device=dev)}
-        checks = dict(apgd_l1_checkpoints(self.steps) if self.norm == "L1"
-                      else apgd_checkpoints(self.steps))
         every = self._every(dev)
-        if self.early_stop and n:
-            self._compact(W, R, n_groups, force=True)
-        for i in range(self.steps):
+        for s, (factor, iters) in enumerate(stages):
+            if len(W) == 0:
+                break
+            if iters == 0 and s + 1 < len(stages):
+                continue
+            if self.use_largereps:
+                W.eps = W.eps_goal * factor
+                x_start = W.xn + l1_project_delta(W.xn, x_start - W.xn, W.eps, self.lower, self.upper)
+            self._start_stage(W, x_start, alpha, n_fts, loss_fn, success_fn, factor > 1.0)
+            if self.early_stop and len(W):
+                self._compact(W, R, n_groups, force=True)
+            self._run_stage(W, R, iters, alpha, n_fts, n_groups, every, loss_fn, success_fn,
+                            factor > 1.0)
+            x_start = W.x_best
+        self._retire(W, R, torch.arange(len(W), device=dev))
+        return R
+
+    def _succeeded(self, W: Working, x: Tensor, z: Tensor, success_fn: Callable, wide: bool) -> Tensor:
+        succ = success_fn(z, W.y, W.tgt)
+        if wide:  # a stage in a larger ball: only a point within eps_goal counts
+            succ = succ & (lp_norm(x - W.xn, self.norm) <= W.eps_goal)
+        return succ
+
+    def _start_stage(self, W: Working, x0: Tensor, alpha: float, n_fts: int, loss_fn: LossFn,
+                     success_fn: Callable, wide: bool) -> None:
+        """A fresh APGD state at ``x0`` for every row (step size, sparsity, best point)."""
+        n = len(W)
+        dev = x0.device
+        loss, z, grad = self._loss_grad(x0, W.y, W.tgt, loss_fn)
+        succ = self._succeeded(W, x0, z, success_fn, wide)
+        newly = succ & ~W.fooled
+        W.x_fool = torch.where(view_rows(newly, x0), x0, W.x_fool)
+        W.loss_fool = torch.where(newly, loss, W.loss_fool)
+        W.fooled = W.fooled | succ
+        W.x, W.x_old, W.grad = x0, x0, grad
+        W.x_best, W.grad_best = x0.clone(), grad.clone()
+        W.loss_best, W.loss_prev, W.loss_last = loss.clone(), loss, loss.clone()
+        W.reduced = torch.ones(n, dtype=torch.bool, device=dev)
+        W.n_incr = torch.zeros(n, dtype=torch.int32, device=dev)
+        W.step = alpha * W.eps
+        if self.norm == "L1":
+            if self.use_largereps:
+                # a given start: the sparsity follows its support (the reference's x_init case)
+                sp = _l0(x0 - W.xn)
+                W.topk = sp / n_fts / 1.5
+                W.sp_old = sp
+            else:
+                W.topk = torch.full((n,), 0.2, device=dev)
+                W.sp_old = torch.full((n,), float(n_fts), device=dev)
+
+    def _run_stage(self, W: Working, R: Dict[str, Tensor], iters: int, alpha: float, n_fts: int,
+                   n_groups: int, every: int, loss_fn: LossFn, success_fn: Callable,
+                   wide: bool) -> None:
+        checks = dict(apgd_l1_checkpoints(iters) if self.norm == "L1" else apgd_checkpoints(iters))
+        for i in range(iters):
             if len(W) == 0:
                 break
             a = 0.75 if i > 0 else 1.0
             x_new = self._step(W, a, n_fts)
             loss, z, grad = self._loss_grad(x_new, W.y, W.tgt, loss_fn)
-            succ = success_fn(z, W.y, W.tgt)
+            succ = self._succeeded(W, x_new, z, success_fn, wide)
             active = ~W.fooled
             W.n_steps += 1  # work done: the row was in the batch
             newly = succ & active
@@ -254,10 +327,8 @@ class APGD(Attack):
             W.x_old, W.x, W.grad = W.x, x_new, grad
             if i + 1 in checks:
                 self._checkpoint(W, checks[i + 1], alpha, n_fts)
-            if self.early_stop and (i + 1) % every == 0 and i + 1 < self.steps:
+            if self.early_stop and (i + 1) % every == 0 and i + 1 < iters:
                 self._compact(W, R, n_groups)
-        self._retire(W, R, torch.arange(len(W), device=dev))
-        return R
 
     def _checkpoint(self, W: Working, k: int, alpha: float, n_fts: int) -> None:
         if self.norm == "L1":
@@ -328,26 +399,14 @@ class APGD(Attack):
         steps = torch.zeros(b, dtype=torch.long, device=dev)
         step_size = torch.zeros(b, device=dev)
         todo = (~done).nonzero().squeeze(1)
-        n_t = 1 if tg is None else tg.shape[1]
-        reps = n_t * self.n_restarts
-        for sl in chunks(todo.numel(), reps, self.max_rows):
-            pts = todo[sl]
-            m = pts.numel()
-            if m == 0:
-                continue
-            xn = x.index_select(0, pts).repeat_interleave(reps, 0)
-            ye = y.index_select(0, pts).repeat_interleave(reps, 0)
-            te = None if tg is None else tg.index_select(0, pts).repeat_interleave(
-                self.n_restarts, 1).reshape(-1)
-            ee = eps.index_select(0, pts).repeat_interleave(reps, 0)
-            group = torch.arange(m, device=dev).repeat_interleave(reps, 0)
-            R = self._optimize(xn, ye, te, ee, group, m, gen, loss_fn, success_fn)
-            idx, gs = pick_per_group(group, m, R["success"], R["loss"])
+        for E in entry_chunks(todo, x, y, tg, eps, self.n_restarts, self.max_rows):
+            m, pts = E.n_points, E.pts
+            R = self._optimize(E.x, E.y, E.target, E.eps, E.group, m, gen, loss_fn, success_fn)
+            idx, gs = pick_per_group(E.group, m, R["success"], R["loss"])
             x_adv.index_copy_(0, pts, R["x"].index_select(0, idx))
             success.index_copy_(0, pts, gs)
             loss.index_copy_(0, pts, R["loss"].index_select(0, idx))
-            st = torch.zeros(m, dtype=torch.long, device=dev).index_add_(0, group, R["steps"])
-            steps.index_copy_(0, pts, st)
+            steps.index_copy_(0, pts, E.per_point_sum(R["steps"]))
             step_size.index_copy_(0, pts, R["step_size"].index_select(0, idx))
         if self.verbose:
             print(f"{self.attack}: robust accuracy {1 - success.float().mean().item():.2%} "

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._groups import lp_norm, norm_name
+from ._groups import layout_like, lp_norm, norm_name
 from .apgd import APGD, APGDT
 from .base import Attack, AttackResult, preserved_model
 from .fab import FAB
@@ -36,7 +36,8 @@ class AutoAttack(Attack):
     """AutoAttack with the reference's versions and defaults.
 
     version "standard": apgd-ce, apgd-t (9 targets), fab-t (9 targets), square (5000
-    queries), one restart each (L1: apgd-ce with 5 restarts and apgd-t);
+    queries), one restart each (L1: apgd-ce with 5 restarts and apgd-t, both with
+    ``use_largereps``, the 3ε → 2ε → ε schedule of the reference);
     "plus": apgd-ce and apgd-dlr (5 restarts), fab (5 restarts), square, apgd-t, fab-t;
     "rand": apgd-ce and apgd-dlr with EOT over 20 samples (randomised defences);
     "custom": ``attacks_to_run``, a subset of ``ATTACK_NAMES``.
@@ -102,12 +103,15 @@ class AutoAttack(Attack):
         rand = self.version == "rand"
         restarts = 5 if plus else 1
         eot = 20 if rand else 1
+        # the reference's standard L1 setting: the 3ε → 2ε → ε schedule of L1-APGD
+        l1_std = self.norm == "L1" and self.version == "standard"
         if name in ("apgd-ce", "apgd-dlr"):
-            r = 5 if (plus or (self.norm == "L1" and self.version == "standard" and name == "apgd-ce")) else 1
+            r = 5 if (plus or (l1_std and name == "apgd-ce")) else 1
             atk = APGD(self.model, self.norm, self.eps, self.steps, r, None,
-                       "ce" if name == "apgd-ce" else "dlr", eot, **kw)
+                       "ce" if name == "apgd-ce" else "dlr", eot, use_largereps=l1_std, **kw)
         elif name == "apgd-t":
-            atk = APGDT(self.model, self.norm, self.eps, self.steps, 1, None, eot, n_target_classes=9, **kw)
+            atk = APGDT(self.model, self.norm, self.eps, self.steps, 1, None, eot, n_target_classes=9,
+                        use_largereps=l1_std, **kw)
         elif name == "fab":
             atk = FAB(self.model, self.norm, self.eps, self.steps, restarts, **kw)
         elif name == "fab-t":
@@ -116,7 +120,7 @@ class AutoAttack(Attack):
         else:
             atk = Square(self.model, self.norm, self.eps, self.n_queries, 1, **kw)
         if self._mean is not None:
-            atk.set_normalization_used(self._mean.tolist(), self._std.tolist())
+            atk._set_model_normalization(self._mean.tolist(), self._std.tolist())  # pixel-space I/O inside
         return atk
 
     # -------------------------------------------------------------- state
@@ -229,7 +233,7 @@ class AutoAttack(Attack):
         restart count inside each attack); ``state_path`` saves progress so an
         interrupted run resumes; ``progress(attack_name, n_points_done)`` is called
         after every chunk."""
-        xf, y = self._prepare(x_orig, y_orig)
+        xf, y = self._prepare(self._from_user(x_orig), y_orig)  # normalized input under set_normalization_used
         with preserved_model(self.model, self.model_mode, devices=(xf.device,)) if isinstance(
                 self.model, nn.Module) else _null():
             with torch.no_grad():
@@ -238,7 +242,7 @@ class AutoAttack(Attack):
                 self._check_logits(z, y[: z.shape[0]], None)
             gen = self.make_generator(xf.device)
             res = self._attack(xf, y, None, gen, bs=bs, state_path=state_path, progress=progress)
-        x_adv = res.x_adv.to(x_orig.dtype).contiguous(memory_format=_fmt(x_orig))
+        x_adv = layout_like(self._to_user(res.x_adv, x_orig).to(x_orig.dtype), x_orig)
         res.x_adv = x_adv
         if self.verbose:
             print(f"clean accuracy: {self.clean_accuracy:.2%}  robust accuracy: {self.robust_accuracy:.2%}")
@@ -246,7 +250,7 @@ class AutoAttack(Attack):
             with preserved_model(self.model, self.model_mode, devices=(xf.device,)) if isinstance(
                     self.model, nn.Module) else _null():
                 with torch.no_grad():
-                    labels = _predict(self, x_adv.to(torch.float32), bs)
+                    labels = _predict(self, self._from_user(x_adv).to(torch.float32), bs)
             return x_adv, labels
         return x_adv
 
@@ -298,12 +302,6 @@ def _fp32_logits(atk: Attack, x: Tensor) -> Tensor:
         return atk.logits(x, fp32=True).float()
     except TypeError:  # a base class without the fp32 switch
         return atk.logits(x).float()
-
-
-def _fmt(x: Tensor):
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class _null:

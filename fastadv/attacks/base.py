@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses as _losses
+from ._groups import channels_last, layout_like
 
 _AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16,
         "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -262,10 +263,20 @@ class Attack:
         m, s = self._channel_stats(x)
         return (x - m) / s
 
+    def _model_layout(self, x: Tensor) -> Tensor:
+        """``x`` with NHWC strides when this run attacks in channels_last. Batches built
+        by arithmetic on a one-channel NHWC batch come back with NCHW strides (both
+        layouts are "contiguous" then), which sends the convolutions, and worse the
+        pooling, down their NCHW paths; for one channel the fix is a free view."""
+        if self.__dict__.get("_nhwc") and x.dim() == 4 and x.stride(1) != 1:
+            return channels_last(x)
+        return x
+
     def logits(self, x: Tensor, *, fp32: bool = False) -> Tensor:
         """The model's logits on ``x`` (normalization applied, under autocast if amp,
         unless ``fp32``)."""
         dt = None if fp32 else _AMP[self.amp]
+        x = self._model_layout(x)
         if dt is not None:
             # No weight-cast cache: each call is its own autocast region anyway, and a
             # cache would break CUDA graph capture.
@@ -286,7 +297,7 @@ class Attack:
         all-zero gradient, so it moves nothing this step. Under fp16 the loss is scaled
         per sample by ``grad_scale`` (float32 ``[B]``, default 1024); when given, it is
         updated in place: halved for every sample whose scaled gradient overflowed."""
-        x = x.detach().requires_grad_(True)
+        x = self._model_layout(x.detach()).requires_grad_(True)
         fp16 = _AMP[self.amp] is torch.float16
         with torch.enable_grad():
             z = self.logits(x)
@@ -342,8 +353,9 @@ class Attack:
                                  f"normalization=(mean, std) for a model that expects normalized input, or "
                                  f"set_normalization_used(mean, std) if x itself is normalized)")
         xf = x.detach().to(torch.float32)
-        if self._use_channels_last(xf):
-            xf = xf.contiguous(memory_format=torch.channels_last)
+        self._nhwc = self._use_channels_last(xf)
+        if self._nhwc:
+            xf = channels_last(xf)  # NHWC strides even for one channel (see _groups.channels_last)
         return xf, y.long()
 
     def _use_channels_last(self, x: Tensor) -> bool:
@@ -431,8 +443,7 @@ class Attack:
                 res = self._attack(xf, y, target, gen)
             finally:
                 self.clean_logits = None
-        res.x_adv = self._to_user(res.x_adv, x_user).to(dtype=x_user.dtype).contiguous(
-            memory_format=_memory_format(x_user)).detach()
+        res.x_adv = layout_like(self._to_user(res.x_adv, x_user).to(dtype=x_user.dtype), x_user).detach()
         return res
 
     def __call__(self, x: Tensor, y: Tensor, target: Optional[Tensor] = None) -> Tensor:
@@ -450,9 +461,3 @@ class Attack:
     def is_success(z: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
         pred = z.argmax(1)
         return pred == target if target is not None else pred != y
-
-
-def _memory_format(x: Tensor):
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format

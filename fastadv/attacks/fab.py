@@ -16,8 +16,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from ._groups import (Working, channels_last, chunked_loss_and_grad, chunks, forward_rows, group_any,
-                      lp_norm, norm_name, pick_per_group, view_rows)
+from ._groups import (Working, channels_last, chunked_loss_and_grad, entry_chunks, forward_rows,
+                      group_any, lp_norm, norm_name, pick_per_group, view_rows)
 from .apgd import _pos_int, l1_project_delta
 from .base import Attack, AttackResult
 
@@ -291,30 +291,17 @@ class FAB(Attack):
         min_norm = torch.where(done, torch.zeros(b, device=dev), torch.full((b,), math.inf, device=dev))
         steps = torch.zeros(b, dtype=torch.long, device=dev)
         todo = (~done).nonzero().squeeze(1)
-        n_t = 1 if tg is None else tg.shape[1]
-        reps = n_t * self.n_restarts
-        for sl in chunks(todo.numel(), reps, self.max_rows):
-            pts = todo[sl]
-            m = pts.numel()
-            if m == 0:
-                continue
-            xn = x.index_select(0, pts).repeat_interleave(reps, 0)
-            ye = y.index_select(0, pts).repeat_interleave(reps, 0)
-            te = None if tg is None else tg.index_select(0, pts).repeat_interleave(
-                self.n_restarts, 1).reshape(-1)
-            ee = eps.index_select(0, pts).repeat_interleave(reps, 0)
-            restart = torch.arange(self.n_restarts, device=dev).repeat(m * n_t)
-            group = torch.arange(m, device=dev).repeat_interleave(reps, 0)
-            R = self._optimize(xn, ye, te, ee, restart > 0, group, m, gen)
+        for E in entry_chunks(todo, x, y, tg, eps, self.n_restarts, self.max_rows):
+            m, pts, xn, ye, ee = E.n_points, E.pts, E.x, E.y, E.eps
+            R = self._optimize(xn, ye, E.target, ee, E.restart > 0, E.group, m, gen)
             self._project_near_misses(R, xn, ye, ee)
             ok = R["norm"] <= ee
-            idx, gs = pick_per_group(group, m, ok, -R["norm"])
+            idx, gs = pick_per_group(E.group, m, ok, -R["norm"])
             xa = torch.where(view_rows(gs, xn[:m]), R["x"].index_select(0, idx), x.index_select(0, pts))
             x_adv.index_copy_(0, pts, xa)
             success.index_copy_(0, pts, gs)
             min_norm.index_copy_(0, pts, R["norm"].index_select(0, idx))
-            steps.index_copy_(0, pts, torch.zeros(m, dtype=torch.long, device=dev).index_add_(
-                0, group, R["steps"]))
+            steps.index_copy_(0, pts, E.per_point_sum(R["steps"]))
         if self.verbose:
             print(f"{self.attack}: robust accuracy {1 - success.float().mean().item():.2%} on {b} points")
         loss = -min_norm

@@ -14,8 +14,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from ._groups import (Working, channels_last, chunks, group_any, lp_norm, norm_name, pick_per_group,
-                      view_rows)
+from ._groups import (Working, channels_last, entry_chunks, group_any, lp_norm, norm_name,
+                      pick_per_group, view_rows)
 from .apgd import _pos_int
 from .base import Attack, AttackResult
 
@@ -334,24 +334,15 @@ class Square(Attack):
         loss = loss0.clone()
         queries = torch.zeros(b, dtype=torch.long, device=dev)
         todo = (~done).nonzero().squeeze(1)
-        reps = self.n_restarts
-        for sl in chunks(todo.numel(), reps, self.max_rows):
-            pts = todo[sl]
-            m = pts.numel()
-            if m == 0:
-                continue
-            xn = x.index_select(0, pts).repeat_interleave(reps, 0)
-            ye = y.index_select(0, pts).repeat_interleave(reps, 0)
-            te = None if target is None else target.index_select(0, pts).repeat_interleave(reps, 0)
-            ee = eps.index_select(0, pts).repeat_interleave(reps, 0)
-            group = torch.arange(m, device=dev).repeat_interleave(reps, 0)
-            R = self._optimize(xn, ye, te, ee, group, m, gen)
-            idx, gs = pick_per_group(group, m, R["margin"] <= 0, -R["loss"])
+        tg = None if target is None else target[:, None]
+        for E in entry_chunks(todo, x, y, tg, eps, self.n_restarts, self.max_rows):
+            m, pts = E.n_points, E.pts
+            R = self._optimize(E.x, E.y, E.target, E.eps, E.group, m, gen)
+            idx, gs = pick_per_group(E.group, m, R["margin"] <= 0, -R["loss"])
             x_adv.index_copy_(0, pts, R["x"].index_select(0, idx))
             success.index_copy_(0, pts, gs)
             loss.index_copy_(0, pts, R["loss"].index_select(0, idx))
-            queries.index_copy_(0, pts, torch.zeros(m, dtype=torch.long, device=dev).index_add_(
-                0, group, R["queries"]))
+            queries.index_copy_(0, pts, E.per_point_sum(R["queries"]))
         if self.verbose:
             print(f"Square: robust accuracy {1 - success.float().mean().item():.2%} on {b} points")
         # steps: model queries (Square uses no gradients)
