@@ -1,6 +1,8 @@
 """Time-to-robustness of fastadv's training methods on the embedded MNIST-5k (ε = 0.3, CPU).
 
     python benchmarks/bench_train.py [--threads 2] [--epochs 15] [--quick]    # the table
+    python benchmarks/bench_train.py --threads 1 --epochs 15 --interleave --seed 1 --only ...
+                                    # rows trained round-robin: fair time ratios under load
     python benchmarks/bench_train.py --cost [--threads 2]                      # per-batch cost only
     python benchmarks/bench_train.py --cost --device cuda --model preact_resnet18 --amp bf16
                                     # the GPU row: each method's epoch time ÷ the standard epoch
@@ -21,16 +23,8 @@ import torch
 from fastadv import bench_train, models
 from fastadv.train import AdversarialTrainer
 
-THREADS = int(os.environ.get("FASTADV_BENCH_THREADS", "2"))
+THREADS = int(os.environ.get("FASTADV_BENCH_THREADS", "2"))  # conftest.py applies it per test
 METHODS = ["standard", "pgd", "fgsm_rs", "n_fgsm", "gradalign", "free", "yopo", "atta", "trades", "mart"]
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -23,6 +23,8 @@ SPECS: List[Tuple[str, str, Dict[str, object]]] = [
     ("gradalign", "gradalign", {}),
     ("free (m=4)", "free", {}),
     ("yopo-5-3", "yopo", {}),
+    # f₀ = conv + ReLU, as the authors' own MNIST network (their layer_one): a nonlinear f₀
+    ("yopo-5-3+relu", "yopo", {"first_layer": ["features.0", "features.1", "features.2"]}),
     ("atta-1", "atta", {}),
     ("atta-1+free", "atta", {"free_step": True}),
     ("atta-2", "atta", {"steps": 2}),
@@ -51,7 +53,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="rows to run (labels of SPECS)")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--interleave", action="store_true",
+                        help="train the rows round-robin, an epoch at a time (fair timing on a shared machine)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+def _median(v: Sequence[float]) -> float:
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 def train_table(specs: Sequence[Tuple[str, str, Dict[str, object]]] = SPECS, *, epochs: int = 5,
@@ -59,8 +69,13 @@ def train_table(specs: Sequence[Tuple[str, str, Dict[str, object]]] = SPECS, *, 
                 n_train: int = 4000, n_test: int = 1000, eval_steps: int = 40,
                 eps_warmup: float = 2.0, threads: Optional[int] = 2, attack_amp: str = "bf16",
                 channels_last: bool = True, pgd_fp32: bool = False, seed: int = 0,
-                log=None) -> List[Dict[str, object]]:
-    """Train each spec and evaluate it; return one row (dict) per spec."""
+                interleave: bool = False, log=None) -> List[Dict[str, object]]:
+    """Train each spec and evaluate it; return one row (dict) per spec.
+
+    ``interleave``: train the specs round-robin, one epoch of each in turn (``fit``
+    continues where it stopped), so that a change in the machine's load hits every row
+    alike; the time ratio is then the median over epochs of (this row's epoch ÷ standard
+    training's same epoch). The trained models are the same as without it."""
     from . import data, models
     from .train import AdversarialTrainer
 
@@ -69,38 +84,71 @@ def train_table(specs: Sequence[Tuple[str, str, Dict[str, object]]] = SPECS, *, 
         torch.set_num_threads(threads)
     (xtr, ytr), (xte, yte) = data.load_dataset("mnist5k", n_test=1000, seed=0)
     xtr, ytr, xte, yte = xtr[:n_train], ytr[:n_train], xte[:n_test], yte[:n_test]
-    rows = []
-    for label, method, opts in specs:
+    val = data.make_loader(xte[:500], yte[:500], batch_size=500, shuffle=False)
+    test = data.make_loader(xte, yte, batch_size=500, shuffle=False)
+    fit_kw = dict(val_loader=val, guard_size=500, eps_warmup=eps_warmup, verbose=False)
+
+    def setup(label, method, opts):
         torch.manual_seed(seed)
         model = models.SmallCNN(width=width)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         a_amp = "fp32" if (pgd_fp32 and label.startswith("pgd")) else attack_amp
-        tr = AdversarialTrainer(model, opt, method=method, eps=eps, seed=seed, channels_last=channels_last,
-                                attack_amp=a_amp, **opts)
+        tr = AdversarialTrainer(model, opt, method=method, eps=eps, seed=seed,
+                                channels_last=channels_last, attack_amp=a_amp, **opts)
         loader = data.make_loader(xtr, ytr, batch_size=batch_size, indexed=(method == "atta"), seed=seed)
-        val = data.make_loader(xte[:500], yte[:500], batch_size=500, shuffle=False)
-        t0 = time.perf_counter()
-        hist = tr.fit(loader, epochs, val_loader=val, guard_size=500, eps_warmup=eps_warmup, verbose=False)
-        wall = time.perf_counter() - t0
-        train_time = sum(r["time"] for r in hist)
-        # the median epoch: robust to other jobs stealing the CPU for a while
-        epoch_time = sorted(r["time"] for r in hist)[len(hist) // 2]
-        test = data.make_loader(xte, yte, batch_size=500, shuffle=False)
+        return {"label": label, "method": method, "opts": opts, "a_amp": a_amp, "tr": tr,
+                "loader": loader, "wall": 0.0}
+
+    def finish(run):
+        tr, hist = run["tr"], run["tr"].history
         ev = tr.evaluate(test, eps=eps, steps=eval_steps, seed=seed)
-        row = {"label": label, "method": method, "alpha": tr.alpha, "steps": tr.steps,
-               "options": {k: v for k, v in opts.items()}, "attack_amp": a_amp,
-               "epochs": epochs, "train_time_s": train_time, "epoch_time_s": epoch_time,
-               "wall_s": wall, "clean_acc": ev["clean_acc"], f"pgd{eval_steps}_acc": ev["robust_acc"],
+        times = [r["time"] for r in hist]
+        cpu = [r.get("cpu_time", float("nan")) for r in hist]
+        row = {"label": run["label"], "method": run["method"], "alpha": tr.alpha, "steps": tr.steps,
+               "options": dict(run["opts"]), "attack_amp": run["a_amp"], "epochs": epochs,
+               "seed": seed, "threads": threads, "interleave": interleave,
+               "train_time_s": sum(times), "epoch_times_s": times,
+               # the median epoch: robust to other jobs stealing the CPU for a while
+               "epoch_time_s": _median(times), "wall_s": run["wall"],
+               "cpu_time_s": sum(cpu), "epoch_cpu_s": cpu,
+               "clean_acc": ev["clean_acc"], f"pgd{eval_steps}_acc": ev["robust_acc"],
                "robust_acc": ev["robust_acc"], "guard_curve": [r.get("robust_acc") for r in hist],
                "collapsed": hist.collapsed}
-        rows.append(row)
-        log(f"{label:12s} time {train_time:7.1f}s  clean {ev['clean_acc']:.1%}  "
+        log(f"{row['label']:12s} time {row['train_time_s']:7.1f}s  clean {ev['clean_acc']:.1%}  "
             f"PGD-{eval_steps} {ev['robust_acc']:.1%}  guard {['%.2f' % v for v in row['guard_curve']]}")
+        return row
+
+    runs = [setup(*spec) for spec in specs] if interleave else None
+    rows = []
+    if interleave:
+        for e in range(1, epochs + 1):
+            for run in runs:
+                t0 = time.perf_counter()
+                # the best weights go back (after a collapse) only at the end, as in one fit()
+                run["tr"].fit(run["loader"], e, restore_best="on_collapse" if e == epochs else False,
+                              **fit_kw)
+                run["wall"] += time.perf_counter() - t0
+        rows = [finish(run) for run in runs]
+    else:
+        for spec in specs:
+            run = setup(*spec)
+            t0 = time.perf_counter()
+            run["tr"].fit(run["loader"], epochs, **fit_kw)
+            run["wall"] = time.perf_counter() - t0
+            rows.append(finish(run))
     base = next((r for r in rows if r["method"] == "standard"), None)
     ref = next((r for r in rows if r["label"].startswith("pgd")), None)
     for r in rows:
-        r["time_ratio"] = r["epoch_time_s"] / base["epoch_time_s"] if base else float("nan")
-        r["total_time_ratio"] = r["train_time_s"] / base["train_time_s"] if base else float("nan")
+        if base is None:
+            r["time_ratio"] = r["total_time_ratio"] = r["cpu_ratio"] = float("nan")
+        else:
+            r["total_time_ratio"] = r["train_time_s"] / base["train_time_s"]
+            if interleave:   # epoch by epoch against standard's epoch run beside it
+                r["time_ratio"] = _median([a / b for a, b in zip(r["epoch_times_s"], base["epoch_times_s"])])
+                r["cpu_ratio"] = _median([a / b for a, b in zip(r["epoch_cpu_s"], base["epoch_cpu_s"])])
+            else:
+                r["time_ratio"] = r["epoch_time_s"] / base["epoch_time_s"]
+                r["cpu_ratio"] = _median(r["epoch_cpu_s"]) / _median(base["epoch_cpu_s"])
         r["gap_to_pgd_points"] = 100 * (ref["robust_acc"] - r["robust_acc"]) if ref else float("nan")
         r["meets_target"] = bool(ref is not None and base is not None and r is not ref and
                                  r["method"] != "standard" and r["gap_to_pgd_points"] <= 2.0
@@ -109,13 +157,14 @@ def train_table(specs: Sequence[Tuple[str, str, Dict[str, object]]] = SPECS, *, 
 
 
 def format_table(rows: List[Dict[str, object]], eval_steps: int = 40) -> str:
-    head = (f"| method | α | steps | median epoch (s) | × standard | total × standard | clean | "
-            f"PGD-{eval_steps} | gap to PGD-10 AT (pts) | target met |")
-    lines = [head, "|" + "---|" * 10]
+    head = (f"| method | α | steps | median epoch (s) | × standard | total × standard | CPU × standard | "
+            f"clean | PGD-{eval_steps} | gap to PGD-10 AT (pts) | target met |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         gap = r["gap_to_pgd_points"]
         lines.append(f"| {r['label']} | {r['alpha']:.3g} | {r['steps']} | {r['epoch_time_s']:.2f} | "
-                     f"{r['time_ratio']:.2f} | {r['total_time_ratio']:.2f} | {r['clean_acc']:.1%} | "
+                     f"{r['time_ratio']:.2f} | {r['total_time_ratio']:.2f} | {r.get('cpu_ratio', float('nan')):.2f} | "
+                     f"{r['clean_acc']:.1%} | "
                      f"{r['robust_acc']:.1%} | "
                      f"{'' if math.isnan(gap) else f'{gap:+.1f}'} | {'yes' if r['meets_target'] else ''} |")
     return "\n".join(lines)
@@ -190,7 +239,7 @@ def run(args) -> int:
                        batch_size=args.batch_size, lr=args.lr, n_train=args.n_train, n_test=args.n_test,
                        eval_steps=args.eval_steps, eps_warmup=args.eps_warmup, threads=args.threads,
                        attack_amp=args.attack_amp, channels_last=not args.no_channels_last,
-                       pgd_fp32=args.pgd_fp32, seed=args.seed)
+                       pgd_fp32=args.pgd_fp32, seed=args.seed, interleave=args.interleave)
     print()
     print(format_table(rows, args.eval_steps))
     if args.json:

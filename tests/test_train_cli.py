@@ -51,3 +51,13 @@ def test_demo_quick(tmp_path, capsys):
     row = res["rows"][0]
     assert row["method"] == "atta" and 0 <= row["clean_acc"] <= 1
     assert "autoattack_acc" in row
+
+
+def test_recommended_method_gets_the_free_step_unless_told_otherwise():
+    from fastadv.commands.train import RECOMMENDED, method_options
+    assert RECOMMENDED == "atta"
+    assert method_options("atta") == {"free_step": True}
+    assert method_options("atta", ["free_step=false"]) == {"free_step": False}
+    assert method_options("pgd", ["steps=3"]) == {"steps": 3}
+    with pytest.raises(ValueError, match="--option"):
+        method_options("atta", ["free_step"])

@@ -67,7 +67,7 @@ def _worker(rank, init_file, out_dir, method):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["atta", "trades"])
+@pytest.mark.parametrize("method", ["atta", "trades", "yopo"])
 def test_ddp_two_gloo_ranks(tmp_path, method):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), method), nprocs=WORLD, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .train import RECOMMENDED
+from .train import RECOMMENDED, method_options
 
 
 def add_arguments(parser) -> None:
@@ -98,7 +98,7 @@ def run(args) -> int:
         try:
             tr = AdversarialTrainer(model, opt, method=method, eps=args.eps, seed=args.seed,
                                     steps=args.steps if method != "standard" else None,
-                                    channels_last=True, attack_amp="bf16")
+                                    channels_last=True, attack_amp="bf16", **method_options(method))
         except (ValueError, TypeError) as exc:
             print(f"fastadv demo: {exc}", file=sys.stderr)
             return 2

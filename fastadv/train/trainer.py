@@ -365,7 +365,7 @@ class AdversarialTrainer:
                              f"indexed=True) or fastadv.data.IndexedDataset")
         on_host = x.device.type == "cpu"
         if on_host or not self._prepared:
-            lo, hi = float(x.min()), float(x.max())
+            lo, hi = (float(v) for v in torch.aminmax(x.detach()))
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ValueError("x: expected finite values, got NaN or inf")
             tol = 1e-6 * (self.upper - self.lower)
@@ -373,13 +373,13 @@ class AdversarialTrainer:
                 raise ValueError(f"x: expected values in [lower, upper] = [{self.lower}, {self.upper}], "
                                  f"got [{lo:.4g}, {hi:.4g}] (normalize inside the model, or set lower/upper)")
         if y.device.type == "cpu" or not self._prepared:
-            ymin, ymax = int(y.min()), int(y.max())
+            ymin, ymax = (int(v) for v in torch.aminmax(y))
             n = self._num_classes
             if ymin < 0 or (n is not None and ymax >= n):
                 raise ValueError(f"y: expected labels in [0, {n - 1 if n else 'classes-1'}], "
                                  f"got range [{ymin}, {ymax}]")
             if idx is not None and idx.numel():
-                imin, imax = int(idx.min()), int(idx.max())
+                imin, imax = (int(v) for v in torch.aminmax(idx))
                 if imin < 0 or (self.dataset_size is not None and imax >= self.dataset_size):
                     raise ValueError(f"index: expected sample indices in [0, {self.dataset_size}), "
                                      f"got range [{imin}, {imax}]")
@@ -617,7 +617,8 @@ class AdversarialTrainer:
         Each record: epoch, lr, train_loss, train_adv_acc (accuracy on the trained
         inputs), val_clean_acc (whole ``val_loader``), robust_acc / guard_clean_acc (PGD
         on the held-out guard batch: the first ``guard_size`` samples of ``val_loader``,
-        else of the first training batch), time (training seconds), eval_time,
+        else of the first training batch), time (training seconds, wall), cpu_time (the
+        process's CPU seconds over the same span, all threads), eval_time,
         peak_mem_mb, collapse, best.
 
         Catastrophic-overfitting guard: an epoch whose guard PGD accuracy falls more than
@@ -699,10 +700,15 @@ class AdversarialTrainer:
             epoch_rng = _epoch_start_rng(train_loader)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-            sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss·B, correct, count
+            # loss·B and correct on the device (no sync per batch), the count on the host
+            sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+            count = 0
             if resuming and "sums" in rank_state:
-                sums += rank_state["sums"].to(self.device)
+                saved = rank_state["sums"]
+                sums += saved[:2].to(self.device)
+                count = int(saved[2].item())
             train_time = float(rank_state.get("train_time", 0.0)) if resuming else 0.0
+            cpu_time = float(rank_state.get("cpu_time", 0.0)) if resuming else 0.0
             it = iter(train_loader)
             for _ in range(skip_batches if resuming else 0):
                 next(it)
@@ -711,7 +717,7 @@ class AdversarialTrainer:
             bar = tqdm(total=n_batches, initial=skip_batches if resuming else 0,
                        desc=f"{self.method} {epoch + 1}/{epochs}", leave=False) if use_tqdm else None
             b = skip_batches if resuming else 0
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for batch in it:
                 x, y, idx = self._unpack(batch)
                 if guard and guard_batch is None:
@@ -719,9 +725,9 @@ class AdversarialTrainer:
                 if eps_warmup:
                     self.eps_scale = min(1.0, (epoch + (b + 1) / n_batches) / eps_warmup)
                 loss, z, yd = self._train_batch(x, y, idx)
-                sums += torch.stack([loss.double() * yd.shape[0], (z.argmax(1) == yd).sum().double(),
-                                     torch.tensor(float(yd.shape[0]), dtype=torch.float64,
-                                                  device=self.device)])
+                sums[0] += loss.double() * yd.shape[0]
+                sums[1] += (z.argmax(1) == yd).sum()
+                count += yd.shape[0]
                 b += 1
                 if bar is not None:
                     bar.update(1)
@@ -732,13 +738,15 @@ class AdversarialTrainer:
                 if checkpoint_dir is not None and checkpoint_every and b % checkpoint_every == 0 \
                         and (n_batches is None or b < n_batches):
                     _sync(self.device)
-                    extra = {"batch": b, "sums": sums.cpu(), **epoch_rng,
-                             "train_time": train_time + time.perf_counter() - t0}
+                    extra = {"batch": b, "sums": _with_count(sums, count), **epoch_rng,
+                             "train_time": train_time + time.perf_counter() - t0,
+                             "cpu_time": cpu_time + time.process_time() - c0}
                     if guard_batch is not None:
                         extra.update(guard_x=guard_batch[0], guard_y=guard_batch[1])
                     self.save_checkpoint(checkpoint_dir, extra)
             _sync(self.device)
             train_time += time.perf_counter() - t0
+            cpu_time += time.process_time() - c0
             if bar is not None:
                 bar.close()
             rank_state = None
@@ -747,7 +755,7 @@ class AdversarialTrainer:
             self.epoch = epoch + 1
 
             # -- end of epoch: metrics, evaluation, the guard, checkpoints
-            sums = _dist.all_reduce_sum_(sums.cpu())
+            sums = _dist.all_reduce_sum_(_with_count(sums, count))
             t1 = time.perf_counter()
             rec = {"epoch": epoch + 1, "method": self.method, "step": self.global_step,
                    "lr": float(self.optimizer.param_groups[0]["lr"]),
@@ -765,6 +773,7 @@ class AdversarialTrainer:
                 rec["guard_clean_acc"] = cnt[0].item() / cnt[2].item()
                 rec["robust_acc"] = cnt[1].item() / cnt[2].item()
             rec["time"] = train_time
+            rec["cpu_time"] = cpu_time
             rec["eval_time"] = time.perf_counter() - t1
             rec["peak_mem_mb"] = _peak_memory_mb(self.device)
             rec["collapse"] = False
@@ -813,6 +822,11 @@ class AdversarialTrainer:
 
 
 # ------------------------------------------------------------------ helpers
+def _with_count(sums: Tensor, count: int) -> Tensor:
+    """[loss·B, correct, count] as a CPU float64 tensor (the checkpointed/reduced form)."""
+    return torch.cat([sums.cpu(), torch.tensor([float(count)], dtype=torch.float64)])
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
