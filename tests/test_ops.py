@@ -333,3 +333,29 @@ def test_torch_compile_sees_the_op():
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x_adv, x_nat, grad, eps_t), step(x_adv, x_nat, grad, eps_t))
+
+
+def test_one_channel_layouts_mix_without_copies():
+    """A one-channel batch in NHWC and one in NCHW differ only in the stride of the size-1
+    channel dim: the ops take such inputs as free views (no per-step copy) and compute the
+    same result as with matching layouts."""
+    from fastadv.ops._library import as_strided_like
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(5, 1, 6, 7, generator=g)
+    nhwc = x.clone().as_strided(x.shape, (42, 1, 7, 1))
+    assert torch.equal(nhwc, x) and nhwc.stride() != x.stride()
+    v = as_strided_like(x, nhwc)
+    assert v.data_ptr() == x.data_ptr() and v.stride() == nhwc.stride() and torch.equal(v, x)
+    # a real layout difference (more than one channel) still copies, correctly
+    x3 = torch.rand(2, 3, 4, 4, generator=g)
+    cl = x3.contiguous(memory_format=torch.channels_last)
+    c = as_strided_like(x3, cl)
+    assert c.data_ptr() != x3.data_ptr() and c.stride() == cl.stride() and torch.equal(c, x3)
+    grad = torch.randn(5, 1, 6, 7, generator=g)
+    for backend in ("torch", "cpp"):
+        if ops.backends().get(backend) is not True:
+            continue
+        expect = ops.linf_step(x, x, grad, 0.05, 0.1, backend="torch")
+        out = nhwc.clone().as_strided(x.shape, (42, 1, 7, 1))
+        ops.linf_step_(out, x, grad, 0.05, 0.1, backend=backend)
+        assert torch.equal(out, expect), backend

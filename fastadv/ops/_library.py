@@ -48,9 +48,12 @@ def new_out(x: Tensor) -> Tensor:
 
 
 def as_strided_like(t: Tensor, ref: Tensor) -> Tensor:
-    """``t`` with ``ref``'s strides (a copy only when they differ)."""
+    """``t`` with ``ref``'s strides: a free view when they differ only on size-1 dims (a
+    one-channel batch in NCHW vs NHWC: same addresses element by element), else a copy."""
     if t.stride() == ref.stride() or t.numel() <= 1:
         return t
+    if t.shape == ref.shape and all(a == b for n, a, b in zip(t.shape, t.stride(), ref.stride()) if n != 1):
+        return t.as_strided(ref.shape, ref.stride(), t.storage_offset())
     return torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
