@@ -129,6 +129,38 @@ def test_early_stop_is_the_same_attack_without_rounding(mnist):
     assert torch.equal(full.x_adv[~full.success], stop.x_adv[~stop.success])
 
 
+def test_early_stop_cpu_passes_are_the_same_attack(mnist, monkeypatch):
+    """On a CPU, early stop keeps one active set over all rows and runs the model in
+    cache-sized passes: with a batch-size-independent model, the result is exactly that of
+    one pass over everything, restarts included."""
+    from fastadv.attacks import _engine
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with torch.no_grad():
+        lin[1].weight.copy_(torch.randn(10, 784, generator=torch.Generator().manual_seed(0)) * 0.05)
+        lin[1].bias.zero_()
+    _, x, y = mnist
+    x = x[:150]
+    with torch.no_grad():
+        y = lin(x).argmax(1)
+    kw = dict(eps=0.01, alpha=0.0025, steps=10, seed=1, restarts=3, early_stop=True)
+    whole = fastadv.PGD(lin, **kw).run(x, y)
+    passes = []
+    real = _engine.StepLoop._loss_and_grad
+
+    def spy(self, xa, *a):
+        passes.append((self.pass_rows, xa.shape[0]))
+        return real(self, xa, *a)
+
+    monkeypatch.setattr(_engine, "auto_max_rows", lambda *a, **k: 32)
+    monkeypatch.setattr(_engine.StepLoop, "_loss_and_grad", spy)
+    chunked = fastadv.PGD(lin, **kw).run(x, y)
+    assert passes and all(p == 32 for p, _ in passes)
+    assert passes[0][1] == 3 * 150                      # one active set: every restart of every point
+    assert torch.equal(whole.success, chunked.success)
+    assert torch.equal(whole.x_adv, chunked.x_adv) and torch.equal(whole.steps, chunked.steps)
+    assert 0.1 < whole.success.float().mean() < 0.9
+
+
 def test_best_iterate_not_last(mnist):
     model, x, y = mnist
     kw = dict(eps=0.1, alpha=0.05, steps=10, random_start=False)  # big steps oscillate

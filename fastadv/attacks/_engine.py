@@ -82,12 +82,15 @@ class ActiveSet:
     Starts with every row active (``idx`` None: state tensors are used as they are, no
     copy). ``shrink(keep)`` drops the rows whose ``keep`` is False and returns the positions
     kept, with which the caller gathers its per-row state (``gather``). Finding the kept rows
-    is a host sync, so callers shrink only at steps where ``due(step)`` says so: every step
-    at first, then every ~step/4 steps (1..8, 10, 12, 15, 18, 22, 27, 33, 41, ...)."""
+    is a host sync, so on a GPU callers shrink only at steps where ``due(step)`` says so:
+    every step at first, then every ~step/4 steps (1..8, 10, 12, 15, 18, 22, 27, 33, 41,
+    ...). On a CPU a sync costs nothing and every step is due."""
 
-    def __init__(self, rows: int, device: torch.device, min_drop: float = 0.05):
+    def __init__(self, rows: int, device: torch.device, min_drop: float = 0.05,
+                 every_step: Optional[bool] = None):
         self.rows = rows
         self.device = device
+        self.every_step = device.type == "cpu" if every_step is None else bool(every_step)
         self.idx: Optional[Tensor] = None   # row ids (into the full batch) of the active rows
         self.min_drop = min_drop
         self._next = 1
@@ -97,6 +100,8 @@ class ActiveSet:
 
     def due(self, step: int) -> bool:
         """Whether to look for finished rows after ``step`` steps."""
+        if self.every_step:
+            return True
         if step < self._next:
             return False
         self._next = step + max(1, step // 4)
@@ -280,13 +285,24 @@ class StepLoop:
     that the model's output depends on the input)."""
 
     def __init__(self, attack, step: StepFn, steps: int, *, keep: str = "best",
-                 early_stop: bool = False):
+                 early_stop: bool = False, pass_rows: Optional[int] = None):
         self.attack = attack
         self.step = step
         self.steps = int(steps)
         self.keep = keep
         self.early_stop = early_stop
+        # rows per forward+backward when the batch is larger (None: the whole batch)
+        self.pass_rows = pass_rows
         self.fp16 = attack.amp in ("fp16", "float16")
+
+    def _loss_and_grad(self, x: Tensor, y: Tensor, t: Optional[Tensor], gs: Optional[Tensor]):
+        r = self.pass_rows
+        if not r or x.shape[0] <= r:
+            return self.attack.loss_and_grad(x, y, t, grad_scale=gs)
+        parts = [self.attack.loss_and_grad(x[i:i + r], y[i:i + r], None if t is None else t[i:i + r],
+                                           grad_scale=None if gs is None else gs[i:i + r])
+                 for i in range(0, x.shape[0], r)]  # gs slices are views: updated in place
+        return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
 
     # -------------------------------------------------------------- eager
     def run(self, x_nat: Tensor, y: Tensor, target: Optional[Tensor], x0: Tensor,
@@ -303,7 +319,7 @@ class StepLoop:
         grad_seen: Optional[Tensor] = None
         done = 0
         for k in range(self.steps):
-            loss, z, g = atk.loss_and_grad(xa, ya, ta, grad_scale=gs)
+            loss, z, g = self._loss_and_grad(xa, ya, ta, gs)
             if k == 0:
                 grad_seen = self._grad_seen(g, gs)
             if best is not None:

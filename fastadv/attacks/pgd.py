@@ -134,9 +134,16 @@ class _IterativeAttack(Attack):
             res_succ = torch.zeros(b, dtype=torch.bool, device=dev)
         res_steps = torch.zeros(b, dtype=torch.long, device=dev)
         res_restart = torch.full((b,), -1, dtype=torch.long, device=dev)
-        loop = _engine.StepLoop(self, self._step, self.steps, keep=self.keep,
-                                early_stop=self.early_stop)
         max_rows = self.max_batch or _engine.auto_max_rows(self, x, y, target, self.restarts * b)
+        pass_rows = None
+        if self.early_stop and dev.type == "cpu" and not self.max_batch:
+            # Early stop on a CPU: one active set over many cache-sized passes, so the rows
+            # left late in the run are batched together instead of trickling through each
+            # chunk in turn (a pass of a few rows costs more per row); state stays < ~1 GB.
+            budget = max(max_rows, (2 ** 30) // max(1, 8 * 4 * x[0].numel()))
+            pass_rows, max_rows = max_rows, min(self.restarts * b, budget)
+        loop = _engine.StepLoop(self, self._step, self.steps, keep=self.keep,
+                                early_stop=self.early_stop, pass_rows=pass_rows)
 
         r = 0
         while r < self.restarts and b:
