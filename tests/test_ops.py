@@ -359,3 +359,36 @@ def test_one_channel_layouts_mix_without_copies():
         out = nhwc.clone().as_strided(x.shape, (42, 1, 7, 1))
         ops.linf_step_(out, x, grad, 0.05, 0.1, backend=backend)
         assert torch.equal(out, expect), backend
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_torch_backend_fast_path_is_the_reference_bit_for_bit(per_sample):
+    """The ``torch`` backend's float32 L∞ route (in-place ops into ``out``) gives exactly the
+    reference's bits, NaN/inf gradients, NaN in x_nat, per-sample alpha/eps and aliasing
+    (in place; x_adv that *is* x_nat) included."""
+    from fastadv.ops import reference as R
+    g = torch.Generator().manual_seed(11)
+    b = 6
+    x_nat = torch.rand(b, 3, 5, 5, generator=g)
+    x_adv = (x_nat + 0.2 * torch.randn(b, 3, 5, 5, generator=g)).clamp(0, 1)
+    grad = torch.randn(b, 3, 5, 5, generator=g)
+    grad.view(-1)[::7] = float("nan")
+    grad.view(-1)[3::11] = float("inf")
+    grad.view(-1)[5::13] = 0.0
+    x_nat[1, 0, 0, 0] = float("nan")
+    alpha = torch.rand(b, generator=g) * 0.1 if per_sample else 0.05
+    eps = torch.rand(b, generator=g) * 0.2 if per_sample else 0.1
+    expect = R.linf_step(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0)
+    got = ops.linf_step(x_adv, x_nat, grad, alpha, eps, backend="torch")
+    assert torch.equal(got.nan_to_num(-7.0), expect.nan_to_num(-7.0))
+    inplace = x_adv.clone()
+    ops.linf_step_(inplace, x_nat, grad, alpha, eps, backend="torch")
+    assert torch.equal(inplace.nan_to_num(-7.0), expect.nan_to_num(-7.0))
+    proj = ops.linf_project(x_adv, x_nat, eps, backend="torch")
+    assert torch.equal(proj.nan_to_num(-7.0), R.linf_project(x_adv, x_nat, eps).nan_to_num(-7.0))
+    same = x_nat.clone()                                  # x_adv and x_nat one tensor
+    ops.linf_step_(same, same, grad, alpha, eps, backend="torch")
+    assert torch.equal(same.nan_to_num(-7.0), R.linf_step(x_nat, x_nat, grad, alpha, eps).nan_to_num(-7.0))
+    # other dtypes take the reference itself
+    h = ops.linf_step(x_adv.half(), x_nat.half(), grad, alpha, eps, backend="torch")
+    assert torch.equal(h.nan_to_num(-7.0), R.linf_step(x_adv.half(), x_nat.half(), grad, alpha, eps).nan_to_num(-7.0))
