@@ -185,3 +185,17 @@ def test_l1_autoattack_not_weaker_than_apgd_ce(mnist):
     # different search, not a superset of it (at ε = 3, 20 steps: 32 vs 31 of 40 robust)
     plain5 = APGD(model, norm="L1", eps=eps, steps=steps, seed=0, n_restarts=5).run(x, y)
     assert robust.sum() <= (~plain5.success).sum() + 1
+
+
+def test_l1_autoattack_custom_runs_fab_and_refuses_square():
+    model = zoo.mnist_cnn()
+    _, (x, y) = zoo.mnist_split()
+    x, y = x[:24], y[:24]
+    aa = AutoAttack(model, norm="L1", eps=5.0, version="custom", attacks_to_run=["apgd-ce", "fab-t"],
+                    steps=5, seed=0, checks=False)
+    xa = aa.run_standard_evaluation(x, y, bs=24)
+    assert (xa - x).abs().flatten(1).sum(1).max() <= 5.0 + 1e-4
+    assert xa.min() >= 0 and xa.max() <= 1
+    assert aa.robust_accuracy < aa.clean_accuracy
+    with pytest.raises(ValueError, match="Square"):
+        AutoAttack(model, norm="L1", eps=5.0, version="custom", attacks_to_run=["square"])
