@@ -12,9 +12,7 @@ from fastadv.attacks.apgd import (apgd_checkpoints, apgd_l1_checkpoints, l1_proj
 
 @pytest.fixture(scope="module")
 def mnist():
-    model = zoo.mnist_cnn()
-    _, (xt, yt) = zoo.mnist_split()
-    return model, xt[:40], yt[:40]
+    return zoo.mnist_cnn_and_points(40)
 
 
 # ------------------------------------------------------------ the schedule

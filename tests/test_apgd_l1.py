@@ -11,9 +11,7 @@ from fastadv.attacks.apgd import apgd_l1_checkpoints, l1_project_delta, largerep
 
 @pytest.fixture(scope="module")
 def mnist():
-    model = zoo.mnist_cnn()
-    _, (xt, yt) = zoo.mnist_split()
-    return model, xt[:100], yt[:100]
+    return zoo.mnist_cnn_and_points(100)
 
 
 def _l1(d):

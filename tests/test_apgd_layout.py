@@ -11,9 +11,7 @@ from fastadv.attacks._groups import channels_last, layout_like
 
 @pytest.fixture(scope="module")
 def mnist():
-    model = zoo.mnist_cnn()
-    _, (xt, yt) = zoo.mnist_split()
-    return model, xt[:16], yt[:16]
+    return zoo.mnist_cnn_and_points(16)
 
 
 def test_layout_like_restores_the_callers_strides():

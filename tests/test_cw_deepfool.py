@@ -68,9 +68,7 @@ def test_cw_binary_search_reaches_the_minimal_l2_distance():
 
 @pytest.fixture(scope="module")
 def mnist():
-    model = zoo.mnist_cnn()
-    _, (xt, yt) = zoo.mnist_split()
-    return model, xt[:16], yt[:16]
+    return zoo.mnist_cnn_and_points(16)
 
 
 def test_deepfool_and_cw_on_the_model(mnist):

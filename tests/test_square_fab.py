@@ -13,9 +13,7 @@ from fastadv.attacks.square import p_selection, square_meta_pattern
 
 @pytest.fixture(scope="module")
 def mnist():
-    model = zoo.mnist_cnn()
-    _, (xt, yt) = zoo.mnist_split()
-    return model, xt[:48], yt[:48]
+    return zoo.mnist_cnn_and_points(48)
 
 
 # ------------------------------------------------------------------ Square

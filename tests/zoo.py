@@ -136,3 +136,9 @@ def mnist_cnn_surrogate() -> torch.nn.Module:
     m = models.SmallCNN(width=16)
     m.load_state_dict(_mnist_cnn_surrogate_state())
     return m.eval()
+
+
+def mnist_cnn_and_points(n: int, start: int = 0):
+    """(the standard MNIST CNN, n held-out test digits from ``start``, their labels)."""
+    _, (xt, yt) = mnist_split()
+    return mnist_cnn(), xt[start:start + n], yt[start:start + n]
