@@ -102,7 +102,7 @@ def reference_attacks(model, eps, kind: str):
 def run_reference(model, x, y, attacks):
     """torchattacks.MultiAttack's loop, with a clock per attack."""
     final = x.clone()
-    fails = torch.arange(len(x))
+    fails = torch.arange(len(x), device=x.device)
     times = {}
     for name, atk in attacks:
         t = time.perf_counter()

@@ -4,13 +4,16 @@
 #
 # 1. Here, once per checkout (downloads the two pure-Python packages the GPU image lacks):
 #        bash benchmarks/gpu_session.sh prepare
-# 2. On the GPU machine, in as few calls as fit in 10 minutes each, e.g.
-#        run(command="STAGES='doctor build tests' bash benchmarks/gpu_session.sh", carry=[".whl"])
-#        run(command="STAGES='ops attacks' bash benchmarks/gpu_session.sh", carry=[".whl"])
-#        run(command="STAGES='autoattack' bash benchmarks/gpu_session.sh", carry=[".whl"])
-#        run(command="STAGES='train' bash benchmarks/gpu_session.sh", carry=[".whl"])
+# 2. On the GPU machine, in calls that each fit in 10 minutes (a machine stays warm only
+#    30 s after a call, so every call starts bare: `build` first in each, once):
+#        run(command="STAGES='build doctor tests' bash benchmarks/gpu_session.sh", carry=[".whl"])
+#        run(command="STAGES='build ops attacks' bash benchmarks/gpu_session.sh", carry=[".whl"])
+#        run(command="STAGES='build autoattack' bash benchmarks/gpu_session.sh", carry=[".whl"])
+#        run(command="STAGES='build train' bash benchmarks/gpu_session.sh", carry=[".whl"])
+#    `build` before `doctor`: doctor would otherwise JIT-compile the same sources once more.
 #    Each stage's output goes to $OUT/session.log (and is echoed), benchmark rows to
 #    $OUT/<stage>.json. Record the figures, with device and date, in benchmarks/RESULTS.md.
+#    STAGE_TIMEOUT (default 240 s) bounds each stage so one call's stages end inside 600 s.
 #
 # Stages: doctor, build (CUDA extension for the visible GPU), tests (pytest -m gpu: native,
 # triton, the attack engine's CUDA graph / amp cases), ops (fused ops vs eager, bandwidth),
@@ -43,12 +46,12 @@ stage() {  # stage NAME COMMAND...: run it under a time limit, its output into t
     shift
     start=$(date +%s)
     echo "===== $name: $*" | tee -a "$LOG"
-    timeout "${STAGE_TIMEOUT:-540}" "$@" 2>&1 | tee -a "$LOG"
+    timeout "${STAGE_TIMEOUT:-240}" "$@" 2>&1 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     echo "===== $name: rc=$rc, $(( $(date +%s) - start )) s" | tee -a "$LOG"
 }
 
-for s in ${STAGES:-doctor build tests}; do
+for s in ${STAGES:-build doctor tests}; do
     case $s in
         doctor) stage doctor bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -m fastadv doctor' ;;
         build) stage build python3 -m fastadv build ;;

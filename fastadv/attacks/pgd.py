@@ -134,7 +134,16 @@ class _IterativeAttack(Attack):
             res_succ = torch.zeros(b, dtype=torch.bool, device=dev)
         res_steps = torch.zeros(b, dtype=torch.long, device=dev)
         res_restart = torch.full((b,), -1, dtype=torch.long, device=dev)
-        max_rows = self.max_batch or _engine.auto_max_rows(self, x, y, target, self.restarts * b)
+        if self.cuda_graph and dev.type == "cuda" and not self.max_batch:
+            # chunk sizes come from free memory, which each captured graph's pool lowers:
+            # fix them per input shape so a second call replays instead of re-capturing
+            sizes = self.__dict__.setdefault("_graph_rows", {})
+            key = (tuple(x.shape), x.stride(), self.restarts, target is None)
+            if key not in sizes:
+                sizes[key] = _engine.auto_max_rows(self, x, y, target, self.restarts * b)
+            max_rows = sizes[key]
+        else:
+            max_rows = self.max_batch or _engine.auto_max_rows(self, x, y, target, self.restarts * b)
         pass_rows = None
         if self.early_stop and dev.type == "cpu" and not self.max_batch:
             # Early stop on a CPU: one active set over many cache-sized passes, so the rows
