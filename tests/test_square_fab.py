@@ -174,3 +174,20 @@ def test_fab_untargeted_l2(mnist):
     d = (res.x_adv - x[:16]).flatten(1).norm(dim=1)
     assert (d[res.success] <= 2.0 + 1e-4).all()
     assert res.success.float().mean() > 0.5
+
+
+def test_packed_key_row_sort_matches_torch_sort():
+    from fastadv.attacks.fab import _sort_nonneg_rows
+    g = torch.Generator().manual_seed(5)
+    u = torch.rand(37, 301, generator=g)
+    u[u < 0.4] = 0.0                      # many ties, as the room of a pixel at its bound
+    u[0, :5] = -0.0                       # a negative zero sorts as zero
+    u[1, 7] = 3.0e38
+    u[2] = 1.0
+    vals, idx = _sort_nonneg_rows(u)
+    ref_vals, _ = u.sort(1)
+    assert torch.equal(vals, ref_vals)
+    assert torch.equal(u.gather(1, idx), vals) and idx.dtype == torch.int64
+    # every row's indices are a permutation, ties in column order
+    assert torch.equal(idx.sort(1).values, torch.arange(301).expand(37, 301))
+    assert torch.equal(idx[2], torch.arange(301))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,12 +26,25 @@ __all__ = ["FAB", "FABT", "project_onto_hyperplane"]
 
 
 # -------------------------------------------------------------- projections
+def _sort_nonneg_rows(u: Tensor):
+    """(values, indices) of ``u`` (>= 0) sorted along dim 1. On a CPU, through numpy's
+    SIMD sort of packed int64 keys (value bits << 32 | column): for non-negative floats the
+    bit pattern orders like the value, and sorting the keys alone is ~2.5x faster here than
+    ``torch.sort``, which also tracks indices. Ties come out in column order."""
+    if u.device.type != "cpu" or u.dtype != torch.float32 or u.dim() != 2 or u.shape[1] >= 2 ** 31:
+        return u.sort(1)
+    bits = (u + 0.0).contiguous().view(torch.int32).to(torch.int64)  # + 0.0: no -0.0 bit pattern
+    keys = (bits << 32) | torch.arange(u.shape[1], dtype=torch.int64)
+    ks = torch.from_numpy(np.sort(keys.numpy(), axis=1))
+    return (ks >> 32).to(torch.int32).view(torch.float32), ks & 0xFFFFFFFF
+
+
 def _waterfill(a: Tensor, u: Tensor, c: Tensor) -> Tensor:
     """λ ≥ 0 per row with Σ_i a_i·min(λ, u_i) = c (a, u ≥ 0, c ≥ 0), or max(u) if out of reach.
 
     g(λ) = Σ a_i·min(λ, u_i) is piecewise linear and non-decreasing; evaluating it at the
     sorted u gives the segment holding c, and λ follows by linear interpolation."""
-    us, order = u.sort(1)
+    us, order = _sort_nonneg_rows(u)
     as_ = a.gather(1, order)
     cum_a = as_.cumsum(1)
     cum_au = (as_ * us).cumsum(1)
