@@ -3,29 +3,16 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import zoo
 from fastadv.attacks import CW, DeepFool
-
-
-class _Linear(nn.Module):
-    def __init__(self, w, b):
-        super().__init__()
-        self.lin = nn.Linear(w.shape[1], w.shape[0])
-        with torch.no_grad():
-            self.lin.weight.copy_(w)
-            self.lin.bias.copy_(b)
-
-    def forward(self, x):
-        return self.lin(x.flatten(1))
 
 
 def _linear_case(n_cls, seed=0, n=30, d=12):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n_cls, d, generator=g)
     b = torch.randn(n_cls, generator=g) * 0.1
-    model = _Linear(w, b).eval()
+    model = zoo.LinearModel(w, b).eval()
     x = 0.5 + 0.05 * (torch.rand(n, d, generator=g) - 0.5)
     with torch.no_grad():
         z = model(x)

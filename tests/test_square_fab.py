@@ -118,25 +118,13 @@ def test_hyperplane_projection_l2_l1_unconstrained_closed_form(norm):
         assert torch.allclose(d.abs().sum(1), c.abs() / w.abs().amax(1), rtol=1e-4, atol=1e-7)
 
 
-class _Linear(nn.Module):
-    def __init__(self, w, b):
-        super().__init__()
-        self.lin = nn.Linear(w.shape[1], w.shape[0])
-        with torch.no_grad():
-            self.lin.weight.copy_(w)
-            self.lin.bias.copy_(b)
-
-    def forward(self, x):
-        return self.lin(x.flatten(1))
-
-
 def test_fab_finds_the_minimal_linf_distance_of_a_linear_model():
     # linear classifier, points well inside the box: the minimal L∞ adversarial distance
     # is min_k (z_y - z_k) / ||w_y - w_k||_1 exactly
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4, 10, generator=g)
     bias = torch.randn(4, generator=g) * 0.1
-    model = _Linear(w, bias).eval()
+    model = zoo.LinearModel(w, bias).eval()
     x = 0.5 + 0.05 * (torch.rand(40, 10, generator=g) - 0.5)
     with torch.no_grad():
         z = model(x)

@@ -142,3 +142,18 @@ def mnist_cnn_and_points(n: int, start: int = 0):
     """(the standard MNIST CNN, n held-out test digits from ``start``, their labels)."""
     _, (xt, yt) = mnist_split()
     return mnist_cnn(), xt[start:start + n], yt[start:start + n]
+
+
+class LinearModel(torch.nn.Module):
+    """logits = W·flatten(x) + b with the given weights: a model whose decision boundaries
+    (and so minimal adversarial distances) are known in closed form."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self.lin = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            self.lin.weight.copy_(w)
+            self.lin.bias.copy_(b)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1))

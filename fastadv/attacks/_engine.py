@@ -19,6 +19,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._groups import chunked_loss_and_grad, memory_format
+
 __all__ = ["BestIterate", "ActiveSet", "LoopOutput", "StepLoop", "GraphedLoop", "restart_blocks",
            "auto_max_rows", "pick_restart", "merge_best", "tile", "per_sample", "memory_format"]
 
@@ -31,13 +33,6 @@ _FP16_INIT_SCALE = 1024.0
 def per_sample(t: Tensor, ndim: int) -> Tensor:
     """View a ``[B]`` tensor so that it broadcasts against a ``[B, ...]`` tensor of ``ndim`` dims."""
     return t.view((-1,) + (1,) * (ndim - 1))
-
-
-def memory_format(t: Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor laid out so (and not also contiguous), else contiguous."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def tile(t: Tensor, n: int) -> Tensor:
@@ -296,13 +291,7 @@ class StepLoop:
         self.fp16 = attack.amp in ("fp16", "float16")
 
     def _loss_and_grad(self, x: Tensor, y: Tensor, t: Optional[Tensor], gs: Optional[Tensor]):
-        r = self.pass_rows
-        if not r or x.shape[0] <= r:
-            return self.attack.loss_and_grad(x, y, t, grad_scale=gs)
-        parts = [self.attack.loss_and_grad(x[i:i + r], y[i:i + r], None if t is None else t[i:i + r],
-                                           grad_scale=None if gs is None else gs[i:i + r])
-                 for i in range(0, x.shape[0], r)]  # gs slices are views: updated in place
-        return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
+        return chunked_loss_and_grad(self.attack, x, y, t, None, self.pass_rows, grad_scale=gs)
 
     # -------------------------------------------------------------- eager
     def run(self, x_nat: Tensor, y: Tensor, target: Optional[Tensor], x0: Tensor,

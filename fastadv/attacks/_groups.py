@@ -129,13 +129,18 @@ def channels_last(x: Tensor) -> Tensor:
     return out
 
 
+def memory_format(t: Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out so (and not also contiguous), else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def layout_like(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` (shaped like ``like``) in ``like``'s memory layout: channels_last if ``like`` is laid
-    out so (and not also contiguous), else contiguous, and with ``like``'s very strides where
-    both are dense in that layout; for one channel that undoes ``channels_last`` (a free view)."""
-    cl = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
-        memory_format=torch.channels_last)
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    """``t`` (shaped like ``like``) in ``like``'s memory layout (``memory_format``), with
+    ``like``'s very strides where both are dense in that layout; for one channel that undoes
+    ``channels_last`` (a free view)."""
+    fmt = memory_format(like)
     out = t.contiguous(memory_format=fmt)
     if out.stride() != like.stride() and like.is_contiguous(memory_format=fmt):
         # both dense in one layout: only the strides of size-1 dims differ, same addresses
@@ -159,13 +164,16 @@ def forward_rows(attack, x: Tensor, y: Tensor, tgt: Optional[Tensor]) -> Optiona
 
 
 def chunked_loss_and_grad(attack, x: Tensor, y: Tensor, tgt: Optional[Tensor], loss_fn,
-                          rows: Optional[int]):
-    """``attack.loss_and_grad`` over row chunks of at most ``rows`` (all at once if None)."""
+                          rows: Optional[int], grad_scale: Optional[Tensor] = None):
+    """``attack.loss_and_grad`` over row chunks of at most ``rows`` (all at once if None).
+    ``grad_scale`` (fp16 loss scaling, updated in place) is sliced with the rows: its
+    slices are views, so every chunk updates the caller's tensor."""
     n = x.shape[0]
     if not rows or n <= rows:
-        return attack.loss_and_grad(x, y, tgt, loss_fn)
+        return attack.loss_and_grad(x, y, tgt, loss_fn, grad_scale=grad_scale)
     parts = [attack.loss_and_grad(x[i:i + rows], y[i:i + rows],
-                                  None if tgt is None else tgt[i:i + rows], loss_fn)
+                                  None if tgt is None else tgt[i:i + rows], loss_fn,
+                                  grad_scale=None if grad_scale is None else grad_scale[i:i + rows])
              for i in range(0, n, rows)]
     return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
             torch.cat([p[2] for p in parts]))

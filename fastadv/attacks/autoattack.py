@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._groups import layout_like, lp_norm, norm_name
 from .apgd import APGD, APGDT
-from .base import Attack, AttackResult, preserved_model
+from .base import Attack, AttackResult, model_context
 from .fab import FAB
 from .square import Square
 
@@ -234,8 +234,7 @@ class AutoAttack(Attack):
         interrupted run resumes; ``progress(attack_name, n_points_done)`` is called
         after every chunk."""
         xf, y = self._prepare(self._from_user(x_orig), y_orig)  # normalized input under set_normalization_used
-        with preserved_model(self.model, self.model_mode, devices=(xf.device,)) if isinstance(
-                self.model, nn.Module) else _null():
+        with model_context(self.model, self.model_mode, xf.device):
             with torch.no_grad():
                 z = self.logits(xf[: min(len(xf), 16)]).float()
             if len(xf):
@@ -247,8 +246,7 @@ class AutoAttack(Attack):
         if self.verbose:
             print(f"clean accuracy: {self.clean_accuracy:.2%}  robust accuracy: {self.robust_accuracy:.2%}")
         if return_labels:
-            with preserved_model(self.model, self.model_mode, devices=(xf.device,)) if isinstance(
-                    self.model, nn.Module) else _null():
+            with model_context(self.model, self.model_mode, xf.device):
                 with torch.no_grad():
                     labels = _predict(self, self._from_user(x_adv).to(torch.float32), bs)
             return x_adv, labels
@@ -302,14 +300,6 @@ def _fp32_logits(atk: Attack, x: Tensor) -> Tensor:
         return atk.logits(x, fp32=True).float()
     except TypeError:  # a base class without the fp32 switch
         return atk.logits(x).float()
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _save_state(path: str, fp: str, robust: Tensor, attack_of: Tensor, state: dict, x_adv: Tensor,

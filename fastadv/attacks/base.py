@@ -222,8 +222,9 @@ class Attack:
                 or not x.is_floating_point():
             return x
         self._check_channels(x)
-        m, s = self._channel_stats(x.detach().float())
-        return x.detach().float() * s + m
+        xf = x.detach().float()
+        m, s = self._channel_stats(xf)
+        return xf * s + m
 
     def _to_user(self, x_adv: Tensor, like: Tensor) -> Tensor:
         """Pixel-space x_adv -> the user's normalized space, in ``like``'s dtype."""

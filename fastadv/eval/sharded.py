@@ -35,18 +35,12 @@ def shard_range(n: int, rank: int, world: int) -> Tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _comm_device(t: Tensor) -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def all_gather_rows(t: Tensor, counts: List[int]) -> Tensor:
     """Concatenate every rank's ``t`` (its rows: ``counts[rank]`` of them) in rank order;
     every rank gets the whole. Shards of unequal length are padded for the collective."""
     world = len(counts)
     width = max(counts) if counts else 0
-    dev = _comm_device(t)
+    dev = _dist.comm_device()
     is_bool = t.dtype == torch.bool
     src = t.to(torch.uint8) if is_bool else t  # gloo has no bool collectives
     buf = src.new_zeros((width,) + tuple(src.shape[1:]), device=dev)
@@ -60,7 +54,7 @@ def all_gather_rows(t: Tensor, counts: List[int]) -> Tensor:
 def _gather_floats(values: List[float]) -> Tensor:
     """[world, len(values)] float64: every rank's ``values``."""
     v = torch.tensor(values, dtype=torch.float64)
-    dev = _comm_device(v)
+    dev = _dist.comm_device()
     parts = [torch.empty(len(values), dtype=torch.float64, device=dev) for _ in range(_dist.world_size())]
     dist.all_gather(parts, v.to(dev))
     return torch.stack([p.cpu() for p in parts])

@@ -12,6 +12,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ..attacks._groups import memory_format
+
 __all__ = ["RandomCropFlip"]
 
 
@@ -60,7 +62,7 @@ class RandomCropFlip:
         idx, valid = self._source_index(x.shape, params)
         out = x.reshape(b, c, h * w).gather(2, idx.expand(b, c, h * w))
         out = torch.where(valid, out, torch.full_like(out, fill))
-        return out.reshape(b, c, h, w).contiguous(memory_format=_fmt(x))
+        return out.reshape(b, c, h, w).contiguous(memory_format=memory_format(x))
 
     def invert_into(self, dst: Tensor, src: Tensor, params) -> Tensor:
         """Write augmented-frame ``src`` back into original-frame ``dst`` (in place) where
@@ -73,9 +75,3 @@ class RandomCropFlip:
         canvas.scatter_(2, idx, src.reshape(b, c, h * w).to(dst.dtype))
         dst.copy_(canvas[:, :, : h * w].reshape(b, c, h, w))
         return dst
-
-
-def _fmt(x: Tensor):
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-__all__ = ["is_initialized", "rank", "world_size", "is_main", "barrier", "all_reduce_sum_",
+__all__ = ["is_initialized", "rank", "world_size", "is_main", "barrier", "comm_device", "all_reduce_sum_",
            "unwrap", "is_ddp", "init_from_env", "ShardedSampler", "set_sampler_epoch"]
 
 
@@ -40,14 +40,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def comm_device() -> torch.device:
+    """Where the process group's collectives take their tensors: gloo CPU, NCCL CUDA."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (a no-op in one process). gloo needs CPU tensors,
-    NCCL CUDA ones: the tensor travels to the backend's device and back."""
+    """Sum ``t`` over ranks in place (a no-op in one process); the tensor travels to the
+    backend's device (``comm_device``) and back."""
     if not is_initialized() or world_size() == 1:
         return t
-    backend = dist.get_backend()
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    buf = t.to(dev)
+    buf = t.to(comm_device())
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     if buf is not t:
         t.copy_(buf)
