@@ -42,8 +42,10 @@ def _worker(rank, init_file, out_dir):
                     "attack_of": ex["attack_of"], "acc": aa.robust_accuracy, "shards": ex["shards"],
                     "report_keys": sorted(rep), "report_robust": rep["autoattack"]["robust_accuracy"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        fdist.shutdown()  # every rank done before any tears down
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a rank that failed: leave without waiting for the others
+            dist.destroy_process_group()
 
 
 def test_shard_range_covers_the_points_once():

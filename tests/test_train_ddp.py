@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fastadv import models
 from fastadv.data import IndexedDataset
 from fastadv.train import AdversarialTrainer
+from fastadv.train import distributed as fdist
 from fastadv.train.distributed import ShardedSampler
 
 WORLD = 2
@@ -63,8 +64,10 @@ def _worker(rank, init_file, out_dir, method):
         out["resumed_hist"] = [dict(r) for r in hist2]
         out["files"] = sorted(os.listdir(part))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        fdist.shutdown()  # every rank done before any tears down
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a rank that failed: leave without waiting for the others
+            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("method", ["atta", "trades", "yopo"])

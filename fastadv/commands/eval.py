@@ -164,5 +164,5 @@ def run(args) -> int:
     if _dist.is_main():
         paths = _report.write_report(rep, args.out)
         print(f"report: {paths['markdown']} (json: {paths['json']})")
-    _dist.barrier()
+    _dist.shutdown()
     return 0

@@ -180,7 +180,5 @@ def run(args) -> int:
         if hist.collapsed:
             print(f"catastrophic overfitting at epoch(s) {hist.collapsed_epochs}; "
                   f"kept the weights of epoch {hist.best_epoch}")
-    if dist_.is_initialized():
-        import torch.distributed as dist
-        dist.destroy_process_group()
+    dist_.shutdown()
     return 0

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-__all__ = ["is_initialized", "rank", "world_size", "is_main", "barrier", "comm_device", "all_reduce_sum_",
+__all__ = ["is_initialized", "rank", "world_size", "is_main", "barrier", "shutdown", "comm_device", "all_reduce_sum_",
            "unwrap", "is_ddp", "init_from_env", "ShardedSampler", "set_sampler_epoch"]
 
 
@@ -38,6 +38,17 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy the group.
+
+    A rank that destroys its group (or exits) while another still talks to it can die
+    in gloo's worker threads (SIGABRT, "terminate called without an active exception");
+    the barrier first makes the teardown collective. A no-op without a group."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def comm_device() -> torch.device:
