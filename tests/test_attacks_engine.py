@@ -128,7 +128,34 @@ def test_graphed_body_matches_eager_loop_on_cpu(mnist):
     assert torch.equal(body.success, eager.success) and torch.equal(body.steps, eager.steps)
 
 
+def test_graph_key_sees_module_modes_and_normalization_drops_graphs():
+    """A captured graph is not replayed for another train/eval state of any module, and
+    a new normalization (whose mean/std tensors a graph would read) drops the graphs."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 8), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 3)).eval()
+    atk = fastadv.PGD(model, eps=0.1, steps=2, cuda_graph=True, model_mode="keep")
+    x = torch.rand(2, 4)
+    k_eval = _engine.graph_key(atk, x, None, ())
+    model[2].train()
+    assert _engine.graph_key(atk, x, None, ()) != k_eval
+    model[2].eval()
+    assert _engine.graph_key(atk, x, None, ()) == k_eval
+    atk._graphs[k_eval] = object()
+    atk.set_normalization_used(mean=[0.5], std=[0.25])
+    assert atk._graphs == {}
+
+
 # --------------------------------------------------------------------- GPU
+@pytest.fixture
+def exact_cuda(monkeypatch):
+    """Deterministic cuDNN and no TF32, so the graphed, eager and checking passes pick
+    kernels that agree bit for bit (TF32 convolutions are torch's default on Ampere+)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def _cuda_setup():
     model = zoo.mnist_cnn().cuda()
     (_, _), (xt, yt) = zoo.mnist_split()
@@ -136,7 +163,7 @@ def _cuda_setup():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_equals_eager_and_replays_new_data():
+def test_cuda_graph_equals_eager_and_replays_new_data(exact_cuda):
     model, x, y = _cuda_setup()
     kw = dict(eps=0.1, alpha=0.025, steps=10, seed=0)
     eager = fastadv.PGD(model, **kw).run(x, y)
@@ -155,7 +182,7 @@ def test_cuda_graph_equals_eager_and_replays_new_data():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_cuda_amp_and_graph(amp):
+def test_cuda_amp_and_graph(amp, exact_cuda):
     model, x, y = _cuda_setup()
     kw = dict(eps=0.1, alpha=0.025, steps=10, seed=0)
     ref = fastadv.PGD(model, **kw).run(x, y).robust_accuracy

@@ -443,15 +443,18 @@ class GraphedLoop:
 
 def graph_key(attack, x_nat: Tensor, target: Optional[Tensor], extra: Sequence) -> tuple:
     """What a captured graph depends on: shapes, layout, dtype, device, the attack's
-    numbers, and where the model's parameters and buffers live."""
+    numbers, where the model's parameters and buffers live, and each module's
+    train/eval flag (with ``model_mode="keep"`` a dropout or BatchNorm switched
+    between calls must not replay the other mode's kernels)."""
     model = attack.model
-    ptrs = ()
+    ptrs, modes = (), ()
     if isinstance(model, torch.nn.Module):
         ptrs = tuple(t.data_ptr() for t in model.parameters()) + tuple(
             t.data_ptr() for t in model.buffers())
+        modes = tuple(m.training for m in model.modules())
     return (tuple(x_nat.shape), x_nat.stride(), x_nat.dtype, str(x_nat.device),
             target is None, attack.amp, attack.loss, attack.model_mode,
-            tuple(extra), ptrs)
+            tuple(extra), ptrs, modes)
 
 
 def warn_once(obj, key: str, msg: str) -> None:

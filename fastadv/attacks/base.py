@@ -197,6 +197,10 @@ class Attack:
         self._mean, self._std = m, s
         self._io_normalized = False
         self._norm_cache = {}
+        # captured CUDA graphs read the old mean/std tensors (just freed): drop them
+        graphs = self.__dict__.get("_graphs")
+        if graphs:
+            graphs.clear()
 
     def _channel_stats(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """mean/std shaped to broadcast against ``x`` (channel dim 1), on its device and
