@@ -166,6 +166,31 @@ def test_empty_batch():
     x = torch.rand(0, 3, 4, 4)
     assert ops.linf_step(x, x, x, 0.1, 0.1).shape == x.shape
     assert ops.l2_project_(x, x, 0.1).shape == x.shape
+    for norm in ("linf", "l2"):
+        assert ops.random_init(x, 0.1, norm).shape == x.shape
+        assert ops.random_init(x, torch.zeros(0), norm).shape == x.shape
+
+
+def test_ops_are_not_differentiable_and_refuse_in_place_on_autograd_tensors():
+    g = torch.Generator().manual_seed(0)
+    x_nat = torch.rand(2, 3, 4, 4, generator=g)
+    grad = torch.randn(2, 3, 4, 4, generator=g)
+    x_adv = x_nat.clone().requires_grad_(True)
+    for out in (ops.linf_step(x_adv, x_nat, grad, 0.1, 0.1), ops.l2_step(x_adv, x_nat, grad, 0.1, 0.5),
+                ops.linf_project(x_adv, x_nat, 0.1), ops.l2_project(x_adv, x_nat, 0.5)):
+        assert not out.requires_grad and out.grad_fn is None
+    before = x_adv.detach().clone()
+    h = x_adv * 1.0   # a non-leaf in a graph, and the leaf itself
+    for t in (x_adv, h):
+        with pytest.raises(ValueError, match="requires grad.*not differentiable"):
+            ops.linf_step_(t, x_nat, grad, 0.1, 0.1)
+        with pytest.raises(ValueError, match="requires grad"):
+            ops.l2_project_(t, x_nat, 0.5)
+    assert torch.equal(x_adv.detach(), before)
+    with torch.no_grad():   # the usual attack-loop form
+        ops.linf_step_(x_adv, x_nat, grad, 0.1, 0.1)
+    assert not torch.equal(x_adv.detach(), before)
+    assert ops.linf_step_(x_adv.detach(), x_nat, grad, 0.1, 0.1) is not None
 
 
 # ---------------------------------------------------------------- properties

@@ -13,6 +13,10 @@ Public API (see ``../shared/DESIGN.md``, "The ops contract")::
 ``alpha``/``eps`` are Python floats or per-sample tensors ``[B]``. Inputs may be
 float32/float16/bfloat16, contiguous, channels_last or strided; outputs keep the
 dtype, shape and memory format of ``x_adv``; arithmetic is float32.
+
+The ops are not differentiable (the step's sign has no useful gradient): outputs never
+require grad, and the in-place forms refuse a tensor that requires grad (with grad mode
+on) instead of rewriting it behind autograd's back.
 """
 from __future__ import annotations
 
@@ -124,6 +128,13 @@ def _step_args(x_adv, x_nat, grad, alpha, eps, lower, upper, backend, check_valu
     return (a[0], a[1], e[0], e[1], lo, hi, _backend_arg(backend))
 
 
+def _check_inplace(name: str, t: Tensor) -> None:
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}: requires grad, and the ops are not differentiable: an in-place "
+                         f"change would be invisible to autograd; pass {name}.detach() (or call "
+                         f"under torch.no_grad())")
+
+
 def _project_args(x, x_nat, eps, lower, upper, backend, check_values):
     _check_tensor("x", x)
     if x.dim() == 0:
@@ -143,7 +154,8 @@ def linf_step(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Scalar, eps: Sc
     ``sign(0) = 0``; a NaN entry of ``grad`` moves nothing.
     """
     args = _step_args(x_adv, x_nat, grad, alpha, eps, lower, upper, backend, _check_values)
-    return torch.ops.fastadv.linf_step(x_adv, x_nat, grad, *args)
+    with torch.no_grad():
+        return torch.ops.fastadv.linf_step(x_adv, x_nat, grad, *args)
 
 
 def linf_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Scalar, eps: Scalar,
@@ -151,7 +163,9 @@ def linf_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Scalar, eps: S
                _check_values: bool = True) -> Tensor:
     """In-place ``linf_step`` on ``x_adv``; returns ``x_adv``."""
     args = _step_args(x_adv, x_nat, grad, alpha, eps, lower, upper, backend, _check_values)
-    torch.ops.fastadv.linf_step_(x_adv, x_nat, grad, *args)
+    _check_inplace("x_adv", x_adv)
+    with torch.no_grad():
+        torch.ops.fastadv.linf_step_(x_adv, x_nat, grad, *args)
     return x_adv
 
 
@@ -161,7 +175,8 @@ def l2_step(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Scalar, eps: Scal
     """Per sample: x' = x_adv + alpha*g/max(||g||, 1e-12); δ = x'-x_nat scaled by
     min(1, eps/||δ||); clamp to [lower, upper]. Non-finite ``grad`` entries count as 0."""
     args = _step_args(x_adv, x_nat, grad, alpha, eps, lower, upper, backend, _check_values)
-    return torch.ops.fastadv.l2_step(x_adv, x_nat, grad, *args)
+    with torch.no_grad():
+        return torch.ops.fastadv.l2_step(x_adv, x_nat, grad, *args)
 
 
 def l2_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Scalar, eps: Scalar,
@@ -169,7 +184,9 @@ def l2_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Scalar, eps: Sca
              _check_values: bool = True) -> Tensor:
     """In-place ``l2_step`` on ``x_adv``; returns ``x_adv``."""
     args = _step_args(x_adv, x_nat, grad, alpha, eps, lower, upper, backend, _check_values)
-    torch.ops.fastadv.l2_step_(x_adv, x_nat, grad, *args)
+    _check_inplace("x_adv", x_adv)
+    with torch.no_grad():
+        torch.ops.fastadv.l2_step_(x_adv, x_nat, grad, *args)
     return x_adv
 
 
@@ -177,14 +194,17 @@ def linf_project(x: Tensor, x_nat: Tensor, eps: Scalar, lower: float = 0.0, uppe
                  *, backend: Optional[str] = None, _check_values: bool = True) -> Tensor:
     """clamp(clamp(x, x_nat-eps, x_nat+eps), lower, upper)."""
     args = _project_args(x, x_nat, eps, lower, upper, backend, _check_values)
-    return torch.ops.fastadv.linf_project(x, x_nat, *args)
+    with torch.no_grad():
+        return torch.ops.fastadv.linf_project(x, x_nat, *args)
 
 
 def linf_project_(x: Tensor, x_nat: Tensor, eps: Scalar, lower: float = 0.0, upper: float = 1.0,
                   *, backend: Optional[str] = None, _check_values: bool = True) -> Tensor:
     """In-place ``linf_project`` on ``x``; returns ``x``."""
     args = _project_args(x, x_nat, eps, lower, upper, backend, _check_values)
-    torch.ops.fastadv.linf_project_(x, x_nat, *args)
+    _check_inplace("x", x)
+    with torch.no_grad():
+        torch.ops.fastadv.linf_project_(x, x_nat, *args)
     return x
 
 
@@ -192,14 +212,17 @@ def l2_project(x: Tensor, x_nat: Tensor, eps: Scalar, lower: float = 0.0, upper:
                *, backend: Optional[str] = None, _check_values: bool = True) -> Tensor:
     """x_nat + (x-x_nat)*min(1, eps/||x-x_nat||) per sample, clamped to [lower, upper]."""
     args = _project_args(x, x_nat, eps, lower, upper, backend, _check_values)
-    return torch.ops.fastadv.l2_project(x, x_nat, *args)
+    with torch.no_grad():
+        return torch.ops.fastadv.l2_project(x, x_nat, *args)
 
 
 def l2_project_(x: Tensor, x_nat: Tensor, eps: Scalar, lower: float = 0.0, upper: float = 1.0,
                 *, backend: Optional[str] = None, _check_values: bool = True) -> Tensor:
     """In-place ``l2_project`` on ``x``; returns ``x``."""
     args = _project_args(x, x_nat, eps, lower, upper, backend, _check_values)
-    torch.ops.fastadv.l2_project_(x, x_nat, *args)
+    _check_inplace("x", x)
+    with torch.no_grad():
+        torch.ops.fastadv.l2_project_(x, x_nat, *args)
     return x
 
 

@@ -6,6 +6,7 @@ inputs' device. Arithmetic is float32; results are cast to ``x_adv``'s dtype.
 """
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -36,7 +37,7 @@ def finite_grad(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord=2, dim=1)
+    return torch.linalg.vector_norm(t.flatten(1) if t.dim() > 1 else t[:, None], ord=2, dim=1)
 
 
 def _l2_scale(delta: torch.Tensor, eps: Scalar) -> torch.Tensor:
@@ -95,7 +96,7 @@ def random_noise(x_nat: torch.Tensor, eps: Scalar, norm: str,
         return (2.0 * u - 1.0) * e
     # Uniform in the L2 ball: a Gaussian direction, radius eps * U^(1/d).
     z = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
-    d = z[0].numel()
+    d = max(math.prod(shape[1:]), 1)  # (an empty batch has no z[0])
     znorm = _per_sample_norm(z).clamp_min(GRAD_NORM_FLOOR)
     u = torch.rand(shape[0], generator=generator, device=dev, dtype=torch.float32)
     r = u.pow(1.0 / d).reshape((-1,) + (1,) * (x_nat.dim() - 1))
