@@ -258,6 +258,13 @@ def test_bad_method_and_options():
         _trainer("pgd", alpha=-1.0)
     with pytest.raises(ValueError, match="amp"):
         _trainer(amp="fp8")
+    # options keep their types: a string or a bool is not a number, 'yes' is not a flag
+    with pytest.raises(TypeError, match="random_start.*True or False"):
+        _trainer("pgd", random_start="yes")
+    with pytest.raises(TypeError, match="replays.*number"):
+        _trainer("free", replays="4")
+    with pytest.raises(TypeError, match="beta.*number"):
+        _trainer("trades", beta=True)
 
 
 def test_wrong_label_range_fails_before_training():
@@ -306,6 +313,8 @@ def test_atta_index_out_of_range():
     tr = _trainer("atta", dataset_size=32)
     with pytest.raises(ValueError, match="index"):
         tr.step(x, y, torch.arange(64))
+    with pytest.raises(ValueError, match="non-negative"):
+        _trainer("atta").step(x, y, torch.arange(64) - 1)
 
 
 class _InputSkip(nn.Module):

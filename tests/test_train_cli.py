@@ -36,6 +36,19 @@ def test_train_cli_bad_input_is_a_clear_error(tmp_path, capsys):
                    "--out", str(tmp_path / "y")])
     assert rc == 2
     assert "unknown option" in capsys.readouterr().err
+    rc = cli.main(["train", "--data", "digits", "--n-train", "0", "--out", str(tmp_path / "z")])
+    assert rc == 2
+    assert "--n-train" in capsys.readouterr().err
+
+
+def test_demo_rejects_bad_arguments_before_training(tmp_path, capsys):
+    # each would otherwise fail only after the baseline's minutes of training
+    for args, what in ((["--method", "nope"], "method"), (["--n-train", "0"], "--n-train"),
+                       (["--method", "pgd", "--steps", "0"], "steps")):
+        rc = cli.main(["demo", "--out", str(tmp_path / "d"), *args])
+        assert rc == 2
+        out = capsys.readouterr()
+        assert what in out.err and "==" not in out.out
 
 
 def test_demo_quick(tmp_path, capsys):

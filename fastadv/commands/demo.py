@@ -77,6 +77,17 @@ def run(args) -> int:
     for name, v in zip(("epochs", "n_train", "n_test", "aa_samples"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, v)
+    # every argument checked before minutes of baseline training are spent
+    try:
+        for name in ("epochs", "n_train", "n_test", "aa_samples"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: expected a positive count, "
+                                 f"got {getattr(args, name)}")
+        from fastadv.train.methods import get_method
+        get_method(args.method, args.eps, None, args.steps, **method_options(args.method))
+    except (ValueError, TypeError) as exc:
+        print(f"fastadv demo: {exc}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)

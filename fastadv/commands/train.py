@@ -100,7 +100,9 @@ def build(args):
     device = dist_.init_from_env() if "RANK" in os.environ else torch.device(
         args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     (xtr, ytr), (xte, yte) = data.load_dataset(args.data, n_test=args.n_test, seed=0)
-    if args.n_train:
+    if args.n_train is not None:
+        if args.n_train < 1:
+            raise ValueError(f"--n-train: expected a positive count, got {args.n_train}")
         xtr, ytr = xtr[: args.n_train], ytr[: args.n_train]
     torch.manual_seed(args.seed)
     side = xtr.shape[-1]

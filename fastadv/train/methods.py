@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -46,13 +47,13 @@ def _ce_update(t, x_in: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _check_int(name: str, v, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-    return v
+    return int(v)
 
 
 def _check_pos(name: str, v, allow_zero: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
         raise ValueError(f"{name}: expected a finite number, got {v!r}")
     if float(v) < 0 or (float(v) == 0 and not allow_zero):
         raise ValueError(f"{name}: expected a value {'>=' if allow_zero else '>'} 0, got {v!r}")
@@ -80,6 +81,14 @@ class Method:
                 raise ValueError(f"steps: method {self.name!r} takes one attack step, got steps={steps}")
         self.steps = steps if steps is not None else self.default_steps()
         self.alpha = _check_pos("alpha", alpha) if alpha is not None else self.default_alpha()
+        for k, v in options.items():
+            d = self.options[k]
+            # a flag takes a bool, a number a number: 'yes' or '4' must not pass for them
+            if isinstance(d, bool) and not isinstance(v, bool):
+                raise TypeError(f"{k}: method {self.name!r} expects True or False, got {v!r}")
+            if isinstance(d, (int, float)) and not isinstance(d, bool) and (
+                    isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise TypeError(f"{k}: method {self.name!r} expects a number, got {v!r}")
         self.opts = {**self.options, **options}
         self.check_options()
 

@@ -381,8 +381,9 @@ class AdversarialTrainer:
             if idx is not None and idx.numel():
                 imin, imax = (int(v) for v in torch.aminmax(idx))
                 if imin < 0 or (self.dataset_size is not None and imax >= self.dataset_size):
-                    raise ValueError(f"index: expected sample indices in [0, {self.dataset_size}), "
-                                     f"got range [{imin}, {imax}]")
+                    where = (f"in [0, {self.dataset_size})" if self.dataset_size is not None
+                             else "that are non-negative")
+                    raise ValueError(f"index: expected sample indices {where}, got range [{imin}, {imax}]")
 
     def _prepare(self, x: Tensor, y: Tensor, idx: Optional[Tensor]) -> None:
         """First batch: the model's output shape and label range, then the method's set-up."""
