@@ -13,7 +13,9 @@
 #    `build` before `doctor`: doctor would otherwise JIT-compile the same sources once more.
 #    Each stage's output goes to $OUT/session.log (and is echoed), benchmark rows to
 #    $OUT/<stage>.json. Record the figures, with device and date, in benchmarks/RESULTS.md.
-#    STAGE_TIMEOUT (default 240 s) bounds each stage so one call's stages end inside 600 s.
+#    Each stage is bounded by STAGE_TIMEOUT (default: per stage, below) and by what is left
+#    of CALL_BUDGET (default 585 s from the script's start), so a call always ends inside the
+#    600 s limit with its log written; a stage with under 20 s left is skipped and says so.
 #
 # Stages: doctor, build (CUDA extension for the visible GPU), tests (pytest -m gpu: native,
 # triton, the attack engine's CUDA graph / amp cases), ops (fused ops vs eager, bandwidth),
@@ -41,12 +43,22 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD"
 fi
 
+T0=$(date +%s)
+declare -A LIMIT=([doctor]=60 [build]=240 [tests]=330 [ops]=300 [attacks]=330 [autoattack]=560 [train]=560)
+
 stage() {  # stage NAME COMMAND...: run it under a time limit, its output into the log
-    local name=$1 start rc
+    local name=$1 start rc limit left
     shift
     start=$(date +%s)
-    echo "===== $name: $*" | tee -a "$LOG"
-    timeout "${STAGE_TIMEOUT:-240}" "$@" 2>&1 | tee -a "$LOG"
+    limit=${STAGE_TIMEOUT:-${LIMIT[$name]}}
+    left=$(( ${CALL_BUDGET:-585} - (start - T0) ))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 20 ]; then
+        echo "===== $name: skipped, ${left} s left of this call's budget" | tee -a "$LOG"
+        return
+    fi
+    echo "===== $name (limit ${limit} s): $*" | tee -a "$LOG"
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     echo "===== $name: rc=$rc, $(( $(date +%s) - start )) s" | tee -a "$LOG"
 }
