@@ -7,15 +7,18 @@ defaults. Each attack runs only on the points all previous attacks left robust
 batch and fooled points stop. Every success is re-checked (a forward pass and the
 norm bound) before a point is counted as non-robust. ``state_path`` makes a long
 run resumable: progress is saved after every chunk and an interrupted run picks
-up where it stopped.
+up where it stopped — only with the same data, the same model weights and the same
+settings (else it starts over and warns which changed). A plain callable model has
+no weights to fingerprint: its ``state_path`` is ignored, with a warning.
 """
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -57,17 +60,27 @@ class AutoAttack(Attack):
         if version not in _VERSIONS:
             raise ValueError(f"version: expected one of {_VERSIONS}, got {version!r}")
         self.version = version
+        if n_classes is not None:
+            n_classes = _int_at_least("n_classes", n_classes, 2)
         self.n_classes = n_classes
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed: expected an int or None, got {type(seed).__name__} {seed!r}")
         self.verbose = bool(verbose)
-        self.steps = int(steps)
-        self.n_queries = int(n_queries)
+        self.steps = _int_at_least("steps", steps, 1)
+        self.n_queries = _int_at_least("n_queries", n_queries, 1)
         self.checks = bool(checks)
         self._kwargs = dict(kwargs)
+        if isinstance(attacks_to_run, str):
+            raise TypeError(f"attacks_to_run: expected a list of names from {ATTACK_NAMES}, "
+                            f"got the string {attacks_to_run!r}")
         if version == "custom":
             if not attacks_to_run:
                 raise ValueError("attacks_to_run: version 'custom' needs a list of attacks "
                                  f"from {ATTACK_NAMES}")
             self.attacks_to_run = list(attacks_to_run)
+            dup = sorted({a for a in self.attacks_to_run if self.attacks_to_run.count(a) > 1})
+            if dup:
+                raise ValueError(f"attacks_to_run: each attack at most once, got {dup} more than once")
         elif attacks_to_run:
             raise ValueError("attacks_to_run: only used with version='custom'")
         else:
@@ -124,17 +137,47 @@ class AutoAttack(Attack):
         return atk
 
     # -------------------------------------------------------------- state
-    @staticmethod
-    def _fingerprint(x: Tensor, y: Tensor, extra: str) -> str:
-        h = hashlib.sha1()
-        h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
-        h.update(y.detach().cpu().numpy().tobytes())
-        h.update(extra.encode())
-        return h.hexdigest()
+    def _config(self) -> Dict[str, str]:
+        """Every setting that changes the result, by name: a state file saved under other
+        values is not resumed (the names that differ are reported)."""
+        norm = None if self._mean is None else (self._mean.tolist(), self._std.tolist(),
+                                                 "normalized I/O" if self._io_normalized else "pixel I/O")
+        # covered by the attributes above, or without effect on the result (a generator's
+        # repr is its address: it would never match)
+        covered = {"lower", "upper", "amp", "normalization", "model_mode", "generator", "backend",
+                   "channels_last", "check_inputs"}
+        rest = sorted((k, v) for k, v in self._kwargs.items() if k not in covered)
+        return {"norm": self.norm, "eps": repr(self.eps), "version": self.version,
+                "attacks_to_run": repr(list(self.attacks_to_run)), "steps": repr(self.steps),
+                "n_queries": repr(self.n_queries), "n_classes": repr(self.n_classes),
+                "normalization": repr(norm), "bounds": repr((self.lower, self.upper)),
+                "amp": repr(self.amp), "seed": repr(self.seed), "model_mode": self.model_mode,
+                "options": repr(rest), "model": str(model_signature(self.model))}
 
-    def _config(self) -> str:
-        return (f"{self.norm}|{self.eps!r}|{self.version}|{self.attacks_to_run}|{self.steps}|"
-                f"{self.n_queries}|{model_signature(self.model)}")
+    def _fingerprint(self, x: Tensor, y: Tensor) -> Tuple[str, Dict[str, str]]:
+        """(one hash of the data and every setting, the per-name parts it hashes)."""
+        cfg = dict(self._config(), data=data_signature(x, y))
+        h = hashlib.sha1()
+        for k in sorted(cfg):
+            h.update(f"{k}={cfg[k]};".encode())
+        return h.hexdigest(), cfg
+
+    def _check_classes(self, n_cls: int) -> None:
+        """Fail before any attack runs when the model's class count rules one out."""
+        if n_cls < 2:
+            raise ValueError(f"model: expected logits for at least 2 classes, got {n_cls}")
+        if self.n_classes is not None and self.n_classes != n_cls:
+            raise ValueError(f"n_classes: the model returns logits for {n_cls} classes, "
+                             f"got n_classes={self.n_classes}")
+        need = {"apgd-dlr": 3, "apgd-t": 4}  # the DLR loss and its targeted form
+        short = [a for a in self.attacks_to_run if n_cls < need.get(a, 0)]
+        if not short:
+            return
+        rest = [a for a in self.attacks_to_run if a not in short] or ["apgd-ce"]
+        what = " and ".join(f"{a} (needs >= {need[a]} classes)" for a in short)
+        raise ValueError(f"attacks_to_run: {what} cannot attack a model with {n_cls} classes: "
+                         f"the DLR loss is undefined there. Use AutoAttack(..., version='custom', "
+                         f"attacks_to_run={rest}) instead")
 
     # ---------------------------------------------------------------- run
     def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor], gen: torch.Generator,
@@ -146,15 +189,22 @@ class AutoAttack(Attack):
         dev = x.device
         names = self.attacks_to_run
         with torch.no_grad():
+            if b:
+                self._check_classes(int(_fp32_logits(self, x[:1]).shape[1]))
             pred = _predict(self, x, bs)
         clean = pred == y
         state = {"robust": clean.clone(), "attack_of": torch.where(clean, -1, -2).long(),
                  "tried": torch.zeros(len(names), b, dtype=torch.bool), "time": [0.0] * len(names),
                  "adv_idx": torch.zeros(0, dtype=torch.long), "adv_x": x.new_zeros((0,) + x.shape[1:])}
-        fp = None
+        fp, cfg = None, None
+        if state_path and not isinstance(self.model, nn.Module):
+            warnings.warn(f"AutoAttack: state_path={state_path!r} ignored, running from scratch: the model "
+                          "is a plain callable, whose weights cannot be fingerprinted, so a saved state "
+                          "could belong to another model (pass an nn.Module to resume)", stacklevel=3)
+            state_path = None
         if state_path:
-            fp = self._fingerprint(x, y, self._config())
-            state = _load_state(state_path, fp, state, self.verbose)
+            fp, cfg = self._fingerprint(x, y)
+            state = _load_state(state_path, fp, cfg, state, self.verbose)
         robust = state["robust"].to(dev)
         attack_of = state["attack_of"].to(dev)
         x_adv = x.clone()
@@ -185,7 +235,7 @@ class AutoAttack(Attack):
                     state["time"][k] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     state["tried"][k] = tried.cpu()
-                    _save_state(state_path, fp, robust, attack_of, state, x_adv, clean)
+                    _save_state(state_path, fp, cfg, robust, attack_of, state, x_adv, clean)
                 if progress is not None:
                     progress(name, int(pts.numel()))
             state["time"][k] += time.perf_counter() - t0
@@ -194,7 +244,7 @@ class AutoAttack(Attack):
                 print(f"robust accuracy after {name.upper()}: {robust.float().mean().item():.2%} "
                       f"(total time {sum(state['time'][:k + 1]):.1f} s)")
         if state_path:
-            _save_state(state_path, fp, robust, attack_of, state, x_adv, clean)
+            _save_state(state_path, fp, cfg, robust, attack_of, state, x_adv, clean)
         per_attack = {n: (attack_of == k) for k, n in enumerate(names)}
         res = AttackResult(x_adv, ~robust, torch.zeros(b, device=dev), steps, extra={
             "clean": clean, "robust": robust, "attack_of": attack_of, "per_attack": per_attack,
@@ -233,6 +283,8 @@ class AutoAttack(Attack):
         restart count inside each attack); ``state_path`` saves progress so an
         interrupted run resumes; ``progress(attack_name, n_points_done)`` is called
         after every chunk."""
+        if bs is not None:
+            bs = _int_at_least("bs", bs, 1)
         xf, y = self._prepare(self._from_user(x_orig), y_orig)  # normalized input under set_normalization_used
         with model_context(self.model, self.model_mode, xf.device):
             with torch.no_grad():
@@ -273,19 +325,46 @@ class AutoAttack(Attack):
 
 
 # ------------------------------------------------------------------ helpers
-def model_signature(model) -> str:
-    """A cheap fingerprint of a model's weights (shapes and two moments per tensor), so a
-    state file is never resumed with another model."""
+def model_signature(model) -> Optional[str]:
+    """A fingerprint of an ``nn.Module``: its module types and the exact bytes of every
+    parameter and buffer, so a state file is never resumed with another model (None for
+    a plain callable, which cannot be fingerprinted)."""
     if not isinstance(model, nn.Module):
-        return type(model).__name__
+        return None
     h = hashlib.sha1()
+    for name, mod in model.named_modules():
+        h.update(f"{name}:{type(mod).__module__}.{type(mod).__qualname__};".encode())
     with torch.no_grad():
-        for name, t in list(model.state_dict().items()):
-            if not torch.is_tensor(t):
-                continue
-            tf = t.detach().double() if t.is_floating_point() else t.detach().double()
-            h.update(f"{name}{tuple(t.shape)}{float(tf.sum()):.10e}{float((tf * tf).sum()):.10e}".encode())
+        for name, t in model.state_dict().items():
+            if torch.is_tensor(t):
+                h.update(f"{name}{tuple(t.shape)}{t.dtype};".encode())
+                _hash_tensor(h, t)
     return h.hexdigest()[:16]
+
+
+def data_signature(x: Tensor, y: Tensor) -> str:
+    """A hash of the exact values of a batch and its labels."""
+    h = hashlib.sha1()
+    for t in (x, y):
+        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+        _hash_tensor(h, t)
+    return h.hexdigest()[:16]
+
+
+def _hash_tensor(h, t: Tensor) -> None:
+    t = t.detach()
+    if t.layout != torch.strided or t.is_quantized:  # rare: values through a dense float copy
+        t = (t.dequantize() if t.is_quantized else t.to_dense()).float()
+    raw = t.reshape(-1).contiguous().cpu().view(torch.uint8)
+    h.update(raw.numpy())
+
+
+def _int_at_least(name: str, v, lo: float) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    if v < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
+    return int(v)
 
 
 def _predict(atk: Attack, x: Tensor, bs: Optional[int]) -> Tensor:
@@ -302,10 +381,10 @@ def _fp32_logits(atk: Attack, x: Tensor) -> Tensor:
         return atk.logits(x).float()
 
 
-def _save_state(path: str, fp: str, robust: Tensor, attack_of: Tensor, state: dict, x_adv: Tensor,
-                clean: Tensor) -> None:
+def _save_state(path: str, fp: str, cfg: Dict[str, str], robust: Tensor, attack_of: Tensor, state: dict,
+                x_adv: Tensor, clean: Tensor) -> None:
     idx = (~robust & clean).nonzero().squeeze(1)
-    blob = {"fingerprint": fp, "robust": robust.cpu(), "attack_of": attack_of.cpu(),
+    blob = {"fingerprint": fp, "config": dict(cfg), "robust": robust.cpu(), "attack_of": attack_of.cpu(),
             "tried": state["tried"].cpu(), "time": list(state["time"]),
             "adv_idx": idx.cpu(), "adv_x": x_adv.index_select(0, idx).cpu()}
     d = os.path.dirname(os.path.abspath(path))
@@ -315,7 +394,7 @@ def _save_state(path: str, fp: str, robust: Tensor, attack_of: Tensor, state: di
     os.replace(tmp, path)
 
 
-def _load_state(path: str, fp: str, default: dict, verbose: bool) -> dict:
+def _load_state(path: str, fp: str, cfg: Dict[str, str], default: dict, verbose: bool) -> dict:
     if not os.path.exists(path):
         return default
     try:
@@ -324,7 +403,13 @@ def _load_state(path: str, fp: str, default: dict, verbose: bool) -> dict:
         warnings.warn(f"AutoAttack: could not read the state file {path} ({exc}); starting over")
         return default
     if blob.get("fingerprint") != fp:
-        warnings.warn(f"AutoAttack: the state file {path} belongs to other data or settings; starting over")
+        old = blob.get("config")
+        why = ""
+        if isinstance(old, dict):
+            changed = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+            why = f" ({', '.join(changed)} changed)" if changed else ""
+        warnings.warn(f"AutoAttack: the state file {path} belongs to other data or settings{why}; "
+                      "starting over")
         return default
     if verbose:
         done = int(blob["tried"].any(1).sum())

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
+from typing import List
 
 import torch
 
@@ -98,29 +100,128 @@ def zoo_small_cnn(data_name: str, seed: int = 0, epochs: int = 3, log=print) -> 
 
 
 def load_model(spec: str, weights: str = None) -> torch.nn.Module:
-    """Build ``module:factory`` and load ``weights`` (.safetensors or a torch state dict)."""
+    """Build ``module:factory`` and load ``weights`` (.safetensors or a torch state dict).
+    A spec, module, factory or weights file that does not work raises a ValueError."""
     if ":" not in spec:
-        raise SystemExit(f"--model: expected 'module:factory', got {spec!r}")
+        raise ValueError(f"--model: expected 'module:factory', got {spec!r}")
     mod_name, fn_name = spec.split(":", 1)
     sys.path.insert(0, os.getcwd())
     try:
-        factory = getattr(importlib.import_module(mod_name), fn_name)
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ValueError(f"--model: cannot import {mod_name!r} ({exc})") from None
     finally:
         sys.path.pop(0)
+    factory = getattr(module, fn_name, None)
+    if not callable(factory):
+        raise ValueError(f"--model: {mod_name!r} has no callable {fn_name!r}")
     model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"--model: expected {spec!r} to return a torch.nn.Module, got {type(model).__name__}")
     if weights:
-        if weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(weights)
-        else:
-            sd = torch.load(weights, map_location="cpu", weights_only=True)
-            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-                sd = sd["state_dict"]
-        model.load_state_dict(sd)
+        if not os.path.isfile(weights):
+            raise ValueError(f"--weights: no such file {weights!r}")
+        try:
+            if weights.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                sd = load_file(weights)
+            else:
+                sd = torch.load(weights, map_location="cpu", weights_only=True)
+                if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+                    sd = sd["state_dict"]
+        except Exception as exc:  # a corrupt or foreign file: say which, not a traceback
+            raise ValueError(f"--weights: cannot read {weights!r} ({type(exc).__name__}: {exc})") from None
+        if not isinstance(sd, dict):
+            raise ValueError(f"--weights: expected a state dict in {weights!r}, got {type(sd).__name__}")
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as exc:
+            raise ValueError(f"--weights: do not fit the model of {spec!r}: {exc}") from None
     return model.eval()
 
 
+def _floats(flag: str, text: str) -> List[float]:
+    """Comma-separated finite numbers."""
+    out = []
+    items = [v for v in text.split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}")
+    for v in items:
+        try:
+            f = float(v)
+        except ValueError:
+            raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+        if not math.isfinite(f):
+            raise ValueError(f"{flag}: expected finite numbers, got {v.strip()!r}")
+        out.append(f)
+    return out
+
+
+def check_args(args) -> dict:
+    """Every flag checked before any work starts: the parsed values that need parsing
+    (normalization, eps curve, attack list), or a ValueError naming the flag."""
+    def at_least(flag: str, v, lo: int) -> None:
+        if v is not None and v < lo:
+            raise ValueError(f"{flag}: expected an integer >= {lo}, got {v}")
+
+    for flag, v in (("--n", args.n), ("--bs", args.bs), ("--steps", args.steps),
+                    ("--n-queries", args.n_queries), ("--smoothing-n", args.smoothing_n),
+                    ("--smoothing-n0", args.smoothing_n0), ("--smoothing-points", args.smoothing_points)):
+        at_least(flag, v, 1)
+    if args.eps is not None and not (math.isfinite(args.eps) and args.eps >= 0):
+        raise ValueError(f"--eps: expected a finite number >= 0, got {args.eps}")
+    s = args.smoothing_sigma
+    if s is not None and not (math.isfinite(s) and s > 0):
+        raise ValueError(f"--smoothing-sigma: expected a finite noise level > 0, got {s}")
+    if not 0 < args.smoothing_alpha < 1:
+        raise ValueError(f"--smoothing-alpha: expected a confidence level in (0, 1), got {args.smoothing_alpha}")
+    out = {"normalization": None, "eps_curve": None, "attacks": []}
+    if args.normalization is not None:
+        parts = args.normalization.split(";")
+        if len(parts) != 2:
+            raise ValueError(f"--normalization: expected 'mean1,mean2,...;std1,std2,...' (one ';'), "
+                             f"got {args.normalization!r}")
+        mean = _floats("--normalization", parts[0])
+        std = _floats("--normalization", parts[1])
+        if len(mean) != len(std):
+            raise ValueError(f"--normalization: expected as many stds as means, got {len(mean)} means "
+                             f"and {len(std)} stds")
+        if any(v <= 0 for v in std):
+            raise ValueError(f"--normalization: expected stds > 0, got {std}")
+        out["normalization"] = (mean, std)
+    if args.eps_curve:
+        curve = _floats("--eps-curve", args.eps_curve)
+        if any(e < 0 for e in curve):
+            raise ValueError(f"--eps-curve: expected values >= 0, got {args.eps_curve!r}")
+        out["eps_curve"] = curve
+    from ..attacks.autoattack import ATTACK_NAMES
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    bad = [a for a in attacks if a not in ATTACK_NAMES]
+    if bad:
+        raise ValueError(f"--attacks: unknown {bad}; expected names from {', '.join(ATTACK_NAMES)}")
+    if args.version == "custom" and not attacks:
+        raise ValueError(f"--attacks: --version custom needs a comma-separated list from {', '.join(ATTACK_NAMES)}")
+    if attacks and args.version != "custom":
+        raise ValueError("--attacks: only used with --version custom")
+    out["attacks"] = attacks
+    if args.weights and not args.model:
+        raise ValueError("--weights: only used with --model (the zoo model is trained here)")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device: {args.device!r} requested but CUDA is not available")
+    return out
+
+
 def run(args) -> int:
+    try:
+        parsed = check_args(args)
+    except ValueError as exc:
+        print(f"fastadv eval: {exc}", file=sys.stderr)
+        return 2
     from .. import data
     from ..eval import report as _report
     from ..train import distributed as _dist
@@ -130,32 +231,34 @@ def run(args) -> int:
     _, (xte, yte) = data.load_dataset(args.data, n_test=1000, seed=0)
     n = min(args.n, len(xte))
     x, y = xte[:n].to(dev), yte[:n].to(dev)
-    if args.model:
-        model = load_model(args.model, args.weights)
-        name = args.model
-    else:
-        model = zoo_small_cnn(args.data)
-        name = f"zoo:{args.zoo} ({args.data})"
-    model = model.to(dev).eval()
-    surrogate = zoo_small_cnn(args.data, seed=1).to(dev).eval() if args.transfer else None
-    eps = args.eps if args.eps is not None else _DEFAULT_EPS[args.norm]
-    kw = {}
-    if args.normalization:
-        mean, std = args.normalization.split(";")
-        kw["normalization"] = ([float(v) for v in mean.split(",")], [float(v) for v in std.split(",")])
-    if args.amp:
-        kw["amp"] = args.amp
-    os.makedirs(args.out, exist_ok=True)
-    state = args.state or os.path.join(args.out, "state.json")
-    curve = [float(v) for v in args.eps_curve.split(",") if v.strip()] if args.eps_curve else None
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    rep = _report.evaluate(
-        model, x, y, norm=args.norm, eps=eps, version=args.version, attacks_to_run=attacks, bs=args.bs,
-        steps=args.steps, n_queries=args.n_queries, seed=args.seed, eps_curve=curve,
-        eps_curve_steps=args.steps, surrogate=surrogate, smoothing_sigma=args.smoothing_sigma,
-        smoothing_n0=args.smoothing_n0, smoothing_n=args.smoothing_n, smoothing_alpha=args.smoothing_alpha,
-        smoothing_points=args.smoothing_points, calibration=not args.no_calibration,
-        masking_checks=not args.no_checks, state_path=state, progress=not args.no_progress, **kw)
+    try:
+        if args.model:
+            model = load_model(args.model, args.weights)
+            name = args.model
+        else:
+            model = zoo_small_cnn(args.data)
+            name = f"zoo:{args.zoo} ({args.data})"
+        model = model.to(dev).eval()
+        surrogate = zoo_small_cnn(args.data, seed=1).to(dev).eval() if args.transfer else None
+        eps = args.eps if args.eps is not None else _DEFAULT_EPS[args.norm]
+        kw = {}
+        if parsed["normalization"] is not None:
+            kw["normalization"] = parsed["normalization"]
+        if args.amp:
+            kw["amp"] = args.amp
+        os.makedirs(args.out, exist_ok=True)
+        state = args.state or os.path.join(args.out, "state.json")
+        rep = _report.evaluate(
+            model, x, y, norm=args.norm, eps=eps, version=args.version, attacks_to_run=parsed["attacks"],
+            bs=args.bs, steps=args.steps, n_queries=args.n_queries, seed=args.seed,
+            eps_curve=parsed["eps_curve"], eps_curve_steps=args.steps, surrogate=surrogate,
+            smoothing_sigma=args.smoothing_sigma, smoothing_n0=args.smoothing_n0, smoothing_n=args.smoothing_n,
+            smoothing_alpha=args.smoothing_alpha, smoothing_points=args.smoothing_points,
+            calibration=not args.no_calibration, masking_checks=not args.no_checks, state_path=state,
+            progress=not args.no_progress, **kw)
+    except (ValueError, TypeError) as exc:
+        print(f"fastadv eval: {exc}", file=sys.stderr)
+        return 2
     rep["config"]["model"] = name
     rep["config"]["data"] = args.data
     rep["config"]["device"] = str(dev)

@@ -3,6 +3,7 @@ accuracy-vs-eps curve in one pass, calibration under attack, and transfer robust
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -23,6 +24,8 @@ class _Probe(Attack):
 
 def predict_logits(model, x: Tensor, bs: int = 256, normalization=None) -> Tensor:
     """The model's float32 logits on ``x`` in eval mode, batch by batch (model state kept)."""
+    _tensor("x", x)
+    bs = _int_at_least("bs", bs, 1)
     probe = _Probe(model, normalization=normalization, check_inputs=False,
                    lower=-math.inf, upper=math.inf)
     out = []
@@ -34,12 +37,83 @@ def predict_logits(model, x: Tensor, bs: int = 256, normalization=None) -> Tenso
 
 
 
+# ------------------------------------------------------------ validation
+def _tensor(name: str, t) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _labels(name: str, y, b: Optional[int] = None) -> Tensor:
+    """``y`` checked to be integer class labels [B] (>= 0), of length ``b`` if given."""
+    _tensor(name, y)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name}: expected integer class labels, got dtype {y.dtype}")
+    if y.dim() != 1 or (b is not None and y.shape[0] != b):
+        want = "[B]" if b is None else f"[{b}]"
+        raise ValueError(f"{name}: expected shape {want} (one label per point), got {tuple(y.shape)}")
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"{name}: expected class labels >= 0, got {int(y.min())}")
+    return y
+
+
+def _mask(name: str, t, b: int) -> Tensor:
+    _tensor(name, t)
+    if t.shape != (b,):
+        raise ValueError(f"{name}: expected a [B] = [{b}] per-point tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _int_at_least(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    if v < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
+    return int(v)
+
+
+def _logits(name: str, z, b: Optional[int] = None) -> Tensor:
+    _tensor(name, z)
+    if z.dim() != 2 or (b is not None and z.shape[0] != b):
+        raise ValueError(f"{name}: expected shape [B, classes], B = {b}, got {tuple(z.shape)}")
+    if z.numel() and not bool(torch.isfinite(z).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or inf")
+    return z
+
+
+def check_eps_list(eps_list) -> List[float]:
+    """``eps_list`` as a sorted list of finite floats >= 0 (a clear error otherwise)."""
+    if isinstance(eps_list, (str, bytes)) or not hasattr(eps_list, "__iter__"):
+        raise TypeError(f"eps_list: expected a sequence of numbers, got {type(eps_list).__name__} "
+                        f"{eps_list!r}")
+    out = []
+    for e in eps_list:
+        if isinstance(e, Tensor) and e.numel() == 1 and e.dtype != torch.bool:
+            e = e.item()
+        if isinstance(e, bool) or not isinstance(e, numbers.Real):
+            raise TypeError(f"eps_list: expected numbers, got {type(e).__name__} {e!r}")
+        if not (math.isfinite(float(e)) and e >= 0):
+            raise ValueError(f"eps_list: expected finite values >= 0, got {e}")
+        out.append(float(e))
+    if not out:
+        raise ValueError("eps_list: expected at least one eps")
+    return sorted(out)
+
+
+# -------------------------------------------------------------- accuracy
 def accuracy(correct: Tensor) -> float:
     return correct.double().mean().item() if correct.numel() else float("nan")
 
 
 def per_class_accuracy(correct: Tensor, y: Tensor, n_classes: Optional[int] = None) -> List[float]:
     """Accuracy per true class (NaN for a class with no points)."""
+    _labels("y", y)
+    _mask("correct", correct, y.shape[0])
+    if n_classes is not None:
+        n_classes = _int_at_least("n_classes", n_classes, 1)
+        if y.numel() and int(y.max()) >= n_classes:
+            raise ValueError(f"y: expected labels in [0, {n_classes - 1}] for n_classes={n_classes}, "
+                             f"got {int(y.max())}")
     n = int(n_classes if n_classes is not None else (int(y.max()) + 1 if y.numel() else 0))
     tot = torch.zeros(n, dtype=torch.float64).index_add_(0, y.cpu(), torch.ones(len(y), dtype=torch.float64))
     hit = torch.zeros(n, dtype=torch.float64).index_add_(0, y.cpu(), correct.cpu().double())
@@ -48,6 +122,14 @@ def per_class_accuracy(correct: Tensor, y: Tensor, n_classes: Optional[int] = No
 
 def worst_case(robust_per_attack: Mapping[str, Tensor]) -> Tensor:
     """A point is robust only if robust against every attack."""
+    if not isinstance(robust_per_attack, Mapping):
+        raise TypeError("robust_per_attack: expected a mapping attack name -> [B] bool tensor, got "
+                        f"{type(robust_per_attack).__name__}")
+    if not robust_per_attack:
+        raise ValueError("robust_per_attack: expected at least one attack")
+    shapes = {k: tuple(_tensor(f"robust_per_attack[{k!r}]", v).shape) for k, v in robust_per_attack.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"robust_per_attack: expected tensors of one shape, got {shapes}")
     it = iter(robust_per_attack.values())
     out = next(it).clone()
     for v in it:
@@ -64,6 +146,16 @@ def accuracy_summary(y: Tensor, clean_correct: Tensor, robust: Tensor,
     ``per_attack`` maps attack name -> [B] bool "fooled by this attack" (AutoAttack's
     ``extra["per_attack"]``); with ``attack_order`` the robust accuracy after each
     attack in sequence is reported too."""
+    _labels("y", y)
+    b = y.shape[0]
+    _mask("clean_correct", clean_correct, b)
+    _mask("robust", robust, b)
+    for k, v in (per_attack or {}).items():
+        _mask(f"per_attack[{k!r}]", v, b)
+    if attack_order is not None and per_attack:
+        missing = [k for k in attack_order if k not in per_attack]
+        if missing:
+            raise ValueError(f"attack_order: {missing} not in per_attack ({list(per_attack)})")
     out: Dict[str, object] = {"n": int(len(y)), "clean_accuracy": accuracy(clean_correct),
                               "robust_accuracy": accuracy(robust),
                               "per_class": {"clean": per_class_accuracy(clean_correct, y, n_classes),
@@ -91,11 +183,14 @@ def robust_accuracy_curve(model, x: Tensor, y: Tensor, eps_list: Sequence[float]
     eps (the same perturbation), which is applied between attacks so the larger budgets
     need not be attacked again. Returns {"eps": [...], "robust_accuracy": [...],
     "clean_accuracy": float, "robust": [B, E] bool}."""
-    eps = sorted(float(e) for e in eps_list)
-    if not eps:
-        raise ValueError("eps_list: expected at least one eps")
-    if any(e < 0 for e in eps):
-        raise ValueError("eps_list: expected values >= 0")
+    eps = check_eps_list(eps_list)
+    if isinstance(attacks, (str, bytes)) or not hasattr(attacks, "__iter__"):
+        raise TypeError(f"attacks: expected a sequence of names such as ('apgd-ce', 'apgd-t'), got {attacks!r}")
+    attacks = list(attacks)
+    if not attacks:
+        raise ValueError("attacks: expected at least one attack, e.g. ('apgd-ce', 'apgd-t')")
+    if bs is not None:
+        bs = _int_at_least("bs", bs, 1)
     e_n = len(eps)
     builders = {"apgd-ce": lambda: APGD(model, norm, 1.0, steps, 1, seed, "ce", **attack_kwargs),
                 "apgd-dlr": lambda: APGD(model, norm, 1.0, steps, 1, seed, "dlr", **attack_kwargs),
@@ -103,6 +198,8 @@ def robust_accuracy_curve(model, x: Tensor, y: Tensor, eps_list: Sequence[float]
     bad = [a for a in attacks if a not in builders]
     if bad:
         raise ValueError(f"attacks: expected names from {sorted(builders)}, got {bad}")
+    if len(set(attacks)) != len(attacks):
+        raise ValueError(f"attacks: each attack at most once, got {attacks}")
     first = builders[attacks[0]]()
     xf, yl = first._prepare(x, y)
     b = len(xf)
@@ -136,6 +233,9 @@ def robust_accuracy_curve(model, x: Tensor, y: Tensor, eps_list: Sequence[float]
 def calibration_bins(logits: Tensor, y: Tensor, n_bins: int = 15) -> Dict[str, List[float]]:
     """Equal-width confidence bins of the top-class softmax probability:
     per bin its mean confidence, accuracy and count."""
+    n_bins = _int_at_least("n_bins", n_bins, 1)
+    logits = _logits("logits", logits)
+    _labels("y", y, logits.shape[0])
     p = torch.softmax(logits.float(), 1)
     conf, pred = p.max(1)
     correct = (pred == y.to(pred.device)).float()
@@ -162,6 +262,12 @@ def expected_calibration_error(logits: Tensor, y: Tensor, n_bins: int = 15) -> f
 def calibration_under_attack(model, x: Tensor, y: Tensor, x_adv: Tensor, n_bins: int = 15,
                              bs: int = 256, normalization=None) -> Dict[str, object]:
     """ECE and reliability-diagram bins on the clean and on the adversarial inputs."""
+    _tensor("x", x)
+    _tensor("x_adv", x_adv)
+    if x_adv.shape != x.shape:
+        raise ValueError(f"x_adv: expected the shape of x {tuple(x.shape)}, got {tuple(x_adv.shape)}")
+    _labels("y", y, x.shape[0] if x.dim() else None)
+    n_bins = _int_at_least("n_bins", n_bins, 1)
     out = {}
     for name, inp in (("clean", x), ("adversarial", x_adv)):
         z = predict_logits(model, inp, bs, normalization)
@@ -175,18 +281,26 @@ def calibration_under_attack(model, x: Tensor, y: Tensor, x_adv: Tensor, n_bins:
 # -------------------------------------------------------------- transfer
 def transfer_robustness(surrogate, target, x: Tensor, y: Tensor, eps: float, norm: str = "Linf",
                         attack: Optional[Attack] = None, steps: int = 100, seed: int = 0,
-                        bs: int = 256, **attack_kwargs) -> Dict[str, float]:
+                        bs: int = 256, target_normalization=None, **attack_kwargs) -> Dict[str, float]:
     """Black-box transfer: adversarial examples crafted on ``surrogate`` (APGD-CE by
     default, or ``attack`` built on the surrogate), evaluated on ``target``.
 
     Returns the target's clean and transfer-robust accuracy (a point counts as robust if
     the target classifies its transferred example correctly), the surrogate's own
-    white-box robust accuracy, and the transfer success rate on target-correct points."""
+    white-box robust accuracy, and the transfer success rate on target-correct points.
+    ``attack_kwargs`` (``normalization``, ``lower``/``upper``, ...) configure the attack on
+    the surrogate; ``target_normalization=(mean, std)`` if the target expects normalized
+    input (both models get pixel-space x)."""
+    bs = _int_at_least("bs", bs, 1)
     atk = attack if attack is not None else APGD(surrogate, norm, eps, steps, 1, seed, "ce", **attack_kwargs)
+    s_norm = None if atk._mean is None else (atk._mean.tolist(), atk._std.tolist())
+    if getattr(atk, "_io_normalized", False):
+        raise ValueError("attack: expected an attack on pixel-space input (normalization=(mean, std)), "
+                         "got one under set_normalization_used")
     x_adv = torch.cat([atk(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]) if len(x) else x
-    zt_clean = predict_logits(target, x, bs)
-    zt_adv = predict_logits(target, x_adv, bs)
-    zs_adv = predict_logits(surrogate, x_adv, bs)
+    zt_clean = predict_logits(target, x, bs, target_normalization)
+    zt_adv = predict_logits(target, x_adv, bs, target_normalization)
+    zs_adv = predict_logits(surrogate, x_adv, bs, s_norm)
     yy = y.to(zt_clean.device)
     clean_ok = zt_clean.argmax(1) == yy
     adv_ok = zt_adv.argmax(1) == yy

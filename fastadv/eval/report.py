@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..attacks.autoattack import AutoAttack, model_signature
+from ..attacks.autoattack import AutoAttack, data_signature, model_signature
 from ..train import distributed as _dist
 from . import masking, metrics, sharded, smoothing
 
@@ -77,6 +79,47 @@ def _jsonable(v):
     return str(v)
 
 
+def _json_ready(v):
+    """``v`` as it reads back from JSON (tuples -> lists, tensors -> lists), for comparisons."""
+    def enc(o):
+        if isinstance(o, Tensor):
+            return o.tolist()
+        return repr(o)
+    return json.loads(json.dumps(v, sort_keys=True, default=enc))
+
+
+def _check_evaluate_args(x, y, *, bs, eps_curve, eps_curve_steps, surrogate, smoothing_sigma, smoothing_n0,
+                         smoothing_n, smoothing_alpha, smoothing_radii, smoothing_points, n_classes,
+                         state_path, log) -> None:
+    """Every argument that is only used after AutoAttack, checked before it starts."""
+    metrics._int_at_least("bs", bs, 1)
+    if eps_curve:
+        metrics.check_eps_list(eps_curve)
+        metrics._int_at_least("eps_curve_steps", eps_curve_steps, 1)
+    if surrogate is not None and not callable(surrogate):
+        raise TypeError(f"surrogate: expected a model (nn.Module or callable), got {type(surrogate).__name__}")
+    if smoothing_sigma is not None:
+        smoothing.check_sigma(smoothing_sigma, "smoothing_sigma")
+        smoothing.check_count("smoothing_n0", smoothing_n0)
+        smoothing.check_count("smoothing_n", smoothing_n)
+        smoothing.check_alpha(smoothing_alpha, "smoothing_alpha")
+        if smoothing_points is not None:
+            smoothing.check_count("smoothing_points", smoothing_points)
+        if isinstance(smoothing_radii, (str, bytes)) or not hasattr(smoothing_radii, "__iter__"):
+            raise TypeError(f"smoothing_radii: expected a sequence of numbers, got {smoothing_radii!r}")
+        for r in smoothing_radii:
+            if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (math.isfinite(r) and r >= 0):
+                raise ValueError(f"smoothing_radii: expected finite numbers >= 0, got {r!r}")
+    if n_classes is not None:
+        metrics._int_at_least("n_classes", n_classes, 1)
+        if isinstance(y, Tensor) and y.numel() and not y.is_floating_point() and int(y.max()) >= n_classes:
+            raise ValueError(f"n_classes: expected more than the largest label {int(y.max())}, got {n_classes}")
+    if state_path is not None and not isinstance(state_path, (str, os.PathLike)):
+        raise TypeError(f"state_path: expected a file path or None, got {type(state_path).__name__}")
+    if not callable(log):
+        raise TypeError(f"log: expected a callable taking a string, got {type(log).__name__}")
+
+
 def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 / 255,
              version: str = "standard", attacks_to_run: Sequence[str] = (), bs: int = 250,
              steps: int = 100, n_queries: int = 5000, seed: int = 0,
@@ -90,20 +133,65 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
              log: Callable[[str], None] = print, **attack_kwargs) -> Dict[str, object]:
     """Run the evaluation and return the report as a dict (JSON-ready).
 
+    ``attack_kwargs`` (``normalization=(mean, std)``, ``lower``/``upper``, ``amp``, ...)
+    configure every attack, and ``normalization`` every model call; the surrogate of
+    the transfer section sees pixel-space input. A section saved in ``state_path`` is
+    reused only when everything it depends on (the data, the model's weights, its own
+    settings) is unchanged; otherwise it is recomputed and the log says so. With a
+    plain callable as model (or surrogate) nothing can be fingerprinted: the state is
+    neither read nor written (a warning says so).
+
     Under ``torchrun`` (an initialized process group) AutoAttack is sharded over the
     ranks (``fastadv.eval.sharded``) and every rank gets its whole result; the other
     sections run on rank 0 only, which alone writes the state file, and the other
     ranks return the AutoAttack part of the report."""
+    _check_evaluate_args(x, y, bs=bs, eps_curve=eps_curve, eps_curve_steps=eps_curve_steps,
+                         surrogate=surrogate, smoothing_sigma=smoothing_sigma, smoothing_n0=smoothing_n0,
+                         smoothing_n=smoothing_n, smoothing_alpha=smoothing_alpha,
+                         smoothing_radii=smoothing_radii, smoothing_points=smoothing_points,
+                         n_classes=n_classes, state_path=state_path, log=log)
+    if state_path is not None:
+        state_path = os.fspath(state_path)
+    unhashable = [n for n, m in (("model", model), ("surrogate", surrogate))
+                  if m is not None and not isinstance(m, nn.Module)]
+    if state_path and unhashable:
+        warnings.warn(f"evaluate: state_path={state_path!r} ignored, running from scratch: the "
+                      f"{' and '.join(unhashable)} is a plain callable, whose weights cannot be "
+                      "fingerprinted, so saved results could belong to another model", stacklevel=2)
+        state_path = None
     main = _dist.is_main()
     aa_state = (state_path + ".autoattack.pt") if state_path else None
     if not main:
         state_path, progress, log = None, False, (lambda msg: None)
-    state = load_state(state_path)
+    normalization = attack_kwargs.get("normalization")
+    # the generator's repr is its address: leave it out, the seed stands for it
+    options = {k: v for k, v in attack_kwargs.items() if k != "generator"}
     cfg = {"norm": norm, "eps": eps, "version": version, "n": int(len(x)), "steps": steps,
            "n_queries": n_queries, "seed": seed, "attacks_to_run": list(attacks_to_run),
-           "model_signature": model_signature(model)}
-    if state.get("config") != cfg:
-        state = {"config": cfg, "sections": {}}
+           "model_signature": model_signature(model),
+           "data_signature": data_signature(x, y) if isinstance(x, Tensor) and isinstance(y, Tensor) else None,
+           "attack_options": _json_ready(options)}
+    # what each section depends on: a saved section is reused only if all of it is unchanged
+    base = {"data": cfg["data_signature"], "model": cfg["model_signature"]}
+    aa_deps = dict(base, norm=norm, eps=eps, version=version, attacks_to_run=list(attacks_to_run),
+                   steps=steps, n_queries=n_queries, seed=seed, attack_options=options)
+    wanted: Dict[str, Dict[str, object]] = {}
+    if masking_checks:
+        wanted["masking"] = aa_deps
+    if calibration:
+        wanted["calibration"] = aa_deps
+    if eps_curve:
+        wanted["eps_curve"] = dict(base, eps_curve=metrics.check_eps_list(eps_curve), steps=eps_curve_steps,
+                                   norm=norm, seed=seed, attack_options=options)
+    if surrogate is not None:
+        wanted["transfer"] = dict(base, surrogate=model_signature(surrogate), eps=eps, norm=norm, steps=steps,
+                                  seed=seed, attack_options=options)
+    if smoothing_sigma is not None:
+        wanted["smoothing"] = dict(base, sigma=smoothing_sigma, n0=smoothing_n0, n=smoothing_n,
+                                   alpha=smoothing_alpha, radii=list(smoothing_radii), points=smoothing_points,
+                                   seed=seed, normalization=normalization)
+    wanted = {k: _json_ready(v) for k, v in wanted.items()}
+    state = _reusable_state(load_state(state_path), cfg, wanted, state_path, log)
     sections: Dict[str, object] = state["sections"]
     t_start = time.perf_counter()
 
@@ -121,8 +209,7 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     res = aa.last_result
     ex = res.extra
     if n_classes is None and len(x):
-        n_classes = int(metrics.predict_logits(model, x[:1], normalization=attack_kwargs.get(
-            "normalization")).shape[1])
+        n_classes = int(metrics.predict_logits(model, x[:1], normalization=normalization).shape[1])
     summary = metrics.accuracy_summary(y.cpu(), ex["clean"].cpu(), ex["robust"].cpu(),
                                        {k: v.cpu() for k, v in ex["per_attack"].items()},
                                        ex["attacks"], n_classes)
@@ -134,6 +221,11 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     _save_state(state_path, state)
     if not main:
         return {"config": cfg, "total_s": time.perf_counter() - t_start, "autoattack": summary}
+
+    def done(name: str, value) -> None:
+        sections[name] = value
+        state["keys"][name] = wanted[name]
+        _save_state(state_path, state)
 
     # --- self-checks for gradient masking ----------------------------------------------------
     if masking_checks and "masking" not in sections:
@@ -147,13 +239,12 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
             checks.append(masking.check_large_eps(model, xr, yr, norm, None, 20, seed=seed, warn=True, **kw))
             checks.append(masking.check_more_effort(model, xr, yr, eps, norm, (10, 100), (1, 3), seed,
                                                     warn=True, **kw))
-        sections["masking"] = [c.to_dict() for c in checks]
-        _save_state(state_path, state)
+        done("masking", [c.to_dict() for c in checks])
 
     # --- calibration under attack --------------------------------------------------------------
     if calibration and "calibration" not in sections:
-        sections["calibration"] = metrics.calibration_under_attack(model, x, y, x_adv, bs=bs)
-        _save_state(state_path, state)
+        done("calibration", metrics.calibration_under_attack(model, x, y, x_adv, bs=bs,
+                                                             normalization=normalization))
 
     # --- robust accuracy vs eps ------------------------------------------------------------
     if eps_curve and "eps_curve" not in sections:
@@ -161,31 +252,54 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
         curve = metrics.robust_accuracy_curve(model, x, y, eps_curve, norm=norm, steps=eps_curve_steps,
                                               seed=seed, bs=bs * 4, **attack_kwargs)
         curve.pop("robust")
-        sections["eps_curve"] = curve
-        _save_state(state_path, state)
+        done("eps_curve", curve)
 
     # --- transfer (black-box) robustness -----------------------------------------------------
     if surrogate is not None and "transfer" not in sections:
         log("transfer robustness from the surrogate model")
-        tr = metrics.transfer_robustness(surrogate, model, x, y, eps, norm, steps=steps, seed=seed, bs=bs)
+        box = {k_: v for k_, v in attack_kwargs.items() if k_ in ("lower", "upper", "amp")}
+        tr = metrics.transfer_robustness(surrogate, model, x, y, eps, norm, steps=steps, seed=seed, bs=bs,
+                                         target_normalization=normalization, **box)
         tr["white_box_robust_accuracy"] = summary["robust_accuracy"]
-        sections["transfer"] = tr
-        _save_state(state_path, state)
+        done("transfer", tr)
 
     # --- certified robustness (randomized smoothing) ----------------------------------------
-    if smoothing_sigma and "smoothing" not in sections:
+    if smoothing_sigma is not None and "smoothing" not in sections:
         m = len(x) if smoothing_points is None else min(len(x), smoothing_points)
         log(f"randomized smoothing: sigma={smoothing_sigma}, n0={smoothing_n0}, n={smoothing_n} on {m} points")
         pred, radius = smoothing.certify(model, x[:m], smoothing_sigma, smoothing_n0, smoothing_n,
-                                         smoothing_alpha, batch_size=max(bs, 256), seed=seed)
+                                         smoothing_alpha, batch_size=max(bs, 256), seed=seed,
+                                         normalization=normalization)
         ca = smoothing.certified_accuracy(pred, radius, y[:m].cpu(), smoothing_radii)
         ca.update({"sigma": smoothing_sigma, "n0": smoothing_n0, "n": smoothing_n, "alpha": smoothing_alpha,
                    "points": m, "abstain": int((pred == smoothing.ABSTAIN).sum())})
-        sections["smoothing"] = ca
-        _save_state(state_path, state)
+        done("smoothing", ca)
 
     report = {"config": cfg, "total_s": time.perf_counter() - t_start, **sections}
     return report
+
+
+def _reusable_state(old: Dict[str, object], cfg: Dict[str, object], wanted: Dict[str, object],
+                    path: Optional[str], log: Callable[[str], None]) -> Dict[str, object]:
+    """A fresh state holding the saved sections whose dependencies are unchanged; the log
+    names the sections that are recomputed and what changed for them."""
+    sections = old.get("sections") if isinstance(old.get("sections"), dict) else {}
+    keys = old.get("keys") if isinstance(old.get("keys"), dict) else {}
+    state: Dict[str, object] = {"config": cfg, "sections": {}, "keys": {}}
+    stale = []
+    for name, deps in wanted.items():
+        if name not in sections:
+            continue
+        saved = keys.get(name)
+        if saved == deps:
+            state["sections"][name] = sections[name]
+            state["keys"][name] = deps
+            continue
+        changed = sorted(k for k in set(deps) | set(saved or {}) if (saved or {}).get(k) != deps.get(k))
+        stale.append(f"{name} ({', '.join(changed)} changed)" if saved else f"{name} (saved by an older version)")
+    if stale:
+        log(f"state {path}: recomputing {'; '.join(stale)}")
+    return state
 
 
 # ------------------------------------------------------------------ writing

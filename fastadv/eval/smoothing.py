@@ -10,6 +10,8 @@ with no SciPy needed.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -93,17 +95,70 @@ def binom_test_two_sided(k: Tensor, n: Tensor) -> Tensor:
     return p.clamp(max=1.0)
 
 
+# ------------------------------------------------------------ validation
+def _number(name: str, v) -> float:
+    if isinstance(v, Tensor) and v.numel() == 1 and v.dtype != torch.bool:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+    return float(v)
+
+
+def check_sigma(sigma, name: str = "sigma") -> float:
+    """``sigma`` as a float: finite and > 0, else a ValueError/TypeError naming ``name``."""
+    s = _number(name, sigma)
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"{name}: expected a finite noise level > 0, got {sigma}")
+    return s
+
+
+def check_alpha(alpha, name: str = "alpha") -> float:
+    a = _number(name, alpha)
+    if not 0 < a < 1:  # NaN fails too
+        raise ValueError(f"{name}: expected a confidence level in (0, 1), got {alpha}")
+    return a
+
+
+def check_count(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    if v < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {v}")
+    return int(v)
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating tensor, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x: expected a point [C, H, W] / [D] or a batch [B, ...], got a scalar")
+
+
+def _check_logits(z, rows: int) -> None:
+    if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != rows:
+        got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise ValueError(f"model: expected logits of shape [batch, classes] = [{rows}, C], got {got}")
+
+
+# --------------------------------------------------------------- sampling
 @torch.no_grad()
 def sample_counts(model, x: Tensor, sigma: float, num: int, batch_size: int = 1000,
                   generator: Optional[torch.Generator] = None, n_classes: Optional[int] = None) -> Tensor:
     """For each point in ``x`` ([B, ...]) the class counts of f(x + δ) over ``num`` Gaussian
     samples of std ``sigma``: [B, C] int64. Noise comes from ``generator`` (never the
     global RNG); at most ``batch_size`` rows go through the model at once. The model
-    sees the noisy input as is (put any normalisation inside the model)."""
+    sees the noisy input as is (put any normalisation inside the model). Non-finite
+    logits raise: argmax would silently count them as class 0."""
+    sigma = check_sigma(sigma)
+    num = check_count("num", num)
+    batch_size = check_count("batch_size", batch_size)
     b = x.shape[0]
     per_point = max(1, min(num, batch_size))           # noise samples per point per forward
     pts_per = max(1, batch_size // per_point)          # points per forward
     counts = None if n_classes is None else torch.zeros(b, n_classes, dtype=torch.long, device=x.device)
+    finite = torch.ones((), dtype=torch.bool, device=x.device)  # checked once at the end: no sync per batch
     for s in range(0, b, pts_per):
         xs = x[s:s + pts_per]
         m = xs.shape[0]
@@ -113,11 +168,16 @@ def sample_counts(model, x: Tensor, sigma: float, num: int, batch_size: int = 10
             rep = xs.repeat_interleave(k, 0)
             noise = torch.randn(rep.shape, generator=generator, device=rep.device, dtype=rep.dtype)
             z = model(rep + noise * sigma)
+            _check_logits(z, rep.shape[0])
+            finite &= torch.isfinite(z).all().to(finite.device)
             if counts is None:
                 counts = torch.zeros(b, z.shape[1], dtype=torch.long, device=x.device)
-            pred = z.argmax(1).reshape(m, k)
+            pred = z.argmax(1).reshape(m, k).to(counts.device)
             counts[s:s + m].scatter_add_(1, pred, torch.ones_like(pred))
             left -= k
+    if not bool(finite):
+        raise ValueError("model: returned non-finite logits (NaN or inf) on the noisy inputs; "
+                         "the smoothed prediction would be meaningless")
     if counts is None:
         counts = torch.zeros(b, 0, dtype=torch.long, device=x.device)
     return counts
@@ -125,6 +185,9 @@ def sample_counts(model, x: Tensor, sigma: float, num: int, batch_size: int = 10
 
 def _batch_and_generator(x: Tensor, seed: Optional[int]) -> Tuple[bool, Tensor, torch.Generator]:
     """(one point given?, x as a batch, the noise generator: seeded, or fresh entropy)."""
+    _check_x(x)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
     single = x.dim() in (1, 3)
     xb = x.unsqueeze(0) if single else x
     gen = torch.Generator(device=xb.device)
@@ -139,23 +202,48 @@ def _ctx(model, x):
     return model_context(model, "eval", x.device)
 
 
+def _with_normalization(model, normalization, x: Tensor):
+    """``model`` seeing ``(t - mean) / std`` per channel: the noise stays in pixel space."""
+    if normalization is None:
+        return model
+    if not isinstance(normalization, (tuple, list)) or len(normalization) != 2:
+        raise TypeError("normalization: expected a pair (mean, std)")
+    mean = torch.as_tensor(normalization[0], dtype=x.dtype, device=x.device).flatten()
+    std = torch.as_tensor(normalization[1], dtype=x.dtype, device=x.device).flatten()
+    if mean.numel() == 0 or mean.shape != std.shape:
+        raise ValueError(f"normalization: expected mean and std with one value per channel each, got "
+                         f"{mean.numel()} and {std.numel()}")
+    if not bool(torch.isfinite(mean).all()) or not bool((std > 0).all() & torch.isfinite(std).all()):
+        raise ValueError("normalization: expected finite means and finite positive stds")
+    if mean.numel() > 1 and (x.dim() < 2 or x.shape[1] != mean.numel()):
+        raise ValueError(f"x: expected {mean.numel()} channels (dim 1) to match the normalization, "
+                         f"got shape {tuple(x.shape)}")
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean, std = mean.reshape(shape), std.reshape(shape)
+    return lambda t: model((t - mean) / std)
+
 
 def certify(model, x: Tensor, sigma: float, n0: int = 100, n: int = 100000, alpha: float = 0.001,
-            batch_size: int = 1000, seed: Optional[int] = 0) -> Tuple[Tensor, Tensor]:
+            batch_size: int = 1000, seed: Optional[int] = 0, normalization=None) -> Tuple[Tensor, Tensor]:
     """CERTIFY (Cohen et al. 2019, Alg. 1) for each point of ``x`` ([B, ...] or one point).
 
     Returns (prediction [B] int64, ``ABSTAIN`` = −1 where it abstains; radius [B] float64,
     σ·Φ⁻¹(p_A lower bound), 0 where it abstains). With probability ≥ 1 − α per point the
-    smoothed classifier predicts the returned class everywhere within the radius."""
-    if sigma <= 0:
-        raise ValueError(f"sigma: expected > 0, got {sigma}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha: expected in (0, 1), got {alpha}")
+    smoothed classifier predicts the returned class everywhere within the radius. An
+    empty batch gives empty results. ``normalization=(mean, std)``: the model expects
+    normalized input (σ and the radius stay in the pixel space of ``x``)."""
+    sigma = check_sigma(sigma)
+    alpha = check_alpha(alpha)
+    n0, n = check_count("n0", n0), check_count("n", n)
+    batch_size = check_count("batch_size", batch_size)
     single, xb, gen = _batch_and_generator(x, seed)
+    f = _with_normalization(model, normalization, xb)
+    if xb.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
     with _ctx(model, xb):
-        c0 = sample_counts(model, xb, sigma, n0, batch_size, gen)
+        c0 = sample_counts(f, xb, sigma, n0, batch_size, gen)
         c_a = c0.argmax(1)
-        counts = sample_counts(model, xb, sigma, n, batch_size, gen, n_classes=c0.shape[1])
+        counts = sample_counts(f, xb, sigma, n, batch_size, gen, n_classes=c0.shape[1])
     n_a = counts.gather(1, c_a[:, None]).squeeze(1).cpu()
     p_lower = clopper_pearson_lower(n_a, n, alpha)
     ok = p_lower > 0.5
@@ -168,12 +256,20 @@ def certify(model, x: Tensor, sigma: float, n0: int = 100, n: int = 100000, alph
 
 
 def predict(model, x: Tensor, sigma: float, n: int = 100000, alpha: float = 0.001,
-            batch_size: int = 1000, seed: Optional[int] = 0) -> Tensor:
+            batch_size: int = 1000, seed: Optional[int] = 0, normalization=None) -> Tensor:
     """PREDICT (Cohen et al. 2019): the top class of n noisy samples if a two-sided
-    binomial test against the runner-up rejects at level α, else ``ABSTAIN``."""
+    binomial test against the runner-up rejects at level α, else ``ABSTAIN``
+    (``normalization`` as in ``certify``)."""
+    sigma = check_sigma(sigma)
+    alpha = check_alpha(alpha)
+    n = check_count("n", n)
+    batch_size = check_count("batch_size", batch_size)
     single, xb, gen = _batch_and_generator(x, seed)
+    f = _with_normalization(model, normalization, xb)
+    if xb.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
     with _ctx(model, xb):
-        counts = sample_counts(model, xb, sigma, n, batch_size, gen).cpu()
+        counts = sample_counts(f, xb, sigma, n, batch_size, gen).cpu()
     top2 = counts.topk(min(2, counts.shape[1]), dim=1)
     n_a = top2.values[:, 0]
     n_b = top2.values[:, 1] if counts.shape[1] > 1 else torch.zeros_like(n_a)
@@ -183,8 +279,23 @@ def predict(model, x: Tensor, sigma: float, n: int = 100000, alpha: float = 0.00
 
 
 def certified_accuracy(pred: Tensor, radius: Tensor, y: Tensor, radii: Sequence[float]) -> Dict[str, List[float]]:
-    """The fraction of points certified correct at each radius r: pred = y and radius ≥ r."""
+    """The fraction of points certified correct at each radius r: pred = y and radius ≥ r
+    (``pred``, ``radius``, ``y``: [B] each, as ``certify`` returns them)."""
+    for name, t in (("pred", pred), ("radius", radius), ("y", y)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if pred.dim() != 1:
+        raise ValueError(f"pred: expected shape [B], got {tuple(pred.shape)}")
+    for name, t in (("radius", radius), ("y", y)):
+        if t.shape != pred.shape:
+            raise ValueError(f"{name}: expected shape {list(pred.shape)} like pred, got {list(t.shape)}")
+    if isinstance(radii, (str, bytes)) or not hasattr(radii, "__iter__"):
+        raise TypeError(f"radii: expected a sequence of numbers, got {type(radii).__name__}")
+    rs = [_number("radii", r) for r in radii]
+    if any(not (math.isfinite(r) and r >= 0) for r in rs):
+        raise ValueError(f"radii: expected finite values >= 0, got {list(radii)}")
     y = y.to(pred.device)
+    radius = radius.to(pred.device)
     ok = pred == y
-    accs = [(ok & (radius >= r)).float().mean().item() if len(y) else float("nan") for r in radii]
-    return {"radius": [float(r) for r in radii], "certified_accuracy": accs}
+    accs = [(ok & (radius >= r)).float().mean().item() if len(y) else float("nan") for r in rs]
+    return {"radius": rs, "certified_accuracy": accs}
