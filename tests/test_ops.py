@@ -3,7 +3,6 @@
 Backends that are not ready here (no compiler, no GPU, no triton) are skipped with
 the reason ``fastadv.ops.backends()`` gives; the torch backend always runs.
 """
-import math
 
 import pytest
 import torch

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ._groups import chunked_loss_and_grad, memory_format
+from .base import module_of
 
 __all__ = ["BestIterate", "ActiveSet", "LoopOutput", "StepLoop", "GraphedLoop", "restart_blocks",
            "auto_max_rows", "pick_restart", "merge_best", "tile", "per_sample", "memory_format"]
@@ -201,8 +202,8 @@ def auto_max_rows(attack, x: Tensor, y: Tensor, target: Optional[Tensor], wanted
     b = x.shape[0]
     if b == 0:
         return 1
-    model = attack.model
-    coupled = isinstance(model, torch.nn.Module) and any(m.training for m in model.modules())
+    model = module_of(attack.model)
+    coupled = model is not None and any(m.training for m in model.modules())
     try:
         if x.device.type == "cuda":
             if wanted <= b:
@@ -446,9 +447,9 @@ def graph_key(attack, x_nat: Tensor, target: Optional[Tensor], extra: Sequence) 
     numbers, where the model's parameters and buffers live, and each module's
     train/eval flag (with ``model_mode="keep"`` a dropout or BatchNorm switched
     between calls must not replay the other mode's kernels)."""
-    model = attack.model
+    model = module_of(attack.model)
     ptrs, modes = (), ()
-    if isinstance(model, torch.nn.Module):
+    if model is not None:
         ptrs = tuple(t.data_ptr() for t in model.parameters()) + tuple(
             t.data_ptr() for t in model.buffers())
         modes = tuple(m.training for m in model.modules())

@@ -10,6 +10,7 @@ except ``Working.compact``, which an attack calls every few iterations.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -24,13 +25,17 @@ _ALIASES = {"linf": "Linf", "inf": "Linf", "l2": "L2", "2": "L2", "l1": "L1", "1
 
 
 def norm_name(norm) -> str:
-    """'Linf' | 'L2' | 'L1' from the spellings users write (``"Linf"``, ``"l2"``, ``float('inf')``)."""
-    if isinstance(norm, (int, float)) and not isinstance(norm, bool):
-        key = "inf" if math.isinf(norm) else str(int(norm))
+    """'Linf' | 'L2' | 'L1' from the spellings users write (``"Linf"``, ``"l2"``, ``2``,
+    ``float('inf')``). A number that is not 1, 2 or +inf (``2.5``) is refused, not rounded."""
+    key = None
+    if isinstance(norm, numbers.Real) and not isinstance(norm, bool):
+        v = float(norm)
+        if v == math.inf:
+            key = "inf"
+        elif v in (1.0, 2.0):
+            key = str(int(v))
     elif isinstance(norm, str):
         key = norm.lower()
-    else:
-        key = None
     if key not in _ALIASES:
         raise ValueError(f"norm: expected 'Linf', 'L2' or 'L1', got {norm!r}")
     return _ALIASES[key]

@@ -157,11 +157,12 @@ class APGD(Attack):
         self.steps = _pos_int("steps", steps, allow_zero=True)
         self.n_restarts = _pos_int("n_restarts", n_restarts)
         self.eot_iter = _pos_int("eot_iter", eot_iter)
-        if not 0.0 < float(rho) <= 1.0:
+        rho = self._real("rho", rho)
+        if not 0.0 < rho <= 1.0:
             raise ValueError(f"rho: expected a value in (0, 1], got {rho}")
-        self.rho = float(rho)
-        self.verbose = bool(verbose)
-        self.early_stop = bool(early_stop)
+        self.rho = rho
+        self.verbose = self._flag("verbose", verbose)
+        self.early_stop = self._flag("early_stop", early_stop)
         self.max_rows = None if max_rows is None else _pos_int("max_rows", max_rows)
         self.compact_every = None if compact_every is None else _pos_int("compact_every", compact_every)
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._groups import layout_like, lp_norm, norm_name
+from ._groups import lp_norm, norm_name
 from .apgd import APGD, APGDT
 from .base import Attack, AttackResult, model_context
 from .fab import FAB
@@ -135,6 +135,26 @@ class AutoAttack(Attack):
         if self._mean is not None:
             atk._set_model_normalization(self._mean.tolist(), self._std.tolist())  # pixel-space I/O inside
         return atk
+
+    @property
+    def uses_gradients(self) -> bool:
+        """Square alone needs no gradient; any other attack in the list does."""
+        return any(a != "square" for a in self.attacks_to_run)
+
+    def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
+                    x_adv: Tensor, xf: Tensor) -> Tensor:
+        """After rounding to the user's dtype: a point counts as fooled only if the returned
+        tensor fools the model; the robust flags and accuracy follow."""
+        ex = res.extra
+        fooled = (z.argmax(1) != y) & ex["clean"]
+        back = ~fooled & ~ex["robust"] & ex["clean"]   # fooled in float32, not after rounding
+        if bool(back.any()):
+            ex["robust"] = ex["robust"] | back
+            ex["attack_of"] = torch.where(back, torch.full_like(ex["attack_of"], -1), ex["attack_of"])
+            ex["per_attack"] = {n: (ex["attack_of"] == k) for k, n in enumerate(ex["attacks"])}
+        b = y.shape[0]
+        self.robust_accuracy = ex["robust"].float().mean().item() if b else float("nan")
+        return ~ex["robust"]
 
     # -------------------------------------------------------------- state
     def _config(self) -> Dict[str, str]:
@@ -291,9 +311,11 @@ class AutoAttack(Attack):
                 z = self.logits(xf[: min(len(xf), 16)]).float()
             if len(xf):
                 self._check_logits(z, y[: z.shape[0]], None)
+            self._check_depends_on_x(xf)
             gen = self.make_generator(xf.device)
             res = self._attack(xf, y, None, gen, bs=bs, state_path=state_path, progress=progress)
-        x_adv = layout_like(self._to_user(res.x_adv, x_orig).to(x_orig.dtype), x_orig)
+            # the user's dtype: rounded back into the ball, flags of the tensor returned
+            x_adv = self._result_to_user(res, xf, x_orig, y, None)
         res.x_adv = x_adv
         if self.verbose:
             print(f"clean accuracy: {self.clean_accuracy:.2%}  robust accuracy: {self.robust_accuracy:.2%}")

@@ -8,7 +8,12 @@ the model comes back exactly as found (mode, buffers, parameters, ``.grad``,
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import math
+import numbers
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -17,6 +22,7 @@ from torch import Tensor, nn
 
 from .. import losses as _losses
 from ._groups import channels_last, layout_like
+from ._groups import norm_name as _norm_name
 
 _AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16,
         "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,12 +51,34 @@ class AttackResult:
 
 
 # ------------------------------------------------------------ model state
+def module_of(model) -> Optional[nn.Module]:
+    """The ``nn.Module`` behind ``model``: the model itself, the module a bound method
+    belongs to (``net.forward``), or the one a ``functools.partial`` wraps; None for any
+    other callable (whose state the attack cannot see)."""
+    for _ in range(8):  # partials of partials, bounded
+        if isinstance(model, nn.Module):
+            return model
+        owner = getattr(model, "__self__", None)
+        if isinstance(owner, nn.Module):
+            return owner
+        if not isinstance(model, functools.partial):
+            return None
+        model = model.func
+    return None
+
+
+def _cuda_indices(devices: Sequence[torch.device]) -> list:
+    return sorted({d.index if d.index is not None else torch.cuda.current_device()
+                   for d in devices if d.type == "cuda"})
+
+
 def model_context(model, mode: str, device: torch.device):
-    """``preserved_model(model, mode)`` for an ``nn.Module``; nothing for a plain callable
-    (which has no state to restore)."""
-    if isinstance(model, nn.Module):
-        return preserved_model(model, mode, devices=(device,))
-    return contextlib.nullcontext()
+    """``preserved_model`` for an ``nn.Module`` (or a bound method or partial of one); for
+    any other callable, at least the global RNG is forked (its own state is out of reach)."""
+    module = module_of(model)
+    if module is not None:
+        return preserved_model(module, mode, devices=(device,))
+    return torch.random.fork_rng(devices=_cuda_indices((device,)), enabled=True)
 
 
 @contextlib.contextmanager
@@ -58,19 +86,30 @@ def preserved_model(model: nn.Module, mode: str = "eval", freeze_params: bool = 
                     devices: Sequence[torch.device] = ()) -> Iterator[nn.Module]:
     """Run ``model`` in ``mode`` ("eval" | "train" | "keep") and give it back exactly as found.
 
-    Restores every module's training flag, every buffer's values (BatchNorm running
-    stats), every parameter's ``requires_grad`` and ``.grad``, and the global CPU and
-    CUDA RNG states (dropout in train mode would otherwise consume them)."""
+    Restores every module's training flag, its parameter and buffer entries (a forward
+    that reassigns a buffer, ``self.n = self.n + 1``, gets the original object back) and
+    their values (BatchNorm running stats), every parameter's ``requires_grad`` and
+    ``.grad``, and the global CPU and CUDA RNG states (dropout in train mode would
+    otherwise consume them)."""
     modules = list(model.modules())
     training = [m.training for m in modules]
+    entries = [(m, dict(m._parameters), dict(m._buffers)) for m in modules]
     params = list(model.parameters())
+    if freeze_params and any(isinstance(p, nn.parameter.UninitializedParameter) for p in params):
+        raise ValueError("model: has uninitialized lazy parameters (nn.LazyLinear, ...): run one "
+                         "forward pass on a batch before attacking it (an attack must not change "
+                         "the model, and the first forward would)")
     req = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    cuda_devices = sorted({d.index if d.index is not None else torch.cuda.current_device()
-                           for d in devices if d.type == "cuda"})
+    values = {}
+    for _, _, bufs in entries:
+        for b in bufs.values():
+            if b is not None and id(b) not in values:
+                values[id(b)] = (b, b.detach().clone())
+    cuda = set(_cuda_indices(devices))
+    cuda.update(_cuda_indices([p.device for p in params[:1]]))
     try:
-        with torch.random.fork_rng(devices=cuda_devices, enabled=True):
+        with torch.random.fork_rng(devices=sorted(cuda), enabled=True):
             if mode == "eval":
                 model.eval()
             elif mode == "train":
@@ -84,13 +123,58 @@ def preserved_model(model: nn.Module, mode: str = "eval", freeze_params: bool = 
     finally:
         for m, t in zip(modules, training):
             m.training = t
+        for m, ps, bs in entries:
+            for live, saved in ((m._parameters, ps), (m._buffers, bs)):
+                if live.keys() != saved.keys() or any(live[k] is not v for k, v in saved.items()):
+                    live.clear()
+                    live.update(saved)
         for p, r, g in zip(params, req, grads):
             p.requires_grad_(r)
             p.grad = g
         with torch.no_grad():
-            for b, saved in buffers:
-                if b.shape == saved.shape:
+            for b, saved in values.values():
+                if b.shape == saved.shape and b.dtype == saved.dtype:
                     b.copy_(saved)
+                else:  # resized or recast in place: put the original back, same object
+                    b.data = saved
+
+
+def model_input_dtype(model) -> Optional[torch.dtype]:
+    """The dtype a model's floating parameters (else buffers) are in, when it is not
+    float32: attacks feed such a model inputs of that dtype. None for float32, for a
+    model without floating tensors and for a callable that is not a module."""
+    module = module_of(model)
+    if module is None:
+        return None
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_floating_point():
+            return None if t.dtype == torch.float32 else t.dtype
+    return None
+
+
+_SEEN_CALLABLES: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _first_sight(model) -> bool:
+    """True the first time a given callable model is handed to an attack (so that its
+    warning is said once, not for every attack AutoAttack builds on it)."""
+    try:
+        if model in _SEEN_CALLABLES:
+            return False
+        _SEEN_CALLABLES.add(model)
+    except TypeError:  # not weakly referenceable: say it every time
+        pass
+    return True
+
+
+def _output_error(out) -> TypeError:
+    kind = type(out).__name__
+    hint = ""
+    if isinstance(out, (tuple, list)):
+        hint = " (a model returning several outputs needs a wrapper that returns the logits)"
+    elif isinstance(out, dict):
+        hint = f" with keys {list(out)[:5]} (wrap the model so that it returns the logits)"
+    return TypeError(f"model: expected its output to be a logits tensor [B, classes], got a {kind}{hint}")
 
 
 # ---------------------------------------------------------------- the base
@@ -103,6 +187,13 @@ class Attack:
     ``self.loss_and_grad`` / ``self.logits`` for the model. During ``_attack``,
     ``self.clean_logits`` holds the float32 logits of the clean batch (computed once
     by ``run`` for the input checks), so an attack need not recompute them.
+
+    Dtypes: the iterate is float32 whatever the dtypes of ``x`` and of the model (the
+    fused ops' dtype; a float64 iterate would buy nothing an eps-ball can see). A model
+    whose weights are float64, bfloat16 or float16 is fed its own dtype and its logits are
+    taken back as float32 (``logits``). A result returned in a dtype other than float32 is
+    fitted back into the ball and the box in that dtype, and its success flags are those
+    of the tensor returned (``_result_to_user``).
     """
 
     def __init__(self, name: str, model: nn.Module, *, eps: float = 0.0, lower: float = 0.0,
@@ -113,12 +204,16 @@ class Attack:
                  model_mode: str = "eval", check_inputs: bool = True):
         if not isinstance(model, nn.Module) and not callable(model):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if module_of(model) is None and _first_sight(model):
+            warnings.warn("fastadv: the model is a plain callable, not an nn.Module: the attack "
+                          "cannot set its mode (model_mode) nor put its BatchNorm buffers back "
+                          "afterwards (it still leaves the global RNG as found). Pass the "
+                          "nn.Module itself to have it given back exactly as found.",
+                          RuntimeWarning, stacklevel=3)
         self.attack = name
         self.model = model
         self.eps = self._nonneg("eps", eps)
-        if isinstance(lower, bool) or isinstance(upper, bool):
-            raise TypeError("lower/upper: expected floats")
-        self.lower, self.upper = float(lower), float(upper)
+        self.lower, self.upper = self._real("lower", lower), self._real("upper", upper)
         if not self.lower <= self.upper:
             raise ValueError(f"lower/upper: expected lower <= upper, got {lower} > {upper}")
         if loss not in ("ce", "cw", "dlr"):
@@ -137,11 +232,15 @@ class Attack:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
         self.generator = generator
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+                raise TypeError(f"seed: expected an int or None, got {type(seed).__name__} {seed!r}")
+            seed = int(seed)
         self.seed = seed
         if model_mode not in ("eval", "train", "keep"):
             raise ValueError(f"model_mode: expected 'eval', 'train' or 'keep', got {model_mode!r}")
         self.model_mode = model_mode
-        self.check_inputs = check_inputs
+        self.check_inputs = self._flag("check_inputs", check_inputs)
         self._mean: Optional[Tensor] = None
         self._std: Optional[Tensor] = None
         self._io_normalized = False
@@ -150,7 +249,7 @@ class Attack:
                 raise TypeError("normalization: expected a pair (mean, std)")
             self._set_model_normalization(*normalization)
         # torchattacks-style targeting
-        self.targeted = bool(targeted)
+        self.targeted = self._flag("targeted", targeted)
         self._target_mode = "by_label" if targeted else "default"
         self._target_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None
         self._kth_min = 1
@@ -158,12 +257,27 @@ class Attack:
 
     # ------------------------------------------------------------- helpers
     @staticmethod
-    def _nonneg(name: str, v) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
-        if not math.isfinite(float(v)) or v < 0:
-            raise ValueError(f"{name}: expected a finite value >= 0, got {v}")
+    def _real(name: str, v) -> float:
+        """``v`` as a float; a bool, a string or a tensor is refused, never converted."""
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name}: expected a number, got {type(v).__name__} {v!r}")
         return float(v)
+
+    @staticmethod
+    def _nonneg(name: str, v) -> float:
+        v = Attack._real(name, v)
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}: expected a finite value >= 0, got {v}")
+        return v
+
+    @staticmethod
+    def _flag(name: str, v) -> bool:
+        """A bool option (0 and 1 pass too); a string such as "no" is refused."""
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, numbers.Integral) and v in (0, 1):
+            return bool(v)
+        raise TypeError(f"{name}: expected True or False, got {type(v).__name__} {v!r}")
 
     def __repr__(self) -> str:
         keys = ("eps", "loss", "amp", "backend", "model_mode")
@@ -209,8 +323,10 @@ class Attack:
         key = (x.device, x.dtype, len(shape))
         cached = self.__dict__.setdefault("_norm_cache", {}).get(key)
         if cached is None:
-            cached = (self._mean.to(x.device, x.dtype).reshape(shape),
-                      self._std.to(x.device, x.dtype).reshape(shape))
+            m, s = (t.to(x.device, x.dtype).reshape(shape) for t in (self._mean, self._std))
+            if m.is_inference():  # the attack was built under torch.inference_mode()
+                m, s = m.clone(), s.clone()
+            cached = (m, s)
             self._norm_cache[key] = cached
         return cached
 
@@ -248,6 +364,9 @@ class Attack:
         return self
 
     def set_mode_targeted_by_function(self, target_map_function: Callable, quiet: bool = True) -> "Attack":
+        if not callable(target_map_function):
+            raise TypeError(f"target_map_function: expected a callable (images, labels) -> targets, "
+                            f"got {type(target_map_function).__name__}")
         self.targeted, self._target_mode, self._target_fn = True, "by_function", target_map_function
         return self
 
@@ -256,9 +375,9 @@ class Attack:
         return self
 
     def set_mode_targeted_least_likely(self, kth_min: int = 1, quiet: bool = True) -> "Attack":
-        if not isinstance(kth_min, int) or kth_min < 1:
+        if isinstance(kth_min, bool) or not isinstance(kth_min, numbers.Integral) or kth_min < 1:
             raise ValueError(f"kth_min: expected an int >= 1, got {kth_min!r}")
-        self.targeted, self._target_mode, self._kth_min = True, "least_likely", kth_min
+        self.targeted, self._target_mode, self._kth_min = True, "least_likely", int(kth_min)
         return self
 
     # ------------------------------------------------------------- model I/O
@@ -277,17 +396,38 @@ class Attack:
             return channels_last(x)
         return x
 
+    def _input_dtype(self) -> Optional[torch.dtype]:
+        """The dtype the model is fed in when it is not float32 (set once per run by
+        ``_prepare``; looked up here for calls made outside a run)."""
+        d = self.__dict__
+        if "_in_dtype" not in d:
+            d["_in_dtype"] = model_input_dtype(self.model)
+        return d["_in_dtype"]
+
     def logits(self, x: Tensor, *, fp32: bool = False) -> Tensor:
         """The model's logits on ``x`` (normalization applied, under autocast if amp,
-        unless ``fp32``)."""
+        unless ``fp32``).
+
+        A model whose weights are float64, bfloat16 or float16 gets its input in that
+        dtype and its logits come back as float32: the iterate stays float32 (the fused
+        ops' dtype) and the loss and gradients are float32 whatever the model's dtype."""
         dt = None if fp32 else _AMP[self.amp]
-        x = self._model_layout(x)
+        x = self._normalize(self._model_layout(x))
+        cast = self._input_dtype()
+        if cast is not None:
+            x = x.to(cast)
         if dt is not None:
             # No weight-cast cache: each call is its own autocast region anyway, and a
             # cache would break CUDA graph capture.
             with torch.autocast(device_type=x.device.type, dtype=dt, cache_enabled=False):
-                return self.model(self._normalize(x))
-        return self.model(self._normalize(x))
+                out = self.model(x)
+        else:
+            out = self.model(x)
+        if not isinstance(out, Tensor):
+            raise _output_error(out)
+        if cast is not None and out.is_floating_point():
+            out = out.float()
+        return out
 
     def attack_loss(self, logits: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
         return _losses.attack_loss(self.loss, logits, y, targeted=target is not None, target=target)
@@ -332,7 +472,15 @@ class Attack:
         return loss.detach().float(), z.detach().float(), g
 
     # ----------------------------------------------------------- validation
+    @staticmethod
+    def _refuse_inference_mode() -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("attack: called under torch.inference_mode(), where autograd is off "
+                               "and the input gradients an attack needs cannot exist; call it "
+                               "outside torch.inference_mode() (inside torch.no_grad() is fine)")
+
     def _prepare(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        self._refuse_inference_mode()
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -346,6 +494,8 @@ class Attack:
         if y.shape != x.shape[:1]:
             raise ValueError(f"y: expected shape [{x.shape[0]}] (one label per sample of x), "
                              f"got {tuple(y.shape)}")
+        if self._mean is not None:
+            self._check_channels(x)
         if y.device != x.device:
             y = y.to(x.device)
         if self.check_inputs and x.numel():
@@ -358,10 +508,16 @@ class Attack:
                                  f"normalization=(mean, std) for a model that expects normalized input, or "
                                  f"set_normalization_used(mean, std) if x itself is normalized)")
         xf = x.detach().to(torch.float32)
+        if xf.is_inference():  # made under inference_mode: autograd may not save it
+            xf = xf.clone()
+        y = y.long()
+        if y.is_inference():
+            y = y.clone()
+        self._in_dtype = model_input_dtype(self.model)  # once per run: the model may have been cast
         self._nhwc = self._use_channels_last(xf)
         if self._nhwc:
             xf = channels_last(xf)  # NHWC strides even for one channel (see _groups.channels_last)
-        return xf, y.long()
+        return xf, y
 
     def _use_channels_last(self, x: Tensor) -> bool:
         if x.dim() != 4:
@@ -370,8 +526,8 @@ class Attack:
             return True
         if self.channels_last is False:
             return False
-        return isinstance(self.model, nn.Module) and any(
-            isinstance(m, nn.Conv2d) for m in self.model.modules())
+        module = module_of(self.model)
+        return module is not None and any(isinstance(m, nn.Conv2d) for m in module.modules())
 
     def _check_logits(self, z: Tensor, y: Tensor, target: Optional[Tensor]) -> None:
         if z.dim() != 2 or z.shape[0] != y.shape[0]:
@@ -380,6 +536,10 @@ class Attack:
         if not bool(torch.isfinite(z).all()):
             raise ValueError("model: returned non-finite logits (NaN or inf) on the clean input")
         n = z.shape[1]
+        n_classes = getattr(self, "n_classes", None)
+        if n_classes is not None and n_classes != n:
+            raise ValueError(f"n_classes: the model returns logits for {n} classes, "
+                             f"got n_classes={n_classes!r}")
         if self.check_inputs and y.numel():
             if int(y.min()) < 0 or int(y.max()) >= n:
                 raise ValueError(f"y: expected labels in [0, {n - 1}] for a model with {n} classes, "
@@ -387,6 +547,28 @@ class Attack:
             if target is not None and (int(target.min()) < 0 or int(target.max()) >= n):
                 raise ValueError(f"target: expected labels in [0, {n - 1}], got range "
                                  f"[{int(target.min())}, {int(target.max())}]")
+
+    def _check_depends_on_x(self, x: Tensor) -> None:
+        """Once per run, for attacks that follow gradients: refuse a model whose output has no
+        autograd path to its input (detached, constant, made with ``torch.no_grad`` inside).
+        One forward and backward on two rows, with the global RNG forked so that the run's
+        dropout masks are the same with or without this check."""
+        if not self.uses_gradients or x.shape[0] == 0:
+            return
+        xs = x[:2].detach().clone().requires_grad_(True)
+        try:
+            with torch.random.fork_rng(devices=_cuda_indices((x.device,)), enabled=True), \
+                    torch.enable_grad():
+                z = self.logits(xs, fp32=True)
+                g = None
+                if z.requires_grad:
+                    (g,) = torch.autograd.grad(z.float().sum(), xs, allow_unused=True)
+        except Exception:  # e.g. a model that only runs at its batch size: the run's own passes tell
+            return
+        if g is None:
+            raise ValueError("model: its output does not depend on the input x (no gradient path "
+                             "from the logits to x): a gradient-based attack cannot move it; use "
+                             "Square for a model without gradients")
 
     def make_generator(self, device: torch.device) -> torch.Generator:
         """The attack's own RNG (the global one is never touched)."""
@@ -401,12 +583,24 @@ class Attack:
             g.seed()
         return g
 
+    @staticmethod
+    def _label_tensor(t, y: Tensor, name: str) -> Tensor:
+        """``t`` checked like ``y`` (an integer tensor [B], not bool) and made int64 on y's device."""
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a tensor of integer class labels of shape "
+                            f"[{y.shape[0]}], got {type(t).__name__}")
+        if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{name}: expected integer class labels, got dtype {t.dtype}")
+        if t.shape != y.shape:
+            raise ValueError(f"{name}: expected shape [{y.shape[0]}] (one target per sample of x), "
+                             f"got {tuple(t.shape)}")
+        t = t.detach().to(y.device).long()
+        return t.clone() if t.is_inference() else t
+
     def _targets(self, x: Tensor, y: Tensor, z_clean: Tensor, target: Optional[Tensor],
                  gen: torch.Generator) -> Optional[Tensor]:
         if target is not None:
-            if not isinstance(target, Tensor) or target.shape != y.shape:
-                raise ValueError(f"target: expected a label tensor of shape [{y.shape[0]}]")
-            return target.to(y.device).long()
+            return self._label_tensor(target, y, "target")
         if not self.targeted:
             return None
         mode = self._target_mode
@@ -414,17 +608,25 @@ class Attack:
         if mode == "by_label":
             return y
         if mode == "by_function":
-            return self._target_fn(x, y).to(y.device).long()
+            return self._label_tensor(self._target_fn(x, y), y,
+                                      "target (returned by the target_map_function)")
         if mode == "random":
+            if n < 2:
+                raise ValueError(f"set_mode_targeted_random: needs a model with at least 2 classes, "
+                                 f"got {n}")
             r = torch.randint(0, n - 1, y.shape, generator=gen, device=gen.device).to(y.device)
             return r + (r >= y).long()  # uniform over classes other than y
         if mode == "least_likely":
+            if self._kth_min > n:
+                raise ValueError(f"kth_min: expected at most the number of classes ({n}), "
+                                 f"got {self._kth_min}")
             return z_clean.topk(self._kth_min, dim=1, largest=False).indices[:, -1]
         raise RuntimeError(f"unknown target mode {mode!r}")
 
     # ----------------------------------------------------------------- call
     def run(self, x: Tensor, y: Tensor, target: Optional[Tensor] = None) -> AttackResult:
         """Attack ``(x, y)`` and return an ``AttackResult`` (x_adv like x: dtype, layout)."""
+        self._refuse_inference_mode()
         x_user = x
         x = self._from_user(x)
         xf, y = self._prepare(x, y)
@@ -443,12 +645,13 @@ class Attack:
                 target = self._targets(xf, y, z, target, gen)
                 if target is not None:
                     self._check_logits(z, y, target)
+            self._check_depends_on_x(xf)
             self.clean_logits = z
             try:
                 res = self._attack(xf, y, target, gen)
             finally:
                 self.clean_logits = None
-        res.x_adv = layout_like(self._to_user(res.x_adv, x_user).to(dtype=x_user.dtype), x_user).detach()
+            res.x_adv = self._result_to_user(res, xf, x_user, y, target)
         return res
 
     def __call__(self, x: Tensor, y: Tensor, target: Optional[Tensor] = None) -> Tensor:
@@ -461,8 +664,111 @@ class Attack:
                 gen: torch.Generator) -> AttackResult:
         raise NotImplementedError
 
+    # ------------------------------------------------------ the result
+    # Attacks that follow input gradients (Square overrides: it only queries).
+    uses_gradients = True
+    # Whether x_adv is held to the eps-ball of ``self.norm`` (False: CW and DeepFool, whose
+    # eps, if any, only decides success).
+    eps_ball = True
+
+    def _ball(self) -> Optional[Tuple[str, float]]:
+        """(norm, eps) of the ball x_adv lies in, or None for the box alone."""
+        norm = getattr(self, "norm", None)
+        if not self.eps_ball or norm is None:
+            return None
+        return _norm_name(norm), self.eps
+
+    def _result_to_user(self, res: AttackResult, xf: Tensor, x_user: Tensor, y: Tensor,
+                        target: Optional[Tensor]) -> Tensor:
+        """``res.x_adv`` (float32, pixel space) in the user's space, dtype and layout.
+
+        float32 comes back as it is. Another dtype rounds, and rounding can step outside
+        the ball or the box: such elements are moved back towards x (see ``fit_to_ball``),
+        and the success flags are taken again from one forward on the tensor returned."""
+        x_adv = self._to_user(res.x_adv, x_user).to(dtype=x_user.dtype)
+        if x_user.dtype != torch.float32 and x_adv.numel():
+            stats = None
+            if getattr(self, "_io_normalized", False):
+                shape = (1, -1) + (1,) * (x_user.dim() - 2)
+                stats = (self._mean.to(x_user.device, torch.float64).reshape(shape),
+                         self._std.to(x_user.device, torch.float64).reshape(shape))
+            x_adv = fit_to_ball(x_adv, x_user.detach(), self._ball(), self.lower, self.upper, stats)
+            self._rescore(res, self._from_user(x_adv), xf, y, target)
+        return layout_like(x_adv, x_user).detach()
+
+    def _rescore(self, res: AttackResult, x_adv: Tensor, xf: Tensor, y: Tensor,
+                 target: Optional[Tensor]) -> None:
+        """Success (and what else an attack reports per point) of ``x_adv``, the pixel-space
+        result as returned to the user, from one float32-exact forward. The model sees it in
+        its own dtype where that is not float32, else in float32."""
+        x_in = x_adv.to(self._input_dtype() or torch.float32)
+        with torch.no_grad():
+            z = self.logits(x_in, fp32=True).float()
+        res.success = self._success_of(z, y, target, res, x_adv, xf)
+
+    def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
+                    x_adv: Tensor, xf: Tensor) -> Tensor:
+        """What ``success`` means for this attack, given the logits ``z`` at ``x_adv``."""
+        return self.is_success(z, y, target)
+
     # -------------------------------------------------------- success test
     @staticmethod
     def is_success(z: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
         pred = z.argmax(1)
         return pred == target if target is not None else pred != y
+
+
+# ------------------------------------------------------------ dtype rounding
+def fit_to_ball(x_adv: Tensor, x: Tensor, ball: Optional[Tuple[str, float]], lower: float,
+                upper: float, stats: Optional[Tuple[Tensor, Tensor]] = None,
+                rounds: int = 16) -> Tensor:
+    """``x_adv`` (in ``x``'s dtype) moved back into the ball around ``x`` and the box
+    ``[lower, upper]``, as checked in float64, where rounding to that dtype pushed it out.
+
+    The attack's float32 result lies inside; rounding to bf16/fp16 moves an element by at
+    most half a unit in the last place, so one step (``torch.nextafter``) towards ``x`` puts
+    it back: L∞ moves the elements outside, L2/L1 every changed element of a row outside.
+    float64 is first projected in float64 (its x is not the float32 x the attack used).
+    ``stats``: float64 (mean, std) when the tensors are normalized (the ball and the box
+    live in pixel space, ``v·std + mean``). At most ``rounds`` steps."""
+    norm, eps = ball if ball is not None else (None, math.inf)
+
+    def pixels(t: Tensor) -> Tensor:
+        t = t.double()
+        return t if stats is None else t * stats[1] + stats[0]
+
+    x64 = pixels(x)
+    if x_adv.dtype == torch.float64:
+        p = _project64(pixels(x_adv), x64, norm, eps).clamp_(lower, upper)
+        x_adv = p if stats is None else (p - stats[0]) / stats[1]
+    for _ in range(rounds):
+        p = pixels(x_adv)
+        bad = (p < lower) | (p > upper)
+        d = p - x64
+        if norm == "Linf":
+            bad |= d.abs() > eps
+        elif norm is not None:
+            rows = _lp64(d, norm) > eps
+            bad |= rows.view((-1,) + (1,) * (d.dim() - 1)) & (x_adv != x)
+        if not bool(bad.any()):
+            break
+        x_adv = torch.where(bad, torch.nextafter(x_adv, x), x_adv)
+    return x_adv
+
+
+def _lp64(d: Tensor, norm: str) -> Tensor:
+    f = d.reshape(d.shape[0], -1)
+    return f.norm(dim=1) if norm == "L2" else f.abs().sum(1)
+
+
+def _project64(p: Tensor, x64: Tensor, norm: Optional[str], eps: float) -> Tensor:
+    """``p`` projected (float64) into the ``norm`` ball of radius ``eps`` around ``x64``:
+    clamped for L∞, scaled towards x64 for L2 and L1 (the overshoot is a rounding error)."""
+    if norm is None or not math.isfinite(eps):
+        return p
+    if norm == "Linf":
+        return torch.minimum(torch.maximum(p, x64 - eps), x64 + eps)
+    d = p - x64
+    n = _lp64(d, norm)
+    scale = torch.where(n > eps, eps / n.clamp_min(1e-300), torch.ones_like(n))
+    return x64 + d * scale.view((-1,) + (1,) * (d.dim() - 1))

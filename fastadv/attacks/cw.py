@@ -37,7 +37,13 @@ class CW(Attack):
         self.steps = _pos_int("steps", steps)
         self.lr = self._nonneg("lr", lr)
         self.binary_search_steps = _pos_int("binary_search_steps", binary_search_steps)
-        self.abort_early = bool(abort_early)
+        self.abort_early = self._flag("abort_early", abort_early)
+
+    eps_ball = False  # minimum-norm: no ball, only the box
+
+    def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
+                    x_adv: Tensor, xf: Tensor) -> Tensor:
+        return Attack.is_success(z, y, target) & torch.isfinite(res.extra["l2"])
 
     def _to_box(self, w: Tensor) -> Tensor:
         return self.lower + (self.upper - self.lower) * (torch.tanh(w) + 1) * 0.5

@@ -38,6 +38,15 @@ class DeepFool(Attack):
             raise ValueError("DeepFool: norm 'L1' is not supported (use 'L2' or 'Linf')")
         self.candidates = None if candidates is None else _pos_int("candidates", candidates)
 
+    eps_ball = False  # eps (if any) decides success; x_adv is not held to it
+
+    def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
+                    x_adv: Tensor, xf: Tensor) -> Tensor:
+        success = z.argmax(1) != y
+        if self.eps > 0:
+            success = success & (lp_norm(x_adv.float() - xf, self.norm) <= self.eps + 1e-6)
+        return success
+
     def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor], gen: torch.Generator) -> AttackResult:
         if target is not None:
             raise ValueError("DeepFool is untargeted")

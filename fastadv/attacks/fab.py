@@ -136,14 +136,20 @@ class FAB(Attack):
         self.norm = norm_name(norm)
         self.steps = _pos_int("steps", steps, allow_zero=True)
         self.n_restarts = _pos_int("n_restarts", n_restarts)
-        self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
-        if not (0 <= self.alpha_max <= 1 and self.eta >= 1 and 0 < self.beta <= 1):
-            raise ValueError("expected 0 <= alpha_max <= 1, eta >= 1 and 0 < beta <= 1")
-        self.verbose = bool(verbose)
-        self.multi_targeted = bool(multi_targeted)
-        self.n_classes = n_classes
+        self.alpha_max = self._real("alpha_max", alpha_max)
+        self.eta = self._real("eta", eta)
+        self.beta = self._real("beta", beta)
+        if not 0 <= self.alpha_max <= 1:
+            raise ValueError(f"alpha_max: expected a value in [0, 1], got {alpha_max}")
+        if not 1 <= self.eta < math.inf:
+            raise ValueError(f"eta: expected a finite value >= 1, got {eta}")
+        if not 0 < self.beta <= 1:
+            raise ValueError(f"beta: expected a value in (0, 1], got {beta}")
+        self.verbose = self._flag("verbose", verbose)
+        self.multi_targeted = self._flag("multi_targeted", multi_targeted)
+        self.n_classes = None if n_classes is None else _pos_int("n_classes", n_classes)
         self.n_target_classes = _pos_int("n_target_classes", n_target_classes)
-        self.early_stop = bool(early_stop)
+        self.early_stop = self._flag("early_stop", early_stop)
         self.max_rows = None if max_rows is None else _pos_int("max_rows", max_rows)
         self.compact_every = None if compact_every is None else _pos_int("compact_every", compact_every)
 
@@ -286,6 +292,11 @@ class FAB(Attack):
             return None
         t = min(self.n_target_classes, z.shape[1] - 1)
         return z.argsort(1, descending=True)[:, 1:t + 1]
+
+    def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
+                    x_adv: Tensor, xf: Tensor) -> Tensor:
+        # fooled (any class) within eps; the returned point is within eps (see run)
+        return z.argmax(1) != y
 
     def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor],
                 gen: torch.Generator) -> AttackResult:

@@ -49,7 +49,7 @@ class _IterativeAttack(Attack):
                          check_inputs=check_inputs)
         self.alpha = self._nonneg("alpha", alpha)
         self.steps = _count("steps", steps, 0)
-        self.random_start = bool(random_start)
+        self.random_start = self._flag("random_start", random_start)
         self.restarts = _count("restarts", restarts, 1)
         if self.restarts > 1 and not self.random_start:
             raise ValueError("restarts: more than one restart needs random_start=True "
@@ -57,11 +57,11 @@ class _IterativeAttack(Attack):
         if keep not in ("best", "last"):
             raise ValueError(f"keep: expected 'best' or 'last', got {keep!r}")
         self.keep = keep
-        self.early_stop = bool(early_stop)
+        self.early_stop = self._flag("early_stop", early_stop)
         if self.early_stop and keep == "last":
             raise ValueError("early_stop: needs keep='best' (a stopped sample keeps its "
                              "successful iterate, not the last one)")
-        self.cuda_graph = bool(cuda_graph)
+        self.cuda_graph = self._flag("cuda_graph", cuda_graph)
         if max_batch is not None:
             max_batch = _count("max_batch", max_batch, 1)
         self.max_batch = max_batch
@@ -114,6 +114,12 @@ class _IterativeAttack(Attack):
         with torch.no_grad():
             z = self.logits(x, fp32=True).float()
         return self.attack_loss(z, y, target).float(), self.is_success(z, y, target)
+
+    def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
+                    x_adv: Tensor, xf: Tensor) -> Tensor:
+        # the loss reported is the loss at the returned point too
+        res.loss = self.attack_loss(z, y, target).float()
+        return self.is_success(z, y, target)
 
     def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor],
                 gen: torch.Generator) -> AttackResult:
@@ -246,7 +252,7 @@ class PGDL2(_IterativeAttack):
     def __init__(self, model: nn.Module, eps: float = 1.0, alpha: float = 0.2, steps: int = 10,
                  random_start: bool = True, eps_for_division: float = 1e-10, **options):
         super().__init__("PGDL2", model, eps, alpha, steps, random_start, **options)
-        self.eps_for_division = float(eps_for_division)
+        self.eps_for_division = self._nonneg("eps_for_division", eps_for_division)
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, alpha: float = 2 / 255,

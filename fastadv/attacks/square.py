@@ -66,6 +66,8 @@ class Square(Attack):
 
     ``extra["queries"]`` counts the model queries spent per point."""
 
+    uses_gradients = False  # queries only: a model without gradients is fine
+
     def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, n_queries: int = 5000,
                  n_restarts: int = 1, p_init: float = 0.8, loss: str = "margin",
                  resc_schedule: bool = True, seed: Optional[int] = 0, verbose: bool = False, *,
@@ -79,16 +81,17 @@ class Square(Attack):
             raise ValueError("Square: norm 'L1' is not supported (use 'Linf' or 'L2')")
         self.n_queries = _pos_int("n_queries", n_queries, allow_zero=True)
         self.n_restarts = _pos_int("n_restarts", n_restarts)
-        if not 0 < float(p_init) <= 1:
+        p_init = self._real("p_init", p_init)
+        if not 0 < p_init <= 1:
             raise ValueError(f"p_init: expected a value in (0, 1], got {p_init}")
-        self.p_init = float(p_init)
+        self.p_init = p_init
         self.square_loss = loss
-        self.rescale_schedule = bool(resc_schedule)
-        self.verbose = bool(verbose)
-        self.early_stop = bool(early_stop)
+        self.rescale_schedule = self._flag("resc_schedule", resc_schedule)
+        self.verbose = self._flag("verbose", verbose)
+        self.early_stop = self._flag("early_stop", early_stop)
         self.max_rows = None if max_rows is None else _pos_int("max_rows", max_rows)
         self.compact_every = None if compact_every is None else _pos_int("compact_every", compact_every)
-        self.resample_unchanged = bool(resample_unchanged)
+        self.resample_unchanged = self._flag("resample_unchanged", resample_unchanged)
 
     # ------------------------------------------------------------- loss
     def _margin_and_loss(self, x: Tensor, y: Tensor, tgt: Optional[Tensor]):
@@ -98,13 +101,23 @@ class Square(Attack):
         with torch.no_grad():
             z = self.logits(x).float()
         lab = y if tgt is None else tgt
-        z_l = z.gather(1, lab[:, None]).squeeze(1)
-        z_o = z.scatter(1, lab[:, None], -math.inf).amax(1)
-        margin = z_l - z_o if tgt is None else z_o - z_l
+        margin = self._margin(z, y, tgt)
         if self.square_loss == "margin":
             return margin, margin
         ce = torch.nn.functional.cross_entropy(z, lab, reduction="none")
         return margin, (-ce if tgt is None else ce)
+
+    @staticmethod
+    def _margin(z: Tensor, y: Tensor, tgt: Optional[Tensor]) -> Tensor:
+        """How far from success (<= 0: the model is fooled, or says the target)."""
+        lab = y if tgt is None else tgt
+        z_l = z.gather(1, lab[:, None]).squeeze(1)
+        z_o = z.scatter(1, lab[:, None], -math.inf).amax(1)
+        return z_l - z_o if tgt is None else z_o - z_l
+
+    def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
+                    x_adv: Tensor, xf: Tensor) -> Tensor:
+        return self._margin(z, y, target) <= 0
 
     # ------------------------------------------------------- random bits
     @staticmethod

@@ -119,7 +119,18 @@ def check_gradients(model, x: Tensor, y: Tensor, warn: bool = True) -> MaskingCh
         return zo - zy
 
     with _ctx(atk, x):
-        _, _, g = atk.loss_and_grad(x.float(), y.long(), None, margin_loss)
+        try:
+            _, _, g = atk.loss_and_grad(x.float(), y.long(), None, margin_loss)
+        except ValueError as exc:
+            if "does not depend on the input" not in str(exc):
+                raise
+            g = None   # no autograd path from the logits to x at all: the extreme case
+    if g is None:
+        n = x.shape[0]
+        return _emit(MaskingCheck(
+            "gradients", True, "the logits have no gradient path to the input (detached or computed "
+            "without autograd): gradient-based attacks cannot run, only black-box ones (Square) "
+            "can test this model", {"zero": n, "non_finite": 0, "n": n}), warn)
     g = g.reshape(g.shape[0], -1)
     nonfinite = ~torch.isfinite(g).all(1)
     zero = (g == 0).all(1) & ~nonfinite
