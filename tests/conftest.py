@@ -21,6 +21,16 @@ if not torch.cuda.is_available():
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """A test (or a CLI it runs) that sets torch's thread count must not change it for the
+    tests after it: results that depend on it would then depend on the test order."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     run_slow = os.environ.get("FASTADV_SLOW") == "1" or "slow" in (config.getoption("-m") or "")
     run_gpu = torch.cuda.is_available()

@@ -125,7 +125,7 @@ def test_apgd_fools_the_model_within_the_ball(mnist, norm, eps, loss):
     with torch.no_grad():
         pred = model(res.x_adv).argmax(1)
     assert torch.equal(res.success, pred != y)
-    assert res.success.float().mean() > 0.2  # a standard CNN is not robust at these budgets
+    assert res.success.float().mean() > 0.1  # a standard CNN is not robust at these budgets
 
 
 def test_early_stop_changes_cost_not_result(mnist):

@@ -43,18 +43,19 @@ def torchattacks_run(cls_name, model, x, y, seed, **kw):
 def test_at_least_as_strong_as_torchattacks_random_start(mnist, cls_name, eps, alpha):
     model, x, y = mnist
     fa, ta = [], []
-    for seed in (0, 1):
+    for seed in range(4):
         ta.append(robust_acc(model, torchattacks_run(cls_name, model, x, y, seed, eps=eps,
                                                      alpha=alpha, steps=10), y))
         res = getattr(fastadv, cls_name)(model, eps=eps, alpha=alpha, steps=10, seed=seed).run(x, y)
         fa.append(robust_acc(model, res.x_adv, y))
         assert abs(fa[-1] - res.robust_accuracy) <= 1.0 / N + 1e-9  # success matches the model
-    fa_mean, ta_mean = sum(fa) / 2, sum(ta) / 2
+    fa_mean, ta_mean = sum(fa) / 4, sum(ta) / 4
     assert 0.3 < ta_mean < 0.95, "the budget should leave the comparison room either way"
     # Random starts differ between the two libraries' RNGs: with 2 seeds × 400 points the
-    # difference of means has a standard error of ~0.5 pt even at equal strength (seen:
-    # +0.75 pt once in three fresh-clone runs). The issue's exact +0.5 pt bound is checked
-    # deterministically in the no-random-start test below; here 2 standard errors.
+    # difference of means had a standard error of ~0.5 pt even at equal strength (seen:
+    # +0.75 pt once in three fresh-clone runs; 0.5 pt of slack left on models trained on
+    # other CPUs). With 4 seeds it is ~0.35 pt and 1 pt is ~3 standard errors. The issue's
+    # exact +0.5 pt bound is checked deterministically in the no-random-start test below.
     assert fa_mean <= ta_mean + 0.01, (fa, ta)
 
 
@@ -89,7 +90,7 @@ def test_restarts_and_early_stop_never_weaker(mnist):
     ten = fastadv.PGD(model, restarts=10, **kw).run(x, y)
     stop = fastadv.PGD(model, early_stop=True, **kw).run(x, y)
     n_one, n_ten = int(one.success.sum()), int(ten.success.sum())
-    assert n_ten > n_one  # restarts find at least one more point
+    assert n_ten >= n_one  # restarts never lose a point (the worst case is kept per sample)
     # Early stop runs the same trajectories, but on a shrinking batch, whose convolutions
     # round differently: allow two samples of rounding-driven divergence either way.
     n_stop = int(stop.success.sum())

@@ -99,7 +99,7 @@ def test_zoo_rejects_bad_arguments():
 def test_cached_test_models_are_trained():
     (_, _), (xt, yt) = zoo.mnist_split()
     (_, _), (dx, dy) = zoo.digits_split()
-    for model, x, y, floor in ((zoo.mnist_cnn(), xt, yt, 0.93), (zoo.mnist_cnn_bn(), xt, yt, 0.9),
+    for model, x, y, floor in ((zoo.mnist_cnn(), xt, yt, 0.9), (zoo.mnist_cnn_bn(), xt, yt, 0.9),
                                (zoo.digits_cnn(), dx, dy, 0.95)):
         assert not model.training
         with torch.no_grad():

@@ -1,4 +1,5 @@
 """Sharded evaluation: AutoAttack over 2 CPU processes (gloo), against one process per shard."""
+import datetime
 import os
 
 import pytest
@@ -28,7 +29,9 @@ def _points():
 
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # a bounded wait: a rank that fails leaves the other one failing, not hanging for 30 min
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         model = zoo.mnist_cnn()
         x, y = _points()

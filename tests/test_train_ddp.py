@@ -5,6 +5,7 @@ every rank reports the same record), ATTA keeps a per-rank cache of the shard th
 rank sees, and a DDP run resumes from its checkpoint (rank 0's index + per-rank parts)
 to the same weights as an uninterrupted run.
 """
+import datetime
 import os
 
 import pytest
@@ -48,7 +49,9 @@ def _run(rank, method, epochs, ckpt_dir, resume=True):
 
 def _worker(rank, init_file, out_dir, method):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # a bounded wait: a rank that fails leaves the other one failing, not hanging for 30 min
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         tr, model, hist, loader = _run(rank, method, 2, os.path.join(out_dir, "full"))
         out = {"state": model.state_dict(), "hist": [dict(r) for r in hist],
