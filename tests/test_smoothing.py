@@ -1,5 +1,6 @@
 """Randomized smoothing: the statistics against SciPy, and CERTIFY against the closed form of a
 linear classifier (radius = distance to the hyperplane, Cohen et al. 2019, §3.1)."""
+import copy
 import math
 
 import pytest
@@ -88,3 +89,20 @@ def test_sample_counts_uses_its_own_generator():
     assert a.sum(1).tolist() == [300, 300, 300]
     assert (a[:, 1] > 100).all() and (a[:, 1] < 200).all()
     assert b.sum().item() == 900
+
+
+def test_inputs_reach_the_model_in_its_own_dtype():
+    """float64 x and a float32 model, or float32 x and a float64 model (with normalization
+    too): the noisy batch is cast to the model's dtype, and both give the same certificates
+    (the same noise: it is drawn in x's dtype)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    double = copy.deepcopy(model).double()
+    x = torch.rand(3, 1, 2, 2)
+    for xs, norm in ((x.double(), None), (x, ([0.5], [0.25]))):
+        a = certify(model, xs, 0.25, n0=10, n=200, seed=1, normalization=norm)
+        b = certify(double, xs, 0.25, n0=10, n=200, seed=1, normalization=norm)
+        assert torch.equal(a[0], b[0])
+        torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=0)
+    assert next(double.parameters()).dtype == torch.float64   # the models are left as they were
+    assert next(model.parameters()).dtype == torch.float32

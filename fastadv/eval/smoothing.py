@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..attacks.base import model_context
+from ..attacks.base import model_context, model_input_dtype
 
 __all__ = ["ABSTAIN", "sample_counts", "binom_upper_tail", "clopper_pearson_lower",
            "binom_test_two_sided", "certify", "predict", "certified_accuracy"]
@@ -155,6 +155,8 @@ def sample_counts(model, x: Tensor, sigma: float, num: int, batch_size: int = 10
     num = check_count("num", num)
     batch_size = check_count("batch_size", batch_size)
     b = x.shape[0]
+    # the model's own dtype (float64/bf16/fp16 weights), else float32, whatever x's dtype
+    in_dtype = model_input_dtype(model) or torch.float32
     per_point = max(1, min(num, batch_size))           # noise samples per point per forward
     pts_per = max(1, batch_size // per_point)          # points per forward
     counts = None if n_classes is None else torch.zeros(b, n_classes, dtype=torch.long, device=x.device)
@@ -167,7 +169,7 @@ def sample_counts(model, x: Tensor, sigma: float, num: int, batch_size: int = 10
             k = min(left, per_point)
             rep = xs.repeat_interleave(k, 0)
             noise = torch.randn(rep.shape, generator=generator, device=rep.device, dtype=rep.dtype)
-            z = model(rep + noise * sigma)
+            z = model((rep + noise * sigma).to(in_dtype))
             _check_logits(z, rep.shape[0])
             finite &= torch.isfinite(z).all().to(finite.device)
             if counts is None:
@@ -220,7 +222,8 @@ def _with_normalization(model, normalization, x: Tensor):
                          f"got shape {tuple(x.shape)}")
     shape = (1, -1) + (1,) * (x.dim() - 2)
     mean, std = mean.reshape(shape), std.reshape(shape)
-    return lambda t: model((t - mean) / std)
+    in_dtype = model_input_dtype(model) or torch.float32
+    return lambda t: model(((t - mean) / std).to(in_dtype))
 
 
 def certify(model, x: Tensor, sigma: float, n0: int = 100, n: int = 100000, alpha: float = 0.001,
