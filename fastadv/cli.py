@@ -12,7 +12,7 @@ SUBCOMMANDS = {
     "bench": "Run the benchmarks (ops, attacks, ...) and print a comparison table.",
     "eval": "Evaluate a model's robustness (AutoAttack and friends) and write a report.",
     "train": "Adversarially train a model.",
-    "demo": "Robust training of a small CNN on embedded MNIST, then evaluation: the README's main job.",
+    "demo": "Robust training of a small CNN on embedded MNIST, then evaluation: the README's demo.",
 }
 
 

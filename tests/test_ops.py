@@ -413,6 +413,21 @@ def test_torch_backend_fast_path_is_the_reference_bit_for_bit(per_sample):
     same = x_nat.clone()                                  # x_adv and x_nat one tensor
     ops.linf_step_(same, same, grad, alpha, eps, backend="torch")
     assert torch.equal(same.nan_to_num(-7.0), R.linf_step(x_nat, x_nat, grad, alpha, eps).nan_to_num(-7.0))
+    # the L2 ops' float32 route too (eps scaled up: the L2 ball must bind on some rows)
+    e2 = eps * 4 if per_sample else 0.4
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xa, xn, gr = (t.contiguous(memory_format=layout) for t in (x_adv, x_nat, grad))
+        want = R.l2_step(xa, xn, gr, alpha, e2, 0.0, 1.0)
+        assert torch.equal(ops.l2_step(xa, xn, gr, alpha, e2, backend="torch").nan_to_num(-7.0),
+                           want.nan_to_num(-7.0))
+        ip = xa.clone()
+        ops.l2_step_(ip, xn, gr, alpha, e2, backend="torch")
+        assert torch.equal(ip.nan_to_num(-7.0), want.nan_to_num(-7.0))
+        want = R.l2_project(xa, xn, e2)
+        assert torch.equal(ops.l2_project(xa, xn, e2, backend="torch").nan_to_num(-7.0), want.nan_to_num(-7.0))
+        ip = xa.clone()
+        ops.l2_project_(ip, xn, e2, backend="torch")
+        assert torch.equal(ip.nan_to_num(-7.0), want.nan_to_num(-7.0))
     # other dtypes take the reference itself
     h = ops.linf_step(x_adv.half(), x_nat.half(), grad, alpha, eps, backend="torch")
     assert torch.equal(h.nan_to_num(-7.0), R.linf_step(x_adv.half(), x_nat.half(), grad, alpha, eps).nan_to_num(-7.0))

@@ -98,7 +98,7 @@ def run(args) -> int:
         return 2
     xtr, ytr, xte, yte = xtr[: args.n_train], ytr[: args.n_train], xte[: args.n_test], yte[: args.n_test]
     print(f"fastadv demo: SmallCNN(width={args.width}) on {len(xtr)} MNIST digits, ε={args.eps}, "
-          f"{args.epochs} epochs, {torch.get_num_threads()} CPU threads", flush=True)
+          f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}, {torch.get_num_threads()} CPU threads", flush=True)
 
     runs = ([] if args.no_baseline else ["standard"]) + [args.method]
     rows, curves = [], {}
@@ -161,7 +161,7 @@ def run(args) -> int:
         print(f"\ntraining curve: {os.path.join(args.out, 'curve.png')}")
     with open(os.path.join(args.out, "results.md"), "w") as fh:
         fh.write(f"# fastadv demo\n\nMNIST-5k, ε={args.eps} (L∞), SmallCNN(width={args.width}), "
-                 f"{args.epochs} epochs, {torch.get_num_threads()} CPU threads\n\n{table}\n")
+                 f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}, {torch.get_num_threads()} CPU threads\n\n{table}\n")
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump({"rows": rows, "history": curves}, fh, indent=1)
     return 0

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=100, help="APGD/FAB iterations (reference: 100)")
     g.add_argument("--n-queries", type=int, default=5000, help="Square queries (reference: 5000)")
     g.add_argument("--bs", type=int, default=250, help="points per chunk")
-    g.add_argument("--amp", default=None, choices=[None, "bf16", "fp16"], help="mixed precision (default: exact fp32)")
+    g.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="mixed precision (default: exact fp32)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     g = p.add_argument_group("extra sections")

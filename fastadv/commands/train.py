@@ -154,7 +154,7 @@ def run(args) -> int:
     warm = args.eps_warmup if args.eps_warmup is not None else (2.0 if args.data == "mnist5k" else 0.0)
     if main:
         print(f"fastadv train: {trainer!r} on {args.data} ({len(loader.dataset)} training samples), "
-              f"{args.epochs} epochs -> {args.out}", flush=True)
+              f"{args.epochs} epoch{'s' if args.epochs != 1 else ''} -> {args.out}", flush=True)
     try:
         hist = trainer.fit(loader, args.epochs, val_loader=test, checkpoint_dir=args.out,
                            resume=not args.no_resume, checkpoint_every=args.checkpoint_every,

@@ -1,10 +1,10 @@
 """The ``torch`` backend: ``fastadv.ops.reference`` through the backend interface.
 
-The L∞ ops on float32 tensors take an equivalent route that writes into ``out`` with
+The ops on float32 tensors take an equivalent route that writes into ``out`` with
 in-place ops (the same operations in the same order, so the same bits as the
-reference, with two temporaries instead of a dozen): this backend is also the
+reference, with one or two temporaries instead of a dozen): this backend is also the
 fallback where no compiler is found, and there it must not be slower than the eager
-sequence it replaces. Everything else is the reference itself.
+sequence it replaces. Other dtypes take the reference itself.
 """
 from __future__ import annotations
 
@@ -35,6 +35,14 @@ def _clamp_to_ball_(out: Tensor, x_nat: Tensor, e, lower: float, upper: float) -
     out.clamp_(lower, upper)
 
 
+def _project_delta_(out: Tensor, delta: Tensor, x_nat: Tensor, eps, lower: float, upper: float) -> None:
+    """out = clamp(x_nat + delta·min(1, eps/‖delta‖), lower, upper); ``delta`` is consumed."""
+    scale = ref._l2_scale(delta, eps).reshape((-1,) + (1,) * (delta.dim() - 1))
+    delta.mul_(scale)
+    torch.add(x_nat, delta, out=out)
+    out.clamp_(lower, upper)
+
+
 class TorchBackend:
     name = "torch"
 
@@ -55,7 +63,16 @@ class TorchBackend:
         _clamp_to_ball_(out, x_nat, e, lower, upper)
 
     def l2_step(self, out, x_adv, x_nat, grad, alpha, eps, lower, upper):
-        out.copy_(ref.l2_step(x_adv, x_nat, grad, alpha, eps, lower, upper))
+        if not _fast_path(out, x_adv, x_nat, grad):
+            out.copy_(ref.l2_step(x_adv, x_nat, grad, alpha, eps, lower, upper))
+            return
+        t = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite entries move nothing
+        gnorm = ref._per_sample_norm(t).clamp_min_(ref.GRAD_NORM_FLOOR)
+        t.div_(gnorm.reshape((-1,) + (1,) * (t.dim() - 1)))
+        t.mul_(ref._per_sample(alpha, t.dim()))                    # alpha·g/‖g‖
+        torch.add(x_adv, t, out=out)                               # x' (out may be x_adv)
+        torch.sub(out, x_nat, out=t)                               # δ = x' - x_nat
+        _project_delta_(out, t, x_nat, eps, lower, upper)
 
     def linf_project(self, out, x, x_nat, eps, lower, upper):
         if not _fast_path(out, x, x_nat):
@@ -66,7 +83,10 @@ class TorchBackend:
         _clamp_to_ball_(out, x_nat, ref._per_sample(eps, out.dim()), lower, upper)
 
     def l2_project(self, out, x, x_nat, eps, lower, upper):
-        out.copy_(ref.l2_project(x, x_nat, eps, lower, upper))
+        if not _fast_path(out, x, x_nat):
+            out.copy_(ref.l2_project(x, x_nat, eps, lower, upper))
+            return
+        _project_delta_(out, torch.sub(x, x_nat), x_nat, eps, lower, upper)
 
 
 backend = TorchBackend()
