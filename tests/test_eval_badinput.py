@@ -344,3 +344,17 @@ def test_eval_command_bad_flags_exit_2_with_one_line(argv, flag, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith(f"fastadv eval: {flag}"), err
+
+
+def test_report_total_time_counts_the_runs_it_reused(tmp_path):
+    model = _net()
+    x, y = _data(6)
+    state = str(tmp_path / "state.json")
+    first = report.evaluate(model, x, y, state_path=state, log=lambda s: None, **_EV)
+    assert "resumed" not in first
+    again = report.evaluate(model, x, y, state_path=state, log=lambda s: None, **_EV)
+    assert again.get("resumed") is True and again["total_s"] >= first["total_s"]
+    # another evaluation (other eps) starts its own clock
+    with pytest.warns(UserWarning, match="eps changed"):
+        other = report.evaluate(model, x, y, state_path=state, log=lambda s: None, **dict(_EV, eps=0.05))
+    assert "resumed" not in other

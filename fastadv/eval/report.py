@@ -191,9 +191,18 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
                                    alpha=smoothing_alpha, radii=list(smoothing_radii), points=smoothing_points,
                                    seed=seed, normalization=normalization)
     wanted = {k: _json_ready(v) for k, v in wanted.items()}
-    state = _reusable_state(load_state(state_path), cfg, wanted, state_path, log)
+    old = load_state(state_path)
+    state = _reusable_state(old, cfg, wanted, state_path, log)
     sections: Dict[str, object] = state["sections"]
     t_start = time.perf_counter()
+    # time spent by earlier, interrupted runs of this very evaluation counts in the total
+    same_run = old.get("config") == json.loads(json.dumps(cfg, default=_jsonable))
+    spent_before = float(old.get("spent_s", 0.0)) if same_run and isinstance(
+        old.get("spent_s"), (int, float)) else 0.0
+
+    def save() -> None:
+        state["spent_s"] = spent_before + time.perf_counter() - t_start
+        _save_state(state_path, state)
 
     # --- AutoAttack: per-attack and worst-case robust accuracy, per class -----------------
     aa = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed,
@@ -218,14 +227,14 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     summary["attacks"] = ex["attacks"]
     sections["autoattack"] = summary
     log(f"clean accuracy {summary['clean_accuracy']:.2%}, robust accuracy {summary['robust_accuracy']:.2%}")
-    _save_state(state_path, state)
+    save()
     if not main:
-        return {"config": cfg, "total_s": time.perf_counter() - t_start, "autoattack": summary}
+        return {"config": cfg, "total_s": spent_before + time.perf_counter() - t_start, "autoattack": summary}
 
     def done(name: str, value) -> None:
         sections[name] = value
         state["keys"][name] = wanted[name]
-        _save_state(state_path, state)
+        save()
 
     # --- self-checks for gradient masking ----------------------------------------------------
     if masking_checks and "masking" not in sections:
@@ -275,7 +284,9 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
                    "points": m, "abstain": int((pred == smoothing.ABSTAIN).sum())})
         done("smoothing", ca)
 
-    report = {"config": cfg, "total_s": time.perf_counter() - t_start, **sections}
+    report = {"config": cfg, "total_s": spent_before + time.perf_counter() - t_start, **sections}
+    if spent_before:
+        report["resumed"] = True
     return report
 
 
@@ -376,7 +387,8 @@ def write_report(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
     cfg = report["config"]
     lines = ["# Robustness report", "",
              f"{cfg['n']} points, {cfg['norm']} eps = {cfg['eps']:g}, AutoAttack version "
-             f"`{cfg['version']}`, seed {cfg['seed']}. Total time {report.get('total_s', 0):.1f} s.", ""]
+             f"`{cfg['version']}`, seed {cfg['seed']}. Total time {report.get('total_s', 0):.1f} s"
+             f"{' (with the earlier runs whose results it reused)' if report.get('resumed') else ''}.", ""]
     aa = report.get("autoattack")
     if aa:
         lines += ["## Accuracy", "", "| | accuracy |", "|---|---|",
