@@ -38,12 +38,16 @@ def _progress_factory(enabled: bool, total: int):
             print(f"  {name}: +{n} points", flush=True)
         return cb, lambda: None
     bars: Dict[str, object] = {}
+    last = [time.time()]   # when the previous report came: the next attack started then
 
     def cb(name, n):
         if name not in bars:
             # each attack only sees the points still robust: count them, no fixed total
-            bars[name] = tqdm(desc=name, unit="pt", leave=True)
+            bar = tqdm(desc=name, unit="pt", leave=True)
+            bar.start_t = min(bar.start_t, last[0])  # its first chunk ran since then: honest rate
+            bars[name] = bar
         bars[name].update(n)
+        last[0] = time.time()
 
     def close():
         for b in bars.values():
