@@ -427,10 +427,12 @@ def test_numbers_and_flags_are_never_converted(make, name):
         make("0.5")
 
 
-def test_n_classes_must_match_the_model():
+def test_a_mismatched_n_classes_warns_and_the_model_decides():
     x, y = _data()
-    with pytest.raises(ValueError, match="n_classes: the model returns logits for 10 classes"):
-        fastadv.APGDT(_tiny(), eps=0.1, steps=1, n_classes=3)(x, y)
+    want = fastadv.APGDT(_tiny(), eps=0.1, steps=2)(x, y)
+    with pytest.warns(RuntimeWarning, match="n_classes=3 given, but the model returns logits for 10"):
+        got = fastadv.APGDT(_tiny(), eps=0.1, steps=2, n_classes=3)(x, y)
+    assert torch.equal(got, want)
 
 
 # ------------------------------------------------------ AutoAttack, the same rules
@@ -462,3 +464,19 @@ def test_autoattack_square_alone_needs_no_gradient_and_the_check_warns():
     whitebox = fastadv.AutoAttack(_Const(), eps=0.1, version="standard", steps=2, n_queries=5, seed=0)
     with pytest.raises(ValueError, match="does not depend on the input x.*Square"):
         whitebox.run_standard_evaluation(x, y)
+
+
+def test_autoattack_rescoring_in_another_dtype_keeps_to_bs():
+    """The forward that re-decides success after rounding to the caller's dtype goes ``bs``
+    rows at a time, like every other AutoAttack pass (a 10k-point fp16 run must not OOM)."""
+    model = _tiny()
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))
+    x, _ = _data(40)
+    x = x.double()
+    y = _labels(model, x.float())
+    seen.clear()
+    aa = fastadv.AutoAttack(model, eps=0.1, version="custom", attacks_to_run=["apgd-ce"], steps=2,
+                            seed=0, checks=False)
+    aa.run_standard_evaluation(x, y, bs=8)
+    assert seen and max(seen) <= 16   # the 16-row clean probe is the largest

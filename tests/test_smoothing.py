@@ -104,5 +104,8 @@ def test_inputs_reach_the_model_in_its_own_dtype():
         b = certify(double, xs, 0.25, n0=10, n=200, seed=1, normalization=norm)
         assert torch.equal(a[0], b[0])
         torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=0)
+    # a plain callable hides its weights: it gets x as it is
+    wrapped = certify(lambda t: double(t), x.double(), 0.25, n0=10, n=200, seed=1)
+    assert torch.equal(wrapped[0], certify(double, x.double(), 0.25, n0=10, n=200, seed=1)[0])
     assert next(double.parameters()).dtype == torch.float64   # the models are left as they were
     assert next(model.parameters()).dtype == torch.float32

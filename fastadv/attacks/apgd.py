@@ -19,7 +19,7 @@ from .. import losses as _losses
 from ..ops import l2_project_, l2_step, linf_project_, linf_step_
 from ._groups import (Working, channels_last, chunked_loss_and_grad, entry_chunks, forward_rows,
                       group_any, lp_norm, norm_name, pick_per_group, view_rows)
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, int_arg
 
 __all__ = ["APGD", "APGDT", "apgd_checkpoints", "apgd_l1_checkpoints", "largereps_schedule",
            "step_size_reduction", "l1_project_delta"]
@@ -154,17 +154,17 @@ class APGD(Attack):
             raise ValueError(f"use_largereps: only for norm 'L1' (the eps schedule of L1-APGD), "
                              f"got norm {self.norm!r}")
         self.use_largereps = use_largereps
-        self.steps = _pos_int("steps", steps, allow_zero=True)
-        self.n_restarts = _pos_int("n_restarts", n_restarts)
-        self.eot_iter = _pos_int("eot_iter", eot_iter)
+        self.steps = int_arg("steps", steps, 0)
+        self.n_restarts = int_arg("n_restarts", n_restarts)
+        self.eot_iter = int_arg("eot_iter", eot_iter)
         rho = self._real("rho", rho)
         if not 0.0 < rho <= 1.0:
             raise ValueError(f"rho: expected a value in (0, 1], got {rho}")
         self.rho = rho
         self.verbose = self._flag("verbose", verbose)
         self.early_stop = self._flag("early_stop", early_stop)
-        self.max_rows = None if max_rows is None else _pos_int("max_rows", max_rows)
-        self.compact_every = None if compact_every is None else _pos_int("compact_every", compact_every)
+        self.max_rows = None if max_rows is None else int_arg("max_rows", max_rows)
+        self.compact_every = None if compact_every is None else int_arg("compact_every", compact_every)
 
     # ------------------------------------------------------------ pieces
     def _every(self, device: torch.device) -> int:
@@ -422,7 +422,7 @@ class APGDT(APGD):
     Each point runs one APGD per target class (the classes ranked 2nd, 3rd, ... by the
     clean logits) and restart, batched together; a point counts as fooled when it
     is misclassified (any class), as in AutoAttack. ``n_classes`` is accepted for
-    torchattacks compatibility (the model's output decides)."""
+    torchattacks compatibility (the model's output decides; a value that differs warns)."""
 
     def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100,
                  n_restarts: int = 1, seed: Optional[int] = 0, eot_iter: int = 1, rho: float = 0.75,
@@ -433,9 +433,9 @@ class APGDT(APGD):
         super().__init__(model, norm, eps, steps, n_restarts, seed, loss, eot_iter, rho, verbose,
                          name="APGDT", **kwargs)
         if n_classes is not None:
-            _pos_int("n_classes", n_classes)
+            int_arg("n_classes", n_classes)
         self.n_classes = n_classes
-        self.n_target_classes = _pos_int("n_target_classes", n_target_classes)
+        self.n_target_classes = int_arg("n_target_classes", n_target_classes)
 
     def _targets_and_loss(self, z: Tensor, y: Tensor, target: Optional[Tensor]):
         n_cls = z.shape[1]
@@ -457,9 +457,3 @@ def _targeted_ce(z: Tensor, y: Tensor, t: Optional[Tensor]) -> Tensor:
     return -_losses.cross_entropy(z, t)
 
 
-def _pos_int(name: str, v, allow_zero: bool = False) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    if v < (0 if allow_zero else 1):
-        raise ValueError(f"{name}: expected an int >= {0 if allow_zero else 1}, got {v}")
-    return v

@@ -14,18 +14,17 @@ no weights to fingerprint: its ``state_path`` is ignored, with a warning.
 from __future__ import annotations
 
 import hashlib
-import numbers
 import os
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._groups import lp_norm, norm_name
 from .apgd import APGD, APGDT
-from .base import Attack, AttackResult, model_context
+from .base import Attack, AttackResult, int_arg, model_context, module_of
 from .fab import FAB
 from .square import Square
 
@@ -61,14 +60,12 @@ class AutoAttack(Attack):
             raise ValueError(f"version: expected one of {_VERSIONS}, got {version!r}")
         self.version = version
         if n_classes is not None:
-            n_classes = _int_at_least("n_classes", n_classes, 2)
+            n_classes = int_arg("n_classes", n_classes, 2)
         self.n_classes = n_classes
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise TypeError(f"seed: expected an int or None, got {type(seed).__name__} {seed!r}")
-        self.verbose = bool(verbose)
-        self.steps = _int_at_least("steps", steps, 1)
-        self.n_queries = _int_at_least("n_queries", n_queries, 1)
-        self.checks = bool(checks)
+        self.verbose = self._flag("verbose", verbose)
+        self.steps = int_arg("steps", steps, 1)
+        self.n_queries = int_arg("n_queries", n_queries, 1)
+        self.checks = self._flag("checks", checks)
         self._kwargs = dict(kwargs)
         if isinstance(attacks_to_run, str):
             raise TypeError(f"attacks_to_run: expected a list of names from {ATTACK_NAMES}, "
@@ -186,9 +183,6 @@ class AutoAttack(Attack):
         """Fail before any attack runs when the model's class count rules one out."""
         if n_cls < 2:
             raise ValueError(f"model: expected logits for at least 2 classes, got {n_cls}")
-        if self.n_classes is not None and self.n_classes != n_cls:
-            raise ValueError(f"n_classes: the model returns logits for {n_cls} classes, "
-                             f"got n_classes={self.n_classes}")
         need = {"apgd-dlr": 3, "apgd-t": 4}  # the DLR loss and its targeted form
         short = [a for a in self.attacks_to_run if n_cls < need.get(a, 0)]
         if not short:
@@ -217,7 +211,7 @@ class AutoAttack(Attack):
                  "tried": torch.zeros(len(names), b, dtype=torch.bool), "time": [0.0] * len(names),
                  "adv_idx": torch.zeros(0, dtype=torch.long), "adv_x": x.new_zeros((0,) + x.shape[1:])}
         fp, cfg = None, None
-        if state_path and not isinstance(self.model, nn.Module):
+        if state_path and module_of(self.model) is None:
             warnings.warn(f"AutoAttack: state_path={state_path!r} ignored, running from scratch: the model "
                           "is a plain callable, whose weights cannot be fingerprinted, so a saved state "
                           "could belong to another model (pass an nn.Module to resume)", stacklevel=3)
@@ -304,7 +298,7 @@ class AutoAttack(Attack):
         interrupted run resumes; ``progress(attack_name, n_points_done)`` is called
         after every chunk."""
         if bs is not None:
-            bs = _int_at_least("bs", bs, 1)
+            bs = int_arg("bs", bs, 1)
         xf, y = self._prepare(self._from_user(x_orig), y_orig)  # normalized input under set_normalization_used
         with model_context(self.model, self.model_mode, xf.device):
             with torch.no_grad():
@@ -315,7 +309,7 @@ class AutoAttack(Attack):
             gen = self.make_generator(xf.device)
             res = self._attack(xf, y, None, gen, bs=bs, state_path=state_path, progress=progress)
             # the user's dtype: rounded back into the ball, flags of the tensor returned
-            x_adv = self._result_to_user(res, xf, x_orig, y, None)
+            x_adv = self._result_to_user(res, xf, x_orig, y, None, bs)
         res.x_adv = x_adv
         if self.verbose:
             print(f"clean accuracy: {self.clean_accuracy:.2%}  robust accuracy: {self.robust_accuracy:.2%}")
@@ -348,12 +342,16 @@ class AutoAttack(Attack):
 
 # ------------------------------------------------------------------ helpers
 def model_signature(model) -> Optional[str]:
-    """A fingerprint of an ``nn.Module``: its module types and the exact bytes of every
-    parameter and buffer, so a state file is never resumed with another model (None for
-    a plain callable, which cannot be fingerprinted)."""
-    if not isinstance(model, nn.Module):
+    """A fingerprint of an ``nn.Module`` (or a bound method or partial of one): its module
+    types and the exact bytes of every parameter and buffer, so a state file is never
+    resumed with another model (None for a plain callable, which cannot be fingerprinted)."""
+    module = module_of(model)
+    if module is None:
         return None
     h = hashlib.sha1()
+    if module is not model:   # net.forward vs net.features: which callable, too
+        h.update(f"{type(model).__name__}:{getattr(model, '__name__', '')};".encode())
+    model = module
     for name, mod in model.named_modules():
         h.update(f"{name}:{type(mod).__module__}.{type(mod).__qualname__};".encode())
     with torch.no_grad():
@@ -379,14 +377,6 @@ def _hash_tensor(h, t: Tensor) -> None:
         t = (t.dequantize() if t.is_quantized else t.to_dense()).float()
     raw = t.reshape(-1).contiguous().cpu().view(torch.uint8)
     h.update(raw.numpy())
-
-
-def _int_at_least(name: str, v, lo: float) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
-    if v < lo:
-        raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
-    return int(v)
 
 
 def _predict(atk: Attack, x: Tensor, bs: Optional[int]) -> Tensor:

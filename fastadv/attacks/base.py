@@ -177,6 +177,21 @@ def _output_error(out) -> TypeError:
     return TypeError(f"model: expected its output to be a logits tensor [B, classes], got a {kind}{hint}")
 
 
+class InputIndependentError(ValueError):
+    """The model's output has no gradient path to its input x: a gradient attack cannot move
+    it (a ``ValueError``, so ``except ValueError`` still catches it)."""
+
+
+def int_arg(name: str, v, lo: int = 1) -> int:
+    """``v`` as an int >= ``lo``: any integer type (numpy's too); a bool, float or string is
+    refused (TypeError), never converted; a smaller value is a ValueError."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    if v < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
+    return int(v)
+
+
 # ---------------------------------------------------------------- the base
 class Attack:
     """Base of every fastadv attack (torchattacks-compatible call and target modes).
@@ -448,8 +463,8 @@ class Attack:
             z = self.logits(x)
             loss = (loss_fn or self.attack_loss)(z, y, target)
             if not loss.requires_grad:
-                raise ValueError("model: its output does not depend on the input x "
-                                 "(no gradient path from the logits to x)")
+                raise InputIndependentError("model: its output does not depend on the input x "
+                                            "(no gradient path from the logits to x)")
             scale = None
             if fp16:
                 scale = grad_scale if grad_scale is not None else torch.full(
@@ -459,8 +474,8 @@ class Attack:
                 total = loss.sum()
             (g,) = torch.autograd.grad(total, x, allow_unused=True)
         if g is None:
-            raise ValueError("model: its output does not depend on the input x "
-                             "(the input gradient is empty)")
+            raise InputIndependentError("model: its output does not depend on the input x "
+                                        "(the input gradient is empty)")
         if self.amp is not None:
             ok = torch.isfinite(g).flatten(1).all(1)
             shape = (-1,) + (1,) * (g.dim() - 1)
@@ -538,8 +553,10 @@ class Attack:
         n = z.shape[1]
         n_classes = getattr(self, "n_classes", None)
         if n_classes is not None and n_classes != n:
-            raise ValueError(f"n_classes: the model returns logits for {n} classes, "
-                             f"got n_classes={n_classes!r}")
+            # torchattacks' signatures carry n_classes=10 by default: code written for them
+            # still runs, and the model's own class count is what the attack uses
+            warnings.warn(f"n_classes={n_classes!r} given, but the model returns logits for {n} "
+                          f"classes: attacking with {n}", RuntimeWarning, stacklevel=4)
         if self.check_inputs and y.numel():
             if int(y.min()) < 0 or int(y.max()) >= n:
                 raise ValueError(f"y: expected labels in [0, {n - 1}] for a model with {n} classes, "
@@ -563,12 +580,14 @@ class Attack:
                 g = None
                 if z.requires_grad:
                     (g,) = torch.autograd.grad(z.float().sum(), xs, allow_unused=True)
-        except Exception:  # e.g. a model that only runs at its batch size: the run's own passes tell
+        except (RuntimeError, ValueError):  # e.g. a model that only runs at its batch size:
+            # the run's own passes will tell (an error of the model itself surfaces there)
             return
         if g is None:
-            raise ValueError("model: its output does not depend on the input x (no gradient path "
-                             "from the logits to x): a gradient-based attack cannot move it; use "
-                             "Square for a model without gradients")
+            raise InputIndependentError(
+                "model: its output does not depend on the input x (no gradient path from the "
+                "logits to x): a gradient-based attack cannot move it; use Square for a model "
+                "without gradients")
 
     def make_generator(self, device: torch.device) -> torch.Generator:
         """The attack's own RNG (the global one is never touched)."""
@@ -679,12 +698,13 @@ class Attack:
         return _norm_name(norm), self.eps
 
     def _result_to_user(self, res: AttackResult, xf: Tensor, x_user: Tensor, y: Tensor,
-                        target: Optional[Tensor]) -> Tensor:
+                        target: Optional[Tensor], bs: Optional[int] = None) -> Tensor:
         """``res.x_adv`` (float32, pixel space) in the user's space, dtype and layout.
 
         float32 comes back as it is. Another dtype rounds, and rounding can step outside
         the ball or the box: such elements are moved back towards x (see ``fit_to_ball``),
-        and the success flags are taken again from one forward on the tensor returned."""
+        and the success flags are taken again from one forward on the tensor returned
+        (``bs`` rows at a time when given)."""
         x_adv = self._to_user(res.x_adv, x_user).to(dtype=x_user.dtype)
         if x_user.dtype != torch.float32 and x_adv.numel():
             stats = None
@@ -693,17 +713,20 @@ class Attack:
                 stats = (self._mean.to(x_user.device, torch.float64).reshape(shape),
                          self._std.to(x_user.device, torch.float64).reshape(shape))
             x_adv = fit_to_ball(x_adv, x_user.detach(), self._ball(), self.lower, self.upper, stats)
-            self._rescore(res, self._from_user(x_adv), xf, y, target)
+            self._rescore(res, self._from_user(x_adv), xf, y, target, bs)
         return layout_like(x_adv, x_user).detach()
 
     def _rescore(self, res: AttackResult, x_adv: Tensor, xf: Tensor, y: Tensor,
-                 target: Optional[Tensor]) -> None:
+                 target: Optional[Tensor], bs: Optional[int] = None) -> None:
         """Success (and what else an attack reports per point) of ``x_adv``, the pixel-space
-        result as returned to the user, from one float32-exact forward. The model sees it in
-        its own dtype where that is not float32, else in float32."""
+        result as returned to the user, from one float32-exact forward (``bs`` rows at a
+        time when given). The model sees it in its own dtype where that is not float32,
+        else in float32."""
         x_in = x_adv.to(self._input_dtype() or torch.float32)
+        step = bs or max(x_in.shape[0], 1)
         with torch.no_grad():
-            z = self.logits(x_in, fp32=True).float()
+            z = torch.cat([self.logits(x_in[i:i + step], fp32=True).float()
+                           for i in range(0, x_in.shape[0], step)])
         res.success = self._success_of(z, y, target, res, x_adv, xf)
 
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
@@ -752,8 +775,19 @@ def fit_to_ball(x_adv: Tensor, x: Tensor, ball: Optional[Tuple[str, float]], low
             bad |= rows.view((-1,) + (1,) * (d.dim() - 1)) & (x_adv != x)
         if not bool(bad.any()):
             break
-        x_adv = torch.where(bad, torch.nextafter(x_adv, x), x_adv)
+        x_adv = torch.where(bad, _nextafter(x_adv, x), x_adv)
     return x_adv
+
+
+def _nextafter(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.nextafter``; through the CPU where a device lacks it for the dtype (CUDA
+    float16 before torch 2.6). Once per run, and only where rounding left the ball."""
+    try:
+        return torch.nextafter(a, b)
+    except (RuntimeError, NotImplementedError):
+        if a.device.type == "cpu":
+            raise
+        return torch.nextafter(a.cpu(), b.cpu()).to(a.device)
 
 
 def _lp64(d: Tensor, norm: str) -> Tensor:

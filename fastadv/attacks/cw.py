@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._groups import view_rows
-from .apgd import _pos_int
+from .base import int_arg
 from .base import Attack, AttackResult
 
 __all__ = ["CW"]
@@ -34,9 +34,9 @@ class CW(Attack):
         super().__init__(kwargs.pop("name", "CW"), model, **kwargs)
         self.c = self._nonneg("c", c)
         self.kappa = self._nonneg("kappa", kappa)
-        self.steps = _pos_int("steps", steps)
+        self.steps = int_arg("steps", steps)
         self.lr = self._nonneg("lr", lr)
-        self.binary_search_steps = _pos_int("binary_search_steps", binary_search_steps)
+        self.binary_search_steps = int_arg("binary_search_steps", binary_search_steps)
         self.abort_early = self._flag("abort_early", abort_early)
 
     eps_ball = False  # minimum-norm: no ball, only the box

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._groups import Working, lp_norm, norm_name, view_rows
-from .apgd import _pos_int
+from .base import int_arg
 from .base import Attack, AttackResult
 
 __all__ = ["DeepFool"]
@@ -31,12 +31,12 @@ class DeepFool(Attack):
     def __init__(self, model, steps: int = 50, overshoot: float = 0.02, *, norm: str = "L2",
                  candidates: Optional[int] = None, eps: float = 0.0, **kwargs):
         super().__init__(kwargs.pop("name", "DeepFool"), model, eps=eps, **kwargs)
-        self.steps = _pos_int("steps", steps)
+        self.steps = int_arg("steps", steps)
         self.overshoot = self._nonneg("overshoot", overshoot)
         self.norm = norm_name(norm)
         if self.norm == "L1":
             raise ValueError("DeepFool: norm 'L1' is not supported (use 'L2' or 'Linf')")
-        self.candidates = None if candidates is None else _pos_int("candidates", candidates)
+        self.candidates = None if candidates is None else int_arg("candidates", candidates)
 
     eps_ball = False  # eps (if any) decides success; x_adv is not held to it
 

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ._groups import (Working, channels_last, chunked_loss_and_grad, entry_chunks, forward_rows,
                       group_any, lp_norm, norm_name, pick_per_group, view_rows)
-from .apgd import _pos_int, l1_project_delta
+from .apgd import l1_project_delta
+from .base import int_arg
 from .base import Attack, AttackResult
 
 __all__ = ["FAB", "FABT", "project_onto_hyperplane"]
@@ -134,8 +135,8 @@ class FAB(Attack):
                  compact_every: Optional[int] = None, **kwargs):
         super().__init__(kwargs.pop("name", "FAB"), model, eps=eps, seed=seed, **kwargs)
         self.norm = norm_name(norm)
-        self.steps = _pos_int("steps", steps, allow_zero=True)
-        self.n_restarts = _pos_int("n_restarts", n_restarts)
+        self.steps = int_arg("steps", steps, 0)
+        self.n_restarts = int_arg("n_restarts", n_restarts)
         self.alpha_max = self._real("alpha_max", alpha_max)
         self.eta = self._real("eta", eta)
         self.beta = self._real("beta", beta)
@@ -147,11 +148,11 @@ class FAB(Attack):
             raise ValueError(f"beta: expected a value in (0, 1], got {beta}")
         self.verbose = self._flag("verbose", verbose)
         self.multi_targeted = self._flag("multi_targeted", multi_targeted)
-        self.n_classes = None if n_classes is None else _pos_int("n_classes", n_classes)
-        self.n_target_classes = _pos_int("n_target_classes", n_target_classes)
+        self.n_classes = None if n_classes is None else int_arg("n_classes", n_classes)
+        self.n_target_classes = int_arg("n_target_classes", n_target_classes)
         self.early_stop = self._flag("early_stop", early_stop)
-        self.max_rows = None if max_rows is None else _pos_int("max_rows", max_rows)
-        self.compact_every = None if compact_every is None else _pos_int("compact_every", compact_every)
+        self.max_rows = None if max_rows is None else int_arg("max_rows", max_rows)
+        self.compact_every = None if compact_every is None else int_arg("compact_every", compact_every)
 
     # ------------------------------------------------------------ gradients
     def _diff_and_grad(self, x: Tensor, y: Tensor, tgt: Optional[Tensor]):

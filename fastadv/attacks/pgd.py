@@ -14,17 +14,9 @@ from torch import Tensor, nn
 
 from .. import ops
 from . import _engine
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, int_arg
 
 __all__ = ["PGD", "PGDL2", "pgd", "pgd_l2"]
-
-
-def _count(name: str, v, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
-    return v
 
 
 class _IterativeAttack(Attack):
@@ -48,9 +40,9 @@ class _IterativeAttack(Attack):
                          normalization=normalization, model_mode=model_mode,
                          check_inputs=check_inputs)
         self.alpha = self._nonneg("alpha", alpha)
-        self.steps = _count("steps", steps, 0)
+        self.steps = int_arg("steps", steps, 0)
         self.random_start = self._flag("random_start", random_start)
-        self.restarts = _count("restarts", restarts, 1)
+        self.restarts = int_arg("restarts", restarts, 1)
         if self.restarts > 1 and not self.random_start:
             raise ValueError("restarts: more than one restart needs random_start=True "
                              "(without it every restart is the same run)")
@@ -63,7 +55,7 @@ class _IterativeAttack(Attack):
                              "successful iterate, not the last one)")
         self.cuda_graph = self._flag("cuda_graph", cuda_graph)
         if max_batch is not None:
-            max_batch = _count("max_batch", max_batch, 1)
+            max_batch = int_arg("max_batch", max_batch, 1)
         self.max_batch = max_batch
         self._graphs: dict = {}
 

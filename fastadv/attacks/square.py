@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._groups import (Working, channels_last, entry_chunks, group_any, lp_norm, norm_name,
                       pick_per_group, view_rows)
-from .apgd import _pos_int
+from .base import int_arg
 from .base import Attack, AttackResult
 
 __all__ = ["Square", "p_selection", "square_meta_pattern"]
@@ -79,8 +79,8 @@ class Square(Attack):
         self.norm = norm_name(norm)
         if self.norm == "L1":
             raise ValueError("Square: norm 'L1' is not supported (use 'Linf' or 'L2')")
-        self.n_queries = _pos_int("n_queries", n_queries, allow_zero=True)
-        self.n_restarts = _pos_int("n_restarts", n_restarts)
+        self.n_queries = int_arg("n_queries", n_queries, 0)
+        self.n_restarts = int_arg("n_restarts", n_restarts)
         p_init = self._real("p_init", p_init)
         if not 0 < p_init <= 1:
             raise ValueError(f"p_init: expected a value in (0, 1], got {p_init}")
@@ -89,8 +89,8 @@ class Square(Attack):
         self.rescale_schedule = self._flag("resc_schedule", resc_schedule)
         self.verbose = self._flag("verbose", verbose)
         self.early_stop = self._flag("early_stop", early_stop)
-        self.max_rows = None if max_rows is None else _pos_int("max_rows", max_rows)
-        self.compact_every = None if compact_every is None else _pos_int("compact_every", compact_every)
+        self.max_rows = None if max_rows is None else int_arg("max_rows", max_rows)
+        self.compact_every = None if compact_every is None else int_arg("compact_every", compact_every)
         self.resample_unchanged = self._flag("resample_unchanged", resample_unchanged)
 
     # ------------------------------------------------------------- loss

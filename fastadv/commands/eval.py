@@ -254,19 +254,20 @@ def run(args) -> int:
             kw["normalization"] = parsed["normalization"]
         if args.amp:
             kw["amp"] = args.amp
-        os.makedirs(args.out, exist_ok=True)
-        state = args.state or os.path.join(args.out, "state.json")
-        rep = _report.evaluate(
-            model, x, y, norm=args.norm, eps=eps, version=args.version, attacks_to_run=parsed["attacks"],
-            bs=args.bs, steps=args.steps, n_queries=args.n_queries, seed=args.seed,
-            eps_curve=parsed["eps_curve"], eps_curve_steps=args.steps, surrogate=surrogate,
-            smoothing_sigma=args.smoothing_sigma, smoothing_n0=args.smoothing_n0, smoothing_n=args.smoothing_n,
-            smoothing_alpha=args.smoothing_alpha, smoothing_points=args.smoothing_points,
-            calibration=not args.no_calibration, masking_checks=not args.no_checks, state_path=state,
-            progress=not args.no_progress, **kw)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:   # the model named on the command line
         print(f"fastadv eval: {exc}", file=sys.stderr)
         return 2
+    os.makedirs(args.out, exist_ok=True)
+    state = args.state or os.path.join(args.out, "state.json")
+    # the flags were checked above; an error from here on is the model's or ours: a traceback
+    rep = _report.evaluate(
+        model, x, y, norm=args.norm, eps=eps, version=args.version, attacks_to_run=parsed["attacks"],
+        bs=args.bs, steps=args.steps, n_queries=args.n_queries, seed=args.seed,
+        eps_curve=parsed["eps_curve"], eps_curve_steps=args.steps, surrogate=surrogate,
+        smoothing_sigma=args.smoothing_sigma, smoothing_n0=args.smoothing_n0, smoothing_n=args.smoothing_n,
+        smoothing_alpha=args.smoothing_alpha, smoothing_points=args.smoothing_points,
+        calibration=not args.no_calibration, masking_checks=not args.no_checks, state_path=state,
+        progress=not args.no_progress, **kw)
     rep["config"]["model"] = name
     rep["config"]["data"] = args.data
     rep["config"]["device"] = str(dev)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..attacks.apgd import APGD, APGDT
-from ..attacks.base import Attack, model_context
+from ..attacks.base import Attack, int_arg, model_context
 
 __all__ = ["predict_logits", "accuracy", "per_class_accuracy", "worst_case", "accuracy_summary",
            "robust_accuracy_curve", "calibration_bins", "expected_calibration_error",
@@ -25,7 +25,7 @@ class _Probe(Attack):
 def predict_logits(model, x: Tensor, bs: int = 256, normalization=None) -> Tensor:
     """The model's float32 logits on ``x`` in eval mode, batch by batch (model state kept)."""
     _tensor("x", x)
-    bs = _int_at_least("bs", bs, 1)
+    bs = int_arg("bs", bs, 1)
     probe = _Probe(model, normalization=normalization, check_inputs=False,
                    lower=-math.inf, upper=math.inf)
     out = []
@@ -62,14 +62,6 @@ def _mask(name: str, t, b: int) -> Tensor:
     if t.shape != (b,):
         raise ValueError(f"{name}: expected a [B] = [{b}] per-point tensor, got shape {tuple(t.shape)}")
     return t
-
-
-def _int_at_least(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
-    if v < lo:
-        raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
-    return int(v)
 
 
 def _logits(name: str, z, b: Optional[int] = None) -> Tensor:
@@ -110,7 +102,7 @@ def per_class_accuracy(correct: Tensor, y: Tensor, n_classes: Optional[int] = No
     _labels("y", y)
     _mask("correct", correct, y.shape[0])
     if n_classes is not None:
-        n_classes = _int_at_least("n_classes", n_classes, 1)
+        n_classes = int_arg("n_classes", n_classes, 1)
         if y.numel() and int(y.max()) >= n_classes:
             raise ValueError(f"y: expected labels in [0, {n_classes - 1}] for n_classes={n_classes}, "
                              f"got {int(y.max())}")
@@ -190,7 +182,7 @@ def robust_accuracy_curve(model, x: Tensor, y: Tensor, eps_list: Sequence[float]
     if not attacks:
         raise ValueError("attacks: expected at least one attack, e.g. ('apgd-ce', 'apgd-t')")
     if bs is not None:
-        bs = _int_at_least("bs", bs, 1)
+        bs = int_arg("bs", bs, 1)
     e_n = len(eps)
     builders = {"apgd-ce": lambda: APGD(model, norm, 1.0, steps, 1, seed, "ce", **attack_kwargs),
                 "apgd-dlr": lambda: APGD(model, norm, 1.0, steps, 1, seed, "dlr", **attack_kwargs),
@@ -233,7 +225,7 @@ def robust_accuracy_curve(model, x: Tensor, y: Tensor, eps_list: Sequence[float]
 def calibration_bins(logits: Tensor, y: Tensor, n_bins: int = 15) -> Dict[str, List[float]]:
     """Equal-width confidence bins of the top-class softmax probability:
     per bin its mean confidence, accuracy and count."""
-    n_bins = _int_at_least("n_bins", n_bins, 1)
+    n_bins = int_arg("n_bins", n_bins, 1)
     logits = _logits("logits", logits)
     _labels("y", y, logits.shape[0])
     p = torch.softmax(logits.float(), 1)
@@ -267,7 +259,7 @@ def calibration_under_attack(model, x: Tensor, y: Tensor, x_adv: Tensor, n_bins:
     if x_adv.shape != x.shape:
         raise ValueError(f"x_adv: expected the shape of x {tuple(x.shape)}, got {tuple(x_adv.shape)}")
     _labels("y", y, x.shape[0] if x.dim() else None)
-    n_bins = _int_at_least("n_bins", n_bins, 1)
+    n_bins = int_arg("n_bins", n_bins, 1)
     out = {}
     for name, inp in (("clean", x), ("adversarial", x_adv)):
         z = predict_logits(model, inp, bs, normalization)
@@ -291,7 +283,7 @@ def transfer_robustness(surrogate, target, x: Tensor, y: Tensor, eps: float, nor
     ``attack_kwargs`` (``normalization``, ``lower``/``upper``, ...) configure the attack on
     the surrogate; ``target_normalization=(mean, std)`` if the target expects normalized
     input (both models get pixel-space x)."""
-    bs = _int_at_least("bs", bs, 1)
+    bs = int_arg("bs", bs, 1)
     atk = attack if attack is not None else APGD(surrogate, norm, eps, steps, 1, seed, "ce", **attack_kwargs)
     s_norm = None if atk._mean is None else (atk._mean.tolist(), atk._std.tolist())
     if getattr(atk, "_io_normalized", False):

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..attacks.autoattack import AutoAttack, data_signature, model_signature
+from ..attacks.base import int_arg, module_of
 from ..train import distributed as _dist
 from . import masking, metrics, sharded, smoothing
 
@@ -96,26 +96,27 @@ def _check_evaluate_args(x, y, *, bs, eps_curve, eps_curve_steps, surrogate, smo
                          smoothing_n, smoothing_alpha, smoothing_radii, smoothing_points, n_classes,
                          state_path, log) -> None:
     """Every argument that is only used after AutoAttack, checked before it starts."""
-    metrics._int_at_least("bs", bs, 1)
+    int_arg("bs", bs, 1)
     if eps_curve:
         metrics.check_eps_list(eps_curve)
-        metrics._int_at_least("eps_curve_steps", eps_curve_steps, 1)
+        int_arg("eps_curve_steps", eps_curve_steps, 1)
     if surrogate is not None and not callable(surrogate):
         raise TypeError(f"surrogate: expected a model (nn.Module or callable), got {type(surrogate).__name__}")
     if smoothing_sigma is not None:
         smoothing.check_sigma(smoothing_sigma, "smoothing_sigma")
-        smoothing.check_count("smoothing_n0", smoothing_n0)
-        smoothing.check_count("smoothing_n", smoothing_n)
+        int_arg("smoothing_n0", smoothing_n0, 1)
+        int_arg("smoothing_n", smoothing_n, 1)
         smoothing.check_alpha(smoothing_alpha, "smoothing_alpha")
         if smoothing_points is not None:
-            smoothing.check_count("smoothing_points", smoothing_points)
+            int_arg("smoothing_points", smoothing_points, 1)
         if isinstance(smoothing_radii, (str, bytes)) or not hasattr(smoothing_radii, "__iter__"):
             raise TypeError(f"smoothing_radii: expected a sequence of numbers, got {smoothing_radii!r}")
         for r in smoothing_radii:
-            if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (math.isfinite(r) and r >= 0):
+            r = smoothing._number("smoothing_radii", r)   # TypeError for a non-number
+            if not (math.isfinite(r) and r >= 0):
                 raise ValueError(f"smoothing_radii: expected finite numbers >= 0, got {r!r}")
     if n_classes is not None:
-        metrics._int_at_least("n_classes", n_classes, 1)
+        int_arg("n_classes", n_classes, 1)
         if isinstance(y, Tensor) and y.numel() and not y.is_floating_point() and int(y.max()) >= n_classes:
             raise ValueError(f"n_classes: expected more than the largest label {int(y.max())}, got {n_classes}")
     if state_path is not None and not isinstance(state_path, (str, os.PathLike)):
@@ -157,7 +158,7 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     if state_path is not None:
         state_path = os.fspath(state_path)
     unhashable = [n for n, m in (("model", model), ("surrogate", surrogate))
-                  if m is not None and not isinstance(m, nn.Module)]
+                  if m is not None and module_of(m) is None]
     if state_path and unhashable:
         warnings.warn(f"evaluate: state_path={state_path!r} ignored, running from scratch: the "
                       f"{' and '.join(unhashable)} is a plain callable, whose weights cannot be "
@@ -195,17 +196,15 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
                                    alpha=smoothing_alpha, radii=list(smoothing_radii), points=smoothing_points,
                                    seed=seed, normalization=normalization)
     wanted = {k: _json_ready(v) for k, v in wanted.items()}
-    old = load_state(state_path)
-    state = _reusable_state(old, cfg, wanted, state_path, log)
+    state = _reusable_state(load_state(state_path), cfg, wanted, state_path, log)
     sections: Dict[str, object] = state["sections"]
+    # the time each section took when it was computed: a reused one counts in the total
+    times: Dict[str, float] = state.setdefault("times", {})
+    reused_s = sum(times.values())
     t_start = time.perf_counter()
-    # time spent by earlier, interrupted runs of this very evaluation counts in the total
-    same_run = old.get("config") == json.loads(json.dumps(cfg, default=_jsonable))
-    spent_before = float(old.get("spent_s", 0.0)) if same_run and isinstance(
-        old.get("spent_s"), (int, float)) else 0.0
+    mark = [t_start]
 
     def save() -> None:
-        state["spent_s"] = spent_before + time.perf_counter() - t_start
         _save_state(state_path, state)
 
     # --- AutoAttack: per-attack and worst-case robust accuracy, per class -----------------
@@ -228,16 +227,22 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
                                        ex["attacks"], n_classes)
     summary["time_s"] = {k: float(v) for k, v in ex["time"].items()}
     summary["wall_s"] = time.perf_counter() - t0
+    # AutoAttack's own state file resumes it: its earlier runs' attack time counts too
+    aa_before = max(0.0, sum(summary["time_s"].values()) - summary["wall_s"])
+    mark[0] = time.perf_counter()
     summary["attacks"] = ex["attacks"]
     sections["autoattack"] = summary
     log(f"clean accuracy {summary['clean_accuracy']:.2%}, robust accuracy {summary['robust_accuracy']:.2%}")
     save()
     if not main:
-        return {"config": cfg, "total_s": spent_before + time.perf_counter() - t_start, "autoattack": summary}
+        return {"config": cfg, "total_s": aa_before + time.perf_counter() - t_start, "autoattack": summary}
 
     def done(name: str, value) -> None:
+        now = time.perf_counter()
         sections[name] = value
         state["keys"][name] = wanted[name]
+        times[name] = now - mark[0]
+        mark[0] = now
         save()
 
     # --- self-checks for gradient masking ----------------------------------------------------
@@ -288,8 +293,8 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
                    "points": m, "abstain": int((pred == smoothing.ABSTAIN).sum())})
         done("smoothing", ca)
 
-    report = {"config": cfg, "total_s": spent_before + time.perf_counter() - t_start, **sections}
-    if spent_before:
+    report = {"config": cfg, "total_s": reused_s + aa_before + time.perf_counter() - t_start, **sections}
+    if reused_s or aa_before:
         report["resumed"] = True
     return report
 
@@ -309,6 +314,8 @@ def _reusable_state(old: Dict[str, object], cfg: Dict[str, object], wanted: Dict
         if saved == deps:
             state["sections"][name] = sections[name]
             state["keys"][name] = deps
+            t = (old.get("times") or {}).get(name) if isinstance(old.get("times"), dict) else None
+            state.setdefault("times", {})[name] = float(t) if isinstance(t, (int, float)) else 0.0
             continue
         changed = sorted(k for k in set(deps) | set(saved or {}) if (saved or {}).get(k) != deps.get(k))
         stale.append(f"{name} ({', '.join(changed)} changed)" if saved else f"{name} (saved by an older version)")

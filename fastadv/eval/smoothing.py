@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..attacks.base import model_context, model_input_dtype
+from ..attacks.base import int_arg, model_context, model_input_dtype, module_of
 
 __all__ = ["ABSTAIN", "sample_counts", "binom_upper_tail", "clopper_pearson_lower",
            "binom_test_two_sided", "certify", "predict", "certified_accuracy"]
@@ -119,14 +119,6 @@ def check_alpha(alpha, name: str = "alpha") -> float:
     return a
 
 
-def check_count(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
-    if v < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {v}")
-    return int(v)
-
-
 def _check_x(x) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -152,11 +144,10 @@ def sample_counts(model, x: Tensor, sigma: float, num: int, batch_size: int = 10
     sees the noisy input as is (put any normalisation inside the model). Non-finite
     logits raise: argmax would silently count them as class 0."""
     sigma = check_sigma(sigma)
-    num = check_count("num", num)
-    batch_size = check_count("batch_size", batch_size)
+    num = int_arg("num", num, 1)
+    batch_size = int_arg("batch_size", batch_size, 1)
     b = x.shape[0]
-    # the model's own dtype (float64/bf16/fp16 weights), else float32, whatever x's dtype
-    in_dtype = model_input_dtype(model) or torch.float32
+    in_dtype = _input_dtype(model, x)
     per_point = max(1, min(num, batch_size))           # noise samples per point per forward
     pts_per = max(1, batch_size // per_point)          # points per forward
     counts = None if n_classes is None else torch.zeros(b, n_classes, dtype=torch.long, device=x.device)
@@ -183,6 +174,16 @@ def sample_counts(model, x: Tensor, sigma: float, num: int, batch_size: int = 10
     if counts is None:
         counts = torch.zeros(b, 0, dtype=torch.long, device=x.device)
     return counts
+
+
+def _input_dtype(model, x: Tensor) -> torch.dtype:
+    """What the model is fed: its own dtype (float64/bf16/fp16 weights), float32 for a
+    float32 module whatever x's dtype, and x's own dtype for a callable that is not a
+    module (its weights are out of sight)."""
+    dt = model_input_dtype(model)
+    if dt is not None:
+        return dt
+    return torch.float32 if module_of(model) is not None else x.dtype
 
 
 def _batch_and_generator(x: Tensor, seed: Optional[int]) -> Tuple[bool, Tensor, torch.Generator]:
@@ -222,7 +223,7 @@ def _with_normalization(model, normalization, x: Tensor):
                          f"got shape {tuple(x.shape)}")
     shape = (1, -1) + (1,) * (x.dim() - 2)
     mean, std = mean.reshape(shape), std.reshape(shape)
-    in_dtype = model_input_dtype(model) or torch.float32
+    in_dtype = _input_dtype(model, x)
     return lambda t: model(((t - mean) / std).to(in_dtype))
 
 
@@ -237,8 +238,8 @@ def certify(model, x: Tensor, sigma: float, n0: int = 100, n: int = 100000, alph
     normalized input (σ and the radius stay in the pixel space of ``x``)."""
     sigma = check_sigma(sigma)
     alpha = check_alpha(alpha)
-    n0, n = check_count("n0", n0), check_count("n", n)
-    batch_size = check_count("batch_size", batch_size)
+    n0, n = int_arg("n0", n0, 1), int_arg("n", n, 1)
+    batch_size = int_arg("batch_size", batch_size, 1)
     single, xb, gen = _batch_and_generator(x, seed)
     f = _with_normalization(model, normalization, xb)
     if xb.shape[0] == 0:
@@ -265,8 +266,8 @@ def predict(model, x: Tensor, sigma: float, n: int = 100000, alpha: float = 0.00
     (``normalization`` as in ``certify``)."""
     sigma = check_sigma(sigma)
     alpha = check_alpha(alpha)
-    n = check_count("n", n)
-    batch_size = check_count("batch_size", batch_size)
+    n = int_arg("n", n, 1)
+    batch_size = int_arg("batch_size", batch_size, 1)
     single, xb, gen = _batch_and_generator(x, seed)
     f = _with_normalization(model, normalization, xb)
     if xb.shape[0] == 0:
