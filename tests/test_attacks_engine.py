@@ -222,3 +222,21 @@ def test_cuda_state_preserved_and_restarts_batched():
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), snap))
     one = fastadv.PGD(model, eps=0.1, steps=5, seed=0).run(x, y)
     assert res.robust_accuracy <= one.robust_accuracy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_cuda_results_in_the_callers_dtype_stay_in_the_ball(dtype, exact_cuda):
+    """Rounding back to fp16/bf16/fp64 on the GPU (``torch.nextafter`` there, or its CPU
+    fallback on torch builds without it) keeps the ball, the box and honest flags."""
+    model, x, y = _cuda_setup()
+    xd = x.to(dtype)
+    for atk in (fastadv.PGD(model, eps=0.1, alpha=0.025, steps=5, seed=0),
+                fastadv.APGD(model, eps=0.1, steps=5, seed=0)):
+        res = atk.run(xd, y)
+        assert res.x_adv.dtype == dtype and res.x_adv.is_cuda
+        d = (res.x_adv.double() - xd.double()).abs().flatten(1).amax(1)
+        assert bool((d <= 0.1).all()) and 0 <= res.x_adv.double().min() and res.x_adv.double().max() <= 1
+        with torch.no_grad():
+            fooled = model(res.x_adv.float()).argmax(1) != y
+        assert torch.equal(res.success, fooled)
