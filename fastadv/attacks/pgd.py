@@ -104,7 +104,7 @@ class _IterativeAttack(Attack):
     def _exact(self, x: Tensor, y: Tensor, target: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Loss and success of ``x`` from a float32 forward (amp's verdicts are approximate)."""
         with torch.no_grad():
-            z = self.logits(x, fp32=True).float()
+            z = self.exact_logits(x, y)
         return self.attack_loss(z, y, target).float(), self.is_success(z, y, target)
 
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
@@ -120,7 +120,7 @@ class _IterativeAttack(Attack):
         z = self.clean_logits
         if z is None:  # called outside run(): recompute
             with torch.no_grad():
-                z = self.logits(x, fp32=True).float()
+                z = self.exact_logits(x, y)
         best = self.keep == "best"
         # the clean point is a candidate too: a misclassified sample is already a success
         res_x = x.clone()
