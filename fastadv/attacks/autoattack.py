@@ -204,7 +204,7 @@ class AutoAttack(Attack):
         names = self.attacks_to_run
         with torch.no_grad():
             if b:
-                self._check_classes(int(_fp32_logits(self, x[:1]).shape[1]))
+                self._check_classes(int(self.logits(x[:1], fp32=True).shape[1]))
             pred = _predict(self, x, bs)
         clean = pred == y
         state = {"robust": clean.clone(), "attack_of": torch.where(clean, -1, -2).long(),
@@ -280,7 +280,7 @@ class AutoAttack(Attack):
             return ok
         xa = res.x_adv.to(xs.dtype)
         with torch.no_grad():
-            pred = _fp32_logits(self, xa).argmax(1)
+            pred = self.exact_logits(xa).argmax(1)
         dist = lp_norm(xa - xs, self.norm)
         tol = 1e-5 * max(1.0, self.eps)
         inside = (dist <= self.eps + tol) & (xa.flatten(1).amin(1) >= self.lower - 1e-6) & (
@@ -380,17 +380,10 @@ def _hash_tensor(h, t: Tensor) -> None:
 
 
 def _predict(atk: Attack, x: Tensor, bs: Optional[int]) -> Tensor:
-    step = bs or max(len(x), 1)
-    out = [_fp32_logits(atk, x[i:i + step]).argmax(1) for i in range(0, len(x), step)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
-
-
-def _fp32_logits(atk: Attack, x: Tensor) -> Tensor:
-    """Logits without autocast: decisions about success are taken in exact fp32."""
-    try:
-        return atk.logits(x, fp32=True).float()
-    except TypeError:  # a base class without the fp32 switch
-        return atk.logits(x).float()
+    """Exact float32 predictions, ``bs`` rows at a time (none asked for an empty batch)."""
+    if not len(x):
+        return torch.zeros(0, dtype=torch.long, device=x.device)
+    return atk.exact_logits(x, None, bs).argmax(1)
 
 
 def _save_state(path: str, fp: str, cfg: Dict[str, str], robust: Tensor, attack_of: Tensor, state: dict,

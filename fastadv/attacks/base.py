@@ -444,12 +444,14 @@ class Attack:
             out = out.float()
         return out
 
-    def exact_logits(self, x: Tensor, y: Tensor) -> Tensor:
-        """Float32 logits (no autocast, no grad expected), in the cache-sized row chunks the
-        attack's own passes use on a CPU (a 256-row forward of a small CNN costs ~2.5x the
-        same rows in chunks there); the whole batch elsewhere."""
-        rows = forward_rows(self, x, y, None)
-        if rows is None:
+    def exact_logits(self, x: Tensor, y: Optional[Tensor] = None, rows: Optional[int] = None) -> Tensor:
+        """Float32 logits (no autocast, no grad expected), ``rows`` rows at a time. Without
+        ``rows`` but with the labels ``y``: the cache-sized row chunks the attack's own passes
+        use on a CPU (a 256-row forward of a small CNN costs ~2.5x the same rows in chunks
+        there); otherwise the whole batch."""
+        if rows is None and y is not None:
+            rows = forward_rows(self, x, y, None)
+        if rows is None or x.shape[0] <= rows:
             return self.logits(x, fp32=True).float()
         return torch.cat([self.logits(x[i:i + rows], fp32=True).float() for i in range(0, x.shape[0], rows)])
 
@@ -732,10 +734,8 @@ class Attack:
         time when given). The model sees it in its own dtype where that is not float32,
         else in float32."""
         x_in = x_adv.to(self._input_dtype() or torch.float32)
-        step = bs or max(x_in.shape[0], 1)
         with torch.no_grad():
-            z = torch.cat([self.logits(x_in[i:i + step], fp32=True).float()
-                           for i in range(0, x_in.shape[0], step)])
+            z = self.exact_logits(x_in, None, bs)
         res.success = self._success_of(z, y, target, res, x_adv, xf)
 
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
