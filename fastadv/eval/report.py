@@ -27,7 +27,7 @@ from . import masking, metrics, sharded, smoothing
 __all__ = ["evaluate", "write_report", "load_state"]
 
 
-def _progress_factory(enabled: bool, total: int):
+def _progress_factory(enabled: bool):
     """(callback(attack, n_done), close) — a tqdm bar per attack when tqdm is installed."""
     if not enabled:
         return None, lambda: None
@@ -84,12 +84,9 @@ def _jsonable(v):
 
 
 def _json_ready(v):
-    """``v`` as it reads back from JSON (tuples -> lists, tensors -> lists), for comparisons."""
-    def enc(o):
-        if isinstance(o, Tensor):
-            return o.tolist()
-        return repr(o)
-    return json.loads(json.dumps(v, sort_keys=True, default=enc))
+    """``v`` as it reads back from the state file (tuples -> lists, tensors -> lists), for
+    comparisons with what was saved."""
+    return json.loads(json.dumps(v, sort_keys=True, default=_jsonable))
 
 
 def _check_evaluate_args(x, y, *, bs, eps_curve, eps_curve_steps, surrogate, smoothing_sigma, smoothing_n0,
@@ -211,7 +208,7 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     aa = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed,
                     attacks_to_run=attacks_to_run, steps=steps, n_queries=n_queries,
                     checks=False, **attack_kwargs)
-    cb, close = _progress_factory(progress, len(x))
+    cb, close = _progress_factory(progress)
     log(f"AutoAttack ({version}, {norm}, eps={eps:g}) on {len(x)} points: {', '.join(aa.attacks_to_run)}")
     t0 = time.perf_counter()
     try:
@@ -305,6 +302,7 @@ def _reusable_state(old: Dict[str, object], cfg: Dict[str, object], wanted: Dict
     names the sections that are recomputed and what changed for them."""
     sections = old.get("sections") if isinstance(old.get("sections"), dict) else {}
     keys = old.get("keys") if isinstance(old.get("keys"), dict) else {}
+    times = old.get("times") if isinstance(old.get("times"), dict) else {}
     state: Dict[str, object] = {"config": cfg, "sections": {}, "keys": {}}
     stale = []
     for name, deps in wanted.items():
@@ -314,7 +312,7 @@ def _reusable_state(old: Dict[str, object], cfg: Dict[str, object], wanted: Dict
         if saved == deps:
             state["sections"][name] = sections[name]
             state["keys"][name] = deps
-            t = (old.get("times") or {}).get(name) if isinstance(old.get("times"), dict) else None
+            t = times.get(name)
             state.setdefault("times", {})[name] = float(t) if isinstance(t, (int, float)) else 0.0
             continue
         changed = sorted(k for k in set(deps) | set(saved or {}) if (saved or {}).get(k) != deps.get(k))
