@@ -182,7 +182,7 @@ class InputIndependentError(ValueError):
     it (a ``ValueError``, so ``except ValueError`` still catches it)."""
 
 
-def int_arg(name: str, v, lo: int = 1) -> int:
+def int_arg(name: str, v, lo: float = 1) -> int:
     """``v`` as an int >= ``lo``: any integer type (numpy's too); a bool, float or string is
     refused (TypeError), never converted; a smaller value is a ValueError."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -190,6 +190,27 @@ def int_arg(name: str, v, lo: int = 1) -> int:
     if v < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
     return int(v)
+
+
+def number_arg(name: str, v) -> float:
+    """``v`` as a float: a real number or a one-element (non-bool) tensor; a bool or a
+    string is refused (TypeError), never converted."""
+    if isinstance(v, Tensor) and v.numel() == 1 and v.dtype != torch.bool:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__} {v!r}")
+    return float(v)
+
+
+def nonneg_numbers(name: str, values) -> list:
+    """``values`` (a sequence, not a string) as a list of finite floats >= 0."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name}: expected a sequence of numbers, got {type(values).__name__} {values!r}")
+    out = [number_arg(name, v) for v in values]
+    bad = [v for v in out if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise ValueError(f"{name}: expected finite numbers >= 0, got {bad[0]}")
+    return out
 
 
 # ---------------------------------------------------------------- the base
@@ -247,11 +268,7 @@ class Attack:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
         self.generator = generator
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-                raise TypeError(f"seed: expected an int or None, got {type(seed).__name__} {seed!r}")
-            seed = int(seed)
-        self.seed = seed
+        self.seed = None if seed is None else int_arg("seed", seed, -math.inf)
         if model_mode not in ("eval", "train", "keep"):
             raise ValueError(f"model_mode: expected 'eval', 'train' or 'keep', got {model_mode!r}")
         self.model_mode = model_mode

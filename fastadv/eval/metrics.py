@@ -3,14 +3,13 @@ accuracy-vs-eps curve in one pass, calibration under attack, and transfer robust
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..attacks.apgd import APGD, APGDT
-from ..attacks.base import Attack, int_arg, model_context
+from ..attacks.base import Attack, int_arg, model_context, nonneg_numbers
 
 __all__ = ["predict_logits", "accuracy", "per_class_accuracy", "worst_case", "accuracy_summary",
            "robust_accuracy_curve", "calibration_bins", "expected_calibration_error",
@@ -75,18 +74,7 @@ def _logits(name: str, z, b: Optional[int] = None) -> Tensor:
 
 def check_eps_list(eps_list) -> List[float]:
     """``eps_list`` as a sorted list of finite floats >= 0 (a clear error otherwise)."""
-    if isinstance(eps_list, (str, bytes)) or not hasattr(eps_list, "__iter__"):
-        raise TypeError(f"eps_list: expected a sequence of numbers, got {type(eps_list).__name__} "
-                        f"{eps_list!r}")
-    out = []
-    for e in eps_list:
-        if isinstance(e, Tensor) and e.numel() == 1 and e.dtype != torch.bool:
-            e = e.item()
-        if isinstance(e, bool) or not isinstance(e, numbers.Real):
-            raise TypeError(f"eps_list: expected numbers, got {type(e).__name__} {e!r}")
-        if not (math.isfinite(float(e)) and e >= 0):
-            raise ValueError(f"eps_list: expected finite values >= 0, got {e}")
-        out.append(float(e))
+    out = nonneg_numbers("eps_list", eps_list)
     if not out:
         raise ValueError("eps_list: expected at least one eps")
     return sorted(out)

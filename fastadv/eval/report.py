@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from torch import Tensor
 
 from ..attacks.autoattack import AutoAttack, data_signature, model_signature
-from ..attacks.base import int_arg, module_of
+from ..attacks.base import int_arg, module_of, nonneg_numbers
 from ..train import distributed as _dist
 from . import masking, metrics, sharded, smoothing
 
@@ -106,12 +106,7 @@ def _check_evaluate_args(x, y, *, bs, eps_curve, eps_curve_steps, surrogate, smo
         smoothing.check_alpha(smoothing_alpha, "smoothing_alpha")
         if smoothing_points is not None:
             int_arg("smoothing_points", smoothing_points, 1)
-        if isinstance(smoothing_radii, (str, bytes)) or not hasattr(smoothing_radii, "__iter__"):
-            raise TypeError(f"smoothing_radii: expected a sequence of numbers, got {smoothing_radii!r}")
-        for r in smoothing_radii:
-            r = smoothing._number("smoothing_radii", r)   # TypeError for a non-number
-            if not (math.isfinite(r) and r >= 0):
-                raise ValueError(f"smoothing_radii: expected finite numbers >= 0, got {r!r}")
+        nonneg_numbers("smoothing_radii", smoothing_radii)
     if n_classes is not None:
         int_arg("n_classes", n_classes, 1)
         if isinstance(y, Tensor) and y.numel() and not y.is_floating_point() and int(y.max()) >= n_classes:

@@ -11,13 +11,12 @@ with no SciPy needed.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ..attacks.base import int_arg, model_context, model_input_dtype, module_of
+from ..attacks.base import int_arg, model_context, model_input_dtype, module_of, nonneg_numbers, number_arg
 
 __all__ = ["ABSTAIN", "sample_counts", "binom_upper_tail", "clopper_pearson_lower",
            "binom_test_two_sided", "certify", "predict", "certified_accuracy"]
@@ -96,24 +95,16 @@ def binom_test_two_sided(k: Tensor, n: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------ validation
-def _number(name: str, v) -> float:
-    if isinstance(v, Tensor) and v.numel() == 1 and v.dtype != torch.bool:
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
-    return float(v)
-
-
 def check_sigma(sigma, name: str = "sigma") -> float:
     """``sigma`` as a float: finite and > 0, else a ValueError/TypeError naming ``name``."""
-    s = _number(name, sigma)
+    s = number_arg(name, sigma)
     if not (math.isfinite(s) and s > 0):
         raise ValueError(f"{name}: expected a finite noise level > 0, got {sigma}")
     return s
 
 
 def check_alpha(alpha, name: str = "alpha") -> float:
-    a = _number(name, alpha)
+    a = number_arg(name, alpha)
     if not 0 < a < 1:  # NaN fails too
         raise ValueError(f"{name}: expected a confidence level in (0, 1), got {alpha}")
     return a
@@ -189,8 +180,8 @@ def _input_dtype(model, x: Tensor) -> torch.dtype:
 def _batch_and_generator(x: Tensor, seed: Optional[int]) -> Tuple[bool, Tensor, torch.Generator]:
     """(one point given?, x as a batch, the noise generator: seeded, or fresh entropy)."""
     _check_x(x)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    if seed is not None:
+        seed = int_arg("seed", seed, -math.inf)
     single = x.dim() in (1, 3)
     xb = x.unsqueeze(0) if single else x
     gen = torch.Generator(device=xb.device)
@@ -293,11 +284,7 @@ def certified_accuracy(pred: Tensor, radius: Tensor, y: Tensor, radii: Sequence[
     for name, t in (("radius", radius), ("y", y)):
         if t.shape != pred.shape:
             raise ValueError(f"{name}: expected shape {list(pred.shape)} like pred, got {list(t.shape)}")
-    if isinstance(radii, (str, bytes)) or not hasattr(radii, "__iter__"):
-        raise TypeError(f"radii: expected a sequence of numbers, got {type(radii).__name__}")
-    rs = [_number("radii", r) for r in radii]
-    if any(not (math.isfinite(r) and r >= 0) for r in rs):
-        raise ValueError(f"radii: expected finite values >= 0, got {list(radii)}")
+    rs = nonneg_numbers("radii", radii)
     y = y.to(pred.device)
     radius = radius.to(pred.device)
     ok = pred == y
