@@ -178,11 +178,11 @@ def check_args(args) -> dict:
         at_least(flag, v, 1)
     if args.eps is not None and not (math.isfinite(args.eps) and args.eps >= 0):
         raise ValueError(f"--eps: expected a finite number >= 0, got {args.eps}")
-    s = args.smoothing_sigma
-    if s is not None and not (math.isfinite(s) and s > 0):
-        raise ValueError(f"--smoothing-sigma: expected a finite noise level > 0, got {s}")
-    if not 0 < args.smoothing_alpha < 1:
-        raise ValueError(f"--smoothing-alpha: expected a confidence level in (0, 1), got {args.smoothing_alpha}")
+    from ..attacks.base import nonneg_numbers
+    from ..eval import smoothing
+    if args.smoothing_sigma is not None:
+        smoothing.check_sigma(args.smoothing_sigma, "--smoothing-sigma")
+    smoothing.check_alpha(args.smoothing_alpha, "--smoothing-alpha")
     out = {"normalization": None, "eps_curve": None, "attacks": []}
     if args.normalization is not None:
         parts = args.normalization.split(";")
@@ -198,10 +198,7 @@ def check_args(args) -> dict:
             raise ValueError(f"--normalization: expected stds > 0, got {std}")
         out["normalization"] = (mean, std)
     if args.eps_curve:
-        curve = _floats("--eps-curve", args.eps_curve)
-        if any(e < 0 for e in curve):
-            raise ValueError(f"--eps-curve: expected values >= 0, got {args.eps_curve!r}")
-        out["eps_curve"] = curve
+        out["eps_curve"] = nonneg_numbers("--eps-curve", _floats("--eps-curve", args.eps_curve))
     from ..attacks.autoattack import ATTACK_NAMES
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     bad = [a for a in attacks if a not in ATTACK_NAMES]
