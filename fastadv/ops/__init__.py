@@ -128,11 +128,16 @@ def _step_args(x_adv, x_nat, grad, alpha, eps, lower, upper, backend, check_valu
     return (a[0], a[1], e[0], e[1], lo, hi, _backend_arg(backend))
 
 
-def _check_inplace(name: str, t: Tensor) -> None:
+def _in_place(op, name: str, t: Tensor, *args) -> Tensor:
+    """``op(t, *args)`` writing into ``t``, which must not require grad (the ops are not
+    differentiable: autograd would never see the change); returns ``t``."""
     if t.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name}: requires grad, and the ops are not differentiable: an in-place "
                          f"change would be invisible to autograd; pass {name}.detach() (or call "
                          f"under torch.no_grad())")
+    with torch.no_grad():
+        op(t, *args)
+    return t
 
 
 def _project_args(x, x_nat, eps, lower, upper, backend, check_values):
@@ -163,10 +168,7 @@ def linf_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Scalar, eps: S
                _check_values: bool = True) -> Tensor:
     """In-place ``linf_step`` on ``x_adv``; returns ``x_adv``."""
     args = _step_args(x_adv, x_nat, grad, alpha, eps, lower, upper, backend, _check_values)
-    _check_inplace("x_adv", x_adv)
-    with torch.no_grad():
-        torch.ops.fastadv.linf_step_(x_adv, x_nat, grad, *args)
-    return x_adv
+    return _in_place(torch.ops.fastadv.linf_step_, "x_adv", x_adv, x_nat, grad, *args)
 
 
 def l2_step(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Scalar, eps: Scalar,
@@ -184,10 +186,7 @@ def l2_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Scalar, eps: Sca
              _check_values: bool = True) -> Tensor:
     """In-place ``l2_step`` on ``x_adv``; returns ``x_adv``."""
     args = _step_args(x_adv, x_nat, grad, alpha, eps, lower, upper, backend, _check_values)
-    _check_inplace("x_adv", x_adv)
-    with torch.no_grad():
-        torch.ops.fastadv.l2_step_(x_adv, x_nat, grad, *args)
-    return x_adv
+    return _in_place(torch.ops.fastadv.l2_step_, "x_adv", x_adv, x_nat, grad, *args)
 
 
 def linf_project(x: Tensor, x_nat: Tensor, eps: Scalar, lower: float = 0.0, upper: float = 1.0,
@@ -202,10 +201,7 @@ def linf_project_(x: Tensor, x_nat: Tensor, eps: Scalar, lower: float = 0.0, upp
                   *, backend: Optional[str] = None, _check_values: bool = True) -> Tensor:
     """In-place ``linf_project`` on ``x``; returns ``x``."""
     args = _project_args(x, x_nat, eps, lower, upper, backend, _check_values)
-    _check_inplace("x", x)
-    with torch.no_grad():
-        torch.ops.fastadv.linf_project_(x, x_nat, *args)
-    return x
+    return _in_place(torch.ops.fastadv.linf_project_, "x", x, x_nat, *args)
 
 
 def l2_project(x: Tensor, x_nat: Tensor, eps: Scalar, lower: float = 0.0, upper: float = 1.0,
@@ -220,10 +216,7 @@ def l2_project_(x: Tensor, x_nat: Tensor, eps: Scalar, lower: float = 0.0, upper
                 *, backend: Optional[str] = None, _check_values: bool = True) -> Tensor:
     """In-place ``l2_project`` on ``x``; returns ``x``."""
     args = _project_args(x, x_nat, eps, lower, upper, backend, _check_values)
-    _check_inplace("x", x)
-    with torch.no_grad():
-        torch.ops.fastadv.l2_project_(x, x_nat, *args)
-    return x
+    return _in_place(torch.ops.fastadv.l2_project_, "x", x, x_nat, *args)
 
 
 _NORMS = {"linf": "linf", "inf": "linf", "Linf": "linf", "l2": "l2", "L2": "l2", "2": "l2"}

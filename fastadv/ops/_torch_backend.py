@@ -37,8 +37,7 @@ def _clamp_to_ball_(out: Tensor, x_nat: Tensor, e, lower: float, upper: float) -
 
 def _project_delta_(out: Tensor, delta: Tensor, x_nat: Tensor, eps, lower: float, upper: float) -> None:
     """out = clamp(x_nat + delta·min(1, eps/‖delta‖), lower, upper); ``delta`` is consumed."""
-    scale = ref._l2_scale(delta, eps).reshape((-1,) + (1,) * (delta.dim() - 1))
-    delta.mul_(scale)
+    delta.mul_(ref._per_sample(ref._l2_scale(delta, eps), delta.dim()))
     torch.add(x_nat, delta, out=out)
     out.clamp_(lower, upper)
 
@@ -68,7 +67,7 @@ class TorchBackend:
             return
         t = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite entries move nothing
         gnorm = ref._per_sample_norm(t).clamp_min_(ref.GRAD_NORM_FLOOR)
-        t.div_(gnorm.reshape((-1,) + (1,) * (t.dim() - 1)))
+        t.div_(ref._per_sample(gnorm, t.dim()))
         t.mul_(ref._per_sample(alpha, t.dim()))                    # alpha·g/‖g‖
         torch.add(x_adv, t, out=out)                               # x' (out may be x_adv)
         torch.sub(out, x_nat, out=t)                               # δ = x' - x_nat
