@@ -46,9 +46,9 @@ def view_rows(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def lp_norm(d: Tensor, norm: str) -> Tensor:
-    """Per-row Lp norm of ``d`` ([N, ...] -> [N]) in float32."""
-    f = d.flatten(1).float() if d.dim() > 1 else d.float()[:, None]
+def lp_norm(d: Tensor, norm: str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-row Lp norm of ``d`` ([N, ...] -> [N]) in ``dtype`` (float32 by default)."""
+    f = (d.flatten(1) if d.dim() > 1 else d[:, None]).to(dtype)
     if norm == "Linf":
         return f.abs().amax(1) if f.shape[1] else f.new_zeros(f.shape[0])
     if norm == "L2":

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses as _losses
-from ._groups import channels_last, forward_rows, layout_like
+from ._groups import channels_last, forward_rows, layout_like, lp_norm
 from ._groups import norm_name as _norm_name
 
 _AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -797,7 +797,7 @@ def fit_to_ball(x_adv: Tensor, x: Tensor, ball: Optional[Tuple[str, float]], low
         if norm == "Linf":
             bad |= d.abs() > eps
         elif norm is not None:
-            rows = _lp64(d, norm) > eps
+            rows = lp_norm(d, norm, torch.float64) > eps
             bad |= rows.view((-1,) + (1,) * (d.dim() - 1)) & (x_adv != x)
         if not bool(bad.any()):
             break
@@ -816,11 +816,6 @@ def _nextafter(a: Tensor, b: Tensor) -> Tensor:
         return torch.nextafter(a.cpu(), b.cpu()).to(a.device)
 
 
-def _lp64(d: Tensor, norm: str) -> Tensor:
-    f = d.reshape(d.shape[0], -1)
-    return f.norm(dim=1) if norm == "L2" else f.abs().sum(1)
-
-
 def _project64(p: Tensor, x64: Tensor, norm: Optional[str], eps: float) -> Tensor:
     """``p`` projected (float64) into the ``norm`` ball of radius ``eps`` around ``x64``:
     clamped for L∞, scaled towards x64 for L2 and L1 (the overshoot is a rounding error)."""
@@ -829,6 +824,6 @@ def _project64(p: Tensor, x64: Tensor, norm: Optional[str], eps: float) -> Tenso
     if norm == "Linf":
         return torch.minimum(torch.maximum(p, x64 - eps), x64 + eps)
     d = p - x64
-    n = _lp64(d, norm)
+    n = lp_norm(d, norm, torch.float64)
     scale = torch.where(n > eps, eps / n.clamp_min(1e-300), torch.ones_like(n))
     return x64 + d * scale.view((-1,) + (1,) * (d.dim() - 1))
