@@ -177,10 +177,27 @@ def test_normalized_io_ball_holds_in_pixel_space():
     s = torch.tensor(std).view(1, 3, 1, 1)
     xn = ((xp - m) / s).to(torch.bfloat16)
     y = _labels(model, xp)
-    out = fastadv.PGD(model, eps=0.1, alpha=0.05, steps=2).set_normalization_used(mean, std)(xn, y)
-    assert out.dtype == torch.bfloat16
-    d = (out.double() - xn.double()) * s.double()
+    # seeds whose random start once left an element at the ball's edge, where rounding put
+    # it 1.5e-9 outside (the float32 mean and std) and unit steps towards x could not undo it
+    for seed in (None, 88, 116, 145):
+        atk = fastadv.PGD(model, eps=0.1, alpha=0.05, steps=2, seed=seed)
+        out = atk.set_normalization_used(mean, std)(xn, y)
+        assert out.dtype == torch.bfloat16
+        d = (out.double() - xn.double()) * s.double()
+        assert d.abs().max() <= 0.1, seed
+
+
+def test_fit_to_ball_gets_a_normalized_zero_back_in():
+    from fastadv.attacks.base import fit_to_ball
+    mean = torch.tensor([0.4], dtype=torch.float32).double().view(1, 1)
+    std = torch.tensor([0.2], dtype=torch.float32).double().view(1, 1)
+    x = torch.tensor([[-0.5, -0.5]], dtype=torch.bfloat16)
+    # pixel x = 0.30000000447; the bf16 0 is pixel 0.40000000596: 0.1 + 1.5e-9 away
+    x_adv = torch.tensor([[0.0, -0.5]], dtype=torch.bfloat16)
+    out = fit_to_ball(x_adv, x, ("Linf", 0.1), 0.0, 1.0, (mean, std))
+    d = (out.double() - x.double()) * std
     assert d.abs().max() <= 0.1
+    assert d[0, 0] > 0.099  # moved back to the edge, not to x
 
 
 def _threshold_model(c, dtype):

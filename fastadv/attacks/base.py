@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .. import losses as _losses
 from ._groups import channels_last, forward_rows, layout_like, lp_norm
 from ._groups import norm_name as _norm_name
+from ._workers import split_count, split_rows
 
 _AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16,
         "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -442,7 +443,16 @@ class Attack:
 
         A model whose weights are float64, bfloat16 or float16 gets its input in that
         dtype and its logits come back as float32: the iterate stays float32 (the fused
-        ops' dtype) and the loss and gradients are float32 whatever the model's dtype."""
+        ops' dtype) and the loss and gradients are float32 whatever the model's dtype.
+        Without grad mode, a large CPU batch runs as row blocks on worker threads
+        (``_workers``)."""
+        if not torch.is_grad_enabled():
+            k = split_count(x, module_of(self.model))
+            if k > 1:
+                return torch.cat(split_rows(lambda s: self._logits_once(x[s], fp32), x.shape[0], k))
+        return self._logits_once(x, fp32)
+
+    def _logits_once(self, x: Tensor, fp32: bool) -> Tensor:
         dt = None if fp32 else _AMP[self.amp]
         x = self._normalize(self._model_layout(x))
         cast = self._input_dtype()
@@ -484,7 +494,20 @@ class Attack:
         no host sync. Under amp a sample whose gradient has a non-finite entry gets an
         all-zero gradient, so it moves nothing this step. Under fp16 the loss is scaled
         per sample by ``grad_scale`` (float32 ``[B]``, default 1024); when given, it is
-        updated in place: halved for every sample whose scaled gradient overflowed."""
+        updated in place: halved for every sample whose scaled gradient overflowed.
+        A large CPU batch runs as row blocks on worker threads (``_workers``); the loss
+        must be per row, as every loss here is."""
+        k = split_count(x, module_of(self.model))
+        if k > 1:
+            def block(s):
+                return self._loss_and_grad_once(x[s], y[s], None if target is None else target[s], loss_fn,
+                                                None if grad_scale is None else grad_scale[s])
+            parts = split_rows(block, x.shape[0], k)
+            return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+        return self._loss_and_grad_once(x, y, target, loss_fn, grad_scale)
+
+    def _loss_and_grad_once(self, x: Tensor, y: Tensor, target: Optional[Tensor], loss_fn: Optional[Callable],
+                            grad_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         x = self._model_layout(x.detach()).requires_grad_(True)
         fp16 = _AMP[self.amp] is torch.float16
         with torch.enable_grad():
@@ -786,10 +809,14 @@ def fit_to_ball(x_adv: Tensor, x: Tensor, ball: Optional[Tuple[str, float]], low
         t = t.double()
         return t if stats is None else t * stats[1] + stats[0]
 
+    def projected(p: Tensor) -> Tensor:
+        q = _project64(p, x64, norm, eps).clamp_(lower, upper)
+        return q if stats is None else (q - stats[0]) / stats[1]
+
     x64 = pixels(x)
-    if x_adv.dtype == torch.float64:
-        p = _project64(pixels(x_adv), x64, norm, eps).clamp_(lower, upper)
-        x_adv = p if stats is None else (p - stats[0]) / stats[1]
+    projected_once = x_adv.dtype == torch.float64
+    if projected_once:
+        x_adv = projected(pixels(x_adv))
     for _ in range(rounds):
         p = pixels(x_adv)
         bad = (p < lower) | (p > upper)
@@ -801,7 +828,16 @@ def fit_to_ball(x_adv: Tensor, x: Tensor, ball: Optional[Tuple[str, float]], low
             bad |= rows.view((-1,) + (1,) * (d.dim() - 1)) & (x_adv != x)
         if not bool(bad.any()):
             break
-        x_adv = torch.where(bad, _nextafter(x_adv, x), x_adv)
+        step = _nextafter(x_adv, x)
+        if not projected_once:
+            # Normalized tensors: an element near 0 has a tiny unit in the last place while
+            # the overshoot it must undo comes from the float32 std and mean (~1e-9 in pixel
+            # space), so steps of one unit would not get back in; the rounded projection does
+            # (or lands within a unit of the ball, which the steps then close).
+            q = projected(p).to(x_adv.dtype)
+            step = torch.where(q != x_adv, q, step)
+            projected_once = True
+        x_adv = torch.where(bad, step, x_adv)
     return x_adv
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ._groups import (Working, channels_last, chunked_loss_and_grad, entry_chunks, forward_rows,
                       group_any, lp_norm, norm_name, pick_per_group, view_rows)
+from ._workers import split_count, split_rows
 from .apgd import l1_project_delta
 from .base import int_arg
 from .base import Attack, AttackResult
@@ -36,7 +37,11 @@ def _sort_nonneg_rows(u: Tensor):
         return u.sort(1)
     bits = (u + 0.0).contiguous().view(torch.int32).to(torch.int64)  # + 0.0: no -0.0 bit pattern
     keys = (bits << 32) | torch.arange(u.shape[1], dtype=torch.int64)
-    ks = torch.from_numpy(np.sort(keys.numpy(), axis=1))
+    k = split_count(keys, None, model=False)
+    if k > 1:  # numpy sorts on one thread (without the GIL): row blocks on the workers
+        ks = torch.cat(split_rows(lambda s: torch.from_numpy(np.sort(keys[s].numpy(), axis=1)), len(keys), k))
+    else:
+        ks = torch.from_numpy(np.sort(keys.numpy(), axis=1))
     return (ks >> 32).to(torch.int32).view(torch.float32), ks & 0xFFFFFFFF
 
 

@@ -1,0 +1,121 @@
+"""Row-parallel model passes on a multi-core CPU.
+
+A small network's forward and backward on a batch of a few hundred rows uses two or more
+intra-op threads poorly: each layer is a handful of short parallel regions separated by
+barriers, and the threads spend much of each pass waiting for one another. Attacks need
+no coupling between rows (the model runs in eval mode), so ``split_rows`` instead cuts a
+batch into one block per thread and runs each block's whole pass on its own worker thread
+at one intra-op thread: the same per-row math with no barriers between layers. On the
+2-core machines this project is developed on, a forward+input-backward of the MNIST CNN
+on 132 rows ran 1.4x faster on two intra-op threads than on one, and 2.0x faster as two
+66-row blocks on two workers.
+
+It applies only where it is safe and pays: a CPU batch of at least ``MIN_ROWS`` rows per
+thread, ``torch.get_num_threads() >= 2``, and a model that is an ``nn.Module`` (or a bound
+method or partial of one) with every module in eval mode (batch statistics would couple
+the rows; dropout would draw from the shared generator in an order the threads decide),
+not wrapped in DistributedDataParallel/DataParallel or compiled by ``torch.compile``.
+``FASTADV_CPU_WORKERS=1`` turns it off (for a model whose forward keeps state across
+calls); another number sets the worker count instead of ``torch.get_num_threads()``.
+Workers run with one intra-op thread each, so a pass they make never splits again.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["MIN_ROWS", "worker_count", "split_count", "split_rows"]
+
+MIN_ROWS = 32  # rows per block below which one pass on all threads is as fast
+
+_lock = threading.Lock()
+_pool: Optional[tuple] = None  # (pid, workers, executor)
+
+
+def worker_count() -> int:
+    """Worker threads a split would use here (1: no splitting)."""
+    env = os.environ.get("FASTADV_CPU_WORKERS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"FASTADV_CPU_WORKERS: expected a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"FASTADV_CPU_WORKERS: expected a positive integer, got {env!r}")
+        return n
+    return torch.get_num_threads()
+
+
+def _splittable_model(module: Optional[nn.Module]) -> bool:
+    if module is None:
+        return False
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return False
+    if type(module).__name__ == "OptimizedModule":  # torch.compile's wrapper
+        return False
+    return not any(m.training for m in module.modules())
+
+
+def split_count(x: torch.Tensor, module: Optional[nn.Module], min_rows: int = MIN_ROWS,
+                model: bool = True) -> int:
+    """Blocks to cut ``x`` into (1: run it as one pass). ``model=False``: work that calls no
+    model (then ``module`` is ignored)."""
+    if x.device.type != "cpu" or x.dim() == 0 or threading.current_thread().name.startswith("fastadv-cpu"):
+        return 1
+    n = worker_count()
+    if n < 2 or x.shape[0] < n * min_rows or (model and not _splittable_model(module)):
+        return 1
+    return n
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    """The process's pool of ``n`` workers, each set to one intra-op thread before use."""
+    global _pool
+    with _lock:
+        pid = os.getpid()
+        if _pool is not None and _pool[0] == pid and _pool[1] == n:
+            return _pool[2]
+        if _pool is not None and _pool[0] == pid:
+            _pool[2].shutdown(wait=False)
+        # ATen sets up each thread's intra-op count on the thread's first parallel op, from
+        # a process-wide value that torch.set_num_threads also writes: read ours (which sets
+        # this thread up), and set the workers up before they change that value
+        mine = torch.get_num_threads()
+        ex = ThreadPoolExecutor(n, thread_name_prefix="fastadv-cpu")
+        ready = threading.Barrier(n + 1)
+
+        def one_thread():
+            torch.get_num_threads()
+            torch.set_num_threads(1)
+            ready.wait()
+
+        # each worker takes exactly one of these (none is idle until all have started)
+        starts = [ex.submit(one_thread) for _ in range(n)]
+        ready.wait()
+        for f in starts:
+            f.result()
+        torch.set_num_threads(mine)  # the process-wide value other threads start from
+        _pool = (pid, n, ex)
+        return ex
+
+
+def split_rows(fn: Callable[[slice], object], rows: int, blocks: int) -> List[object]:
+    """``[fn(s) for s in slices]`` over ``blocks`` near-equal row slices of ``rows`` rows, each
+    on its own worker thread, with the caller's grad mode. Results in row order."""
+    size = -(-rows // blocks)
+    slices = [slice(i, min(rows, i + size)) for i in range(0, rows, size)]
+    grad = torch.is_grad_enabled()
+
+    def call(s):
+        with torch.set_grad_enabled(grad):
+            return fn(s)
+
+    ex = _executor(blocks)
+    futures = [ex.submit(call, s) for s in slices]
+    wait(futures)  # all of them, so none still runs the model when an error reaches the caller
+    return [f.result() for f in futures]

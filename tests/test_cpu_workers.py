@@ -1,0 +1,138 @@
+"""Row-parallel model passes on a multi-core CPU (fastadv.attacks._workers): the same
+numbers as one pass, the thread counts left as found, and no splitting where rows are
+coupled or the model could not take it."""
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from fastadv.attacks import APGD, PGD, InputIndependentError
+from fastadv.attacks import _workers
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.delenv("FASTADV_CPU_WORKERS", raising=False)
+    yield
+    torch.set_num_threads(n)
+
+
+class ThreadLog(nn.Module):
+    """A model that notes the thread names its forward ran on and the rows each got."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = []
+        self._lock = threading.Lock()
+
+    def forward(self, x):
+        with self._lock:
+            self.calls.append((threading.current_thread().name, x.shape[0], torch.get_num_threads()))
+        return self.inner(x)
+
+
+def _data(n=160):
+    _, (x, y) = zoo.mnist_split()
+    return x[:n].contiguous(), y[:n]
+
+
+def test_split_passes_run_on_workers_with_one_thread_each(two_threads):
+    model = ThreadLog(zoo.mnist_cnn()).eval()
+    x, y = _data(100)
+    atk = PGD(model, eps=0.1, alpha=0.02, steps=2, random_start=False)
+    with torch.no_grad():
+        z = atk.logits(x)
+    assert not z.requires_grad
+    workers = [c for c in model.calls if c[0].startswith("fastadv-cpu")]
+    assert [c[1] for c in workers] == [50, 50]
+    assert all(c[2] == 1 for c in workers)  # one intra-op thread per worker
+    model.calls.clear()
+    loss, z2, g = atk.loss_and_grad(x, y)
+    assert sorted(c[1] for c in model.calls) == [50, 50]
+    assert all(c[0].startswith("fastadv-cpu") for c in model.calls)
+    assert g.shape == x.shape and loss.shape == (100,)
+    # the caller's and new threads' intra-op counts are as they were
+    assert torch.get_num_threads() == 2
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [2]
+
+
+def test_split_matches_one_pass(two_threads, monkeypatch):
+    model = zoo.mnist_cnn()
+    x, y = _data(96)
+    atk = APGD(model, eps=0.1, steps=2, seed=0)
+    split = atk.loss_and_grad(x, y)
+    with torch.no_grad():
+        zs = atk.logits(x)
+    monkeypatch.setenv("FASTADV_CPU_WORKERS", "1")
+    assert _workers.split_count(x, model) == 1
+    whole = atk.loss_and_grad(x, y)
+    with torch.no_grad():
+        zw = atk.logits(x)
+    for a, b in zip(split, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(zs, zw, rtol=1e-5, atol=1e-6)
+
+
+def test_attack_result_same_with_and_without_workers(two_threads, monkeypatch):
+    model = zoo.mnist_cnn()
+    x, y = _data(128)
+    a = APGD(model, eps=0.1, steps=10, seed=0).run(x, y)
+    monkeypatch.setenv("FASTADV_CPU_WORKERS", "1")
+    b = APGD(model, eps=0.1, steps=10, seed=0).run(x, y)
+    # per-row math is the same; allow a flipped borderline row from float rounding
+    assert (a.success != b.success).sum() <= 1
+    assert (a.x_adv - b.x_adv).abs().amax() <= 0.1 * 2 + 1e-6
+
+
+def test_no_split_for_coupled_rows_or_small_batches(two_threads):
+    x, _ = _data(200)
+    bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(10))
+    bn(x[:2])
+    assert _workers.split_count(x, bn.eval()) == 2
+    assert _workers.split_count(x, bn.train()) == 1   # batch statistics couple the rows
+    bn.eval()
+    assert _workers.split_count(x[:63], bn) == 1      # under 32 rows per worker
+    assert _workers.split_count(x, None) == 1         # a plain callable: state unknown
+    assert _workers.split_count(x, nn.DataParallel(bn)) == 1
+    torch.set_num_threads(1)
+    assert _workers.split_count(x, bn) == 1
+
+
+def test_train_mode_attack_runs_in_one_pass(two_threads):
+    model = ThreadLog(zoo.mnist_cnn()).eval()
+    x, y = _data(100)
+    model.train()
+    PGD(model, eps=0.1, alpha=0.02, steps=1, random_start=False, model_mode="train")(x, y)
+    assert model.calls and not any(c[0].startswith("fastadv-cpu") for c in model.calls)
+    assert model.training
+
+
+def test_worker_error_reaches_the_caller(two_threads):
+    class Const(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(10))
+
+        def forward(self, x):
+            return self.w.expand(x.shape[0], 10) * 1.0
+
+    x, y = _data(100)
+    atk = PGD(Const(), eps=0.1, alpha=0.02, steps=1)
+    with pytest.raises(InputIndependentError):
+        atk.loss_and_grad(x, y)
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_bad_worker_count_is_named(two_threads, monkeypatch, bad):
+    monkeypatch.setenv("FASTADV_CPU_WORKERS", bad)
+    with pytest.raises(ValueError, match="FASTADV_CPU_WORKERS"):
+        _workers.worker_count()
