@@ -136,3 +136,12 @@ def test_bad_worker_count_is_named(two_threads, monkeypatch, bad):
     monkeypatch.setenv("FASTADV_CPU_WORKERS", bad)
     with pytest.raises(ValueError, match="FASTADV_CPU_WORKERS"):
         _workers.worker_count()
+
+
+def test_callers_autocast_reaches_the_workers(two_threads):
+    model = zoo.mnist_cnn()
+    x, _ = _data(100)
+    atk = PGD(model, eps=0.1, alpha=0.02, steps=1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z = atk.logits(x)
+    assert z.dtype == torch.bfloat16

@@ -106,14 +106,20 @@ def _executor(n: int) -> ThreadPoolExecutor:
 
 def split_rows(fn: Callable[[slice], object], rows: int, blocks: int) -> List[object]:
     """``[fn(s) for s in slices]`` over ``blocks`` near-equal row slices of ``rows`` rows, each
-    on its own worker thread, with the caller's grad mode. Results in row order."""
+    on its own worker thread, with the caller's grad mode and CPU autocast. Results in row
+    order; an error in any block is raised once every block has finished."""
     size = -(-rows // blocks)
     slices = [slice(i, min(rows, i + size)) for i in range(0, rows, size)]
     grad = torch.is_grad_enabled()
+    # a caller's own CPU autocast region is thread-local too: carry it over
+    cast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
     def call(s):
         with torch.set_grad_enabled(grad):
-            return fn(s)
+            if cast is None:
+                return fn(s)
+            with torch.autocast("cpu", dtype=cast):
+                return fn(s)
 
     ex = _executor(blocks)
     futures = [ex.submit(call, s) for s in slices]

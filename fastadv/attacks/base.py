@@ -214,6 +214,23 @@ def nonneg_numbers(name: str, values) -> list:
     return out
 
 
+def mean_std(mean, std, dtype: torch.dtype = torch.float32, prefix: str = "") -> Tuple[Tensor, Tensor]:
+    """Per-channel normalization statistics as two flat tensors of ``dtype``, checked: as
+    many stds as means (at least one), finite means, finite positive stds. ``prefix``
+    goes before the argument names in the messages."""
+    m = torch.as_tensor(mean, dtype=dtype).flatten()
+    s = torch.as_tensor(std, dtype=dtype).flatten()
+    if m.numel() == 0:
+        raise ValueError(f"{prefix}mean: expected one value per channel, got none")
+    if m.shape != s.shape:
+        raise ValueError(f"{prefix}std: expected {m.numel()} values like mean, got {s.numel()}")
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError(f"{prefix}mean: expected finite values")
+    if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+        raise ValueError(f"{prefix}std: expected finite positive values")
+    return m, s
+
+
 # ---------------------------------------------------------------- the base
 class Attack:
     """Base of every fastadv attack (torchattacks-compatible call and target modes).
@@ -331,17 +348,7 @@ class Attack:
 
     def _set_model_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """The model sees ``(x - mean) / std`` per channel; inputs stay in pixel space."""
-        m = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        s = torch.as_tensor(std, dtype=torch.float32).flatten()
-        if m.numel() == 0:
-            raise ValueError("mean: expected one value per channel, got none")
-        if m.shape != s.shape:
-            raise ValueError(f"std: expected {m.numel()} values like mean, got {s.numel()}")
-        if not bool(torch.isfinite(m).all()):
-            raise ValueError("mean: expected finite values")
-        if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
-            raise ValueError("std: expected finite positive values")
-        self._mean, self._std = m, s
+        self._mean, self._std = mean_std(mean, std)
         self._io_normalized = False
         self._norm_cache = {}
         # captured CUDA graphs read the old mean/std tensors (just freed): drop them

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..attacks.base import int_arg, model_context, model_input_dtype, module_of, nonneg_numbers, number_arg
+from ..attacks.base import int_arg, mean_std, model_context, model_input_dtype, module_of, nonneg_numbers, number_arg
 
 __all__ = ["ABSTAIN", "sample_counts", "binom_upper_tail", "clopper_pearson_lower",
            "binom_test_two_sided", "certify", "predict", "certified_accuracy"]
@@ -202,13 +202,8 @@ def _with_normalization(model, normalization, x: Tensor):
         return model
     if not isinstance(normalization, (tuple, list)) or len(normalization) != 2:
         raise TypeError("normalization: expected a pair (mean, std)")
-    mean = torch.as_tensor(normalization[0], dtype=x.dtype, device=x.device).flatten()
-    std = torch.as_tensor(normalization[1], dtype=x.dtype, device=x.device).flatten()
-    if mean.numel() == 0 or mean.shape != std.shape:
-        raise ValueError(f"normalization: expected mean and std with one value per channel each, got "
-                         f"{mean.numel()} and {std.numel()}")
-    if not bool(torch.isfinite(mean).all()) or not bool((std > 0).all() & torch.isfinite(std).all()):
-        raise ValueError("normalization: expected finite means and finite positive stds")
+    mean, std = mean_std(normalization[0], normalization[1], x.dtype, prefix="normalization: ")
+    mean, std = mean.to(x.device), std.to(x.device)
     if mean.numel() > 1 and (x.dim() < 2 or x.shape[1] != mean.numel()):
         raise ValueError(f"x: expected {mean.numel()} channels (dim 1) to match the normalization, "
                          f"got shape {tuple(x.shape)}")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import losses as _losses
+from ..attacks.base import int_arg, number_arg
 from . import distributed as _dist
 
 __all__ = ["Method", "METHODS", "get_method", "method_defaults"]
@@ -46,18 +47,13 @@ def _ce_update(t, x_in: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
     return loss.detach(), z.detach()
 
 
-def _check_int(name: str, v, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
-        raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-    return int(v)
-
-
 def _check_pos(name: str, v, allow_zero: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+    v = number_arg(name, v)
+    if not math.isfinite(v):
         raise ValueError(f"{name}: expected a finite number, got {v!r}")
-    if float(v) < 0 or (float(v) == 0 and not allow_zero):
+    if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name}: expected a value {'>=' if allow_zero else '>'} 0, got {v!r}")
-    return float(v)
+    return v
 
 
 class Method:
@@ -76,7 +72,7 @@ class Method:
             raise TypeError(f"method {self.name!r}: unknown option(s) {unknown}; its options: {known}")
         self.eps = float(eps)
         if steps is not None:
-            steps = _check_int("steps", steps)
+            steps = int_arg("steps", steps)
             if self.single_step and steps != 1:
                 raise ValueError(f"steps: method {self.name!r} takes one attack step, got steps={steps}")
         self.steps = steps if steps is not None else self.default_steps()
@@ -329,7 +325,7 @@ class Free(Method):
         self.delta: Optional[Tensor] = None
 
     def check_options(self):
-        _check_int("replays", self.opts["replays"])
+        int_arg("replays", self.opts["replays"])
 
     def default_alpha(self):
         return self.eps
@@ -486,7 +482,7 @@ class YOPO(Method):
         return self.eps / 4
 
     def check_options(self):
-        _check_int("outer", self.opts["outer"])
+        int_arg("outer", self.opts["outer"])
 
     def config(self):
         cfg = super().config()
@@ -571,7 +567,7 @@ class ATTA(Method):
             raise ValueError(f"atta: cache_dtype must be float32, float16 or bfloat16, "
                              f"got {self.opts['cache_dtype']!r}")
         if self.opts["dataset_size"] is not None:
-            _check_int("dataset_size", self.opts["dataset_size"])
+            int_arg("dataset_size", self.opts["dataset_size"])
 
     @property
     def attack_bn(self):
