@@ -145,3 +145,16 @@ def test_callers_autocast_reaches_the_workers(two_threads):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         z = atk.logits(x)
     assert z.dtype == torch.bfloat16
+
+
+def test_inner_train_mode_inside_an_eval_hold_is_not_split(two_threads):
+    from fastadv.attacks import preserved_model
+    model = ThreadLog(zoo.mnist_cnn()).eval()
+    x, y = _data(100)
+    with preserved_model(model, "eval"):
+        assert _workers.split_count(x, model) == 2
+        # an attack run in train mode inside: batch statistics would couple the rows
+        PGD(model, eps=0.1, alpha=0.02, steps=1, random_start=False, model_mode="train")(x, y)
+        assert model.calls and not any(c[0].startswith("fastadv-cpu") for c in model.calls)
+        assert _workers.split_count(x, model) == 2
+    assert not _workers._held

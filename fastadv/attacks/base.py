@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .. import losses as _losses
 from ._groups import channels_last, forward_rows, layout_like, lp_norm
 from ._groups import norm_name as _norm_name
-from ._workers import split_count, split_rows
+from ._workers import held_mode, split_count, split_rows
 
 _AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16,
         "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,7 +120,8 @@ def preserved_model(model: nn.Module, mode: str = "eval", freeze_params: bool = 
             if freeze_params:
                 for p in params:
                     p.requires_grad_(False)
-            yield model
+            with held_mode(model, mode == "eval"):
+                yield model
     finally:
         for m, t in zip(modules, training):
             m.training = t
