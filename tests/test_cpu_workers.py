@@ -158,3 +158,24 @@ def test_inner_train_mode_inside_an_eval_hold_is_not_split(two_threads):
         assert model.calls and not any(c[0].startswith("fastadv-cpu") for c in model.calls)
         assert _workers.split_count(x, model) == 2
     assert not _workers._held
+
+
+def test_no_threads_to_be_had_falls_back_to_the_caller(two_threads, monkeypatch):
+    import concurrent.futures
+
+    def refuse(self, *a, **k):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_workers, "_pool", None)
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", refuse)
+    model = ThreadLog(zoo.mnist_cnn()).eval()
+    x, y = _data(100)
+    atk = PGD(model, eps=0.1, alpha=0.02, steps=1)
+    with pytest.warns(RuntimeWarning, match="CPU worker threads"):
+        with torch.no_grad():
+            z = atk.logits(x)
+    assert z.shape == (100, 10)
+    assert [c[1] for c in model.calls] == [50, 50]
+    assert not any(c[0].startswith("fastadv-cpu") for c in model.calls)
+    assert torch.get_num_threads() == 2
+    monkeypatch.undo()  # the pool from before this test comes back

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -100,14 +101,15 @@ def split_count(x: torch.Tensor, module: Optional[nn.Module], min_rows: int = MI
     return n
 
 
-def _executor(n: int) -> ThreadPoolExecutor:
-    """The process's pool of ``n`` workers, each set to one intra-op thread before use."""
+def _executor(n: int) -> Optional[ThreadPoolExecutor]:
+    """The process's pool of ``n`` workers, each set to one intra-op thread before use;
+    None if they could not be started (the caller then runs the blocks itself)."""
     global _pool
     with _lock:
         pid = os.getpid()
         if _pool is not None and _pool[0] == pid and _pool[1] == n:
             return _pool[2]
-        if _pool is not None and _pool[0] == pid:
+        if _pool is not None and _pool[0] == pid and _pool[2] is not None:
             _pool[2].shutdown(wait=False)
         # ATen sets up each thread's intra-op count on the thread's first parallel op, from
         # a process-wide value that torch.set_num_threads also writes: read ours (which sets
@@ -122,10 +124,19 @@ def _executor(n: int) -> ThreadPoolExecutor:
             ready.wait()
 
         # each worker takes exactly one of these (none is idle until all have started)
-        starts = [ex.submit(one_thread) for _ in range(n)]
-        ready.wait()
-        for f in starts:
-            f.result()
+        try:
+            starts = [ex.submit(one_thread) for _ in range(n)]
+            ready.wait(timeout=60)
+            for f in starts:
+                f.result()
+        except (RuntimeError, threading.BrokenBarrierError) as err:  # no threads to be had
+            ready.abort()
+            ex.shutdown(wait=False)
+            torch.set_num_threads(mine)
+            warnings.warn(f"fastadv: could not start {n} CPU worker threads ({err!r}); model passes "
+                          f"run on the calling thread", RuntimeWarning, stacklevel=3)
+            _pool = (pid, n, None)
+            return None
         torch.set_num_threads(mine)  # the process-wide value other threads start from
         _pool = (pid, n, ex)
         return ex
@@ -149,6 +160,8 @@ def split_rows(fn: Callable[[slice], object], rows: int, blocks: int) -> List[ob
                 return fn(s)
 
     ex = _executor(blocks)
+    if ex is None:
+        return [fn(s) for s in slices]
     futures = [ex.submit(call, s) for s in slices]
     wait(futures)  # all of them, so none still runs the model when an error reaches the caller
     return [f.result() for f in futures]
