@@ -82,6 +82,42 @@ def test_fgsm_matches_torchattacks(mnist):
                        res.x_adv)
 
 
+class _PassCounter(torch.nn.Module):
+    """Rows the model saw with and without grad mode."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.rows = {True: 0, False: 0}
+
+    def forward(self, x):
+        self.rows[torch.is_grad_enabled()] += x.shape[0]
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(early_stop=True), dict(max_batch=64)])
+def test_fgsm_takes_the_clean_logits_from_its_gradient_pass(mnist, kw):
+    model, x, y = mnist
+    x, y = x[:200], y[:200]
+    counted = _PassCounter(model).eval()
+    res = fastadv.FGSM(counted, eps=0.1, **kw).run(x, y)
+    # one gradient pass over the batch, one forward at the stepped points, and a few rows
+    # of probes (input dependence, the chunk-size probe); no separate clean forward
+    assert 200 <= counted.rows[True] < 200 + 16
+    assert counted.rows[False] < 200 + 16  # was >= 396: a clean forward, then the final one
+    # the same result as the loop computing its own first pass (a targeted run cannot
+    # reuse it: its clean forward decides nothing here, but the path differs)
+    ref = fastadv.PGD(model, eps=0.1, alpha=0.1, steps=1, random_start=False, **kw)
+    ref.__dict__["_clean_logits"] = lambda xf, yy, t: fastadv.attacks.Attack._clean_logits(ref, xf, yy, t)
+    res2 = ref.run(x, y)
+    assert torch.equal(res.x_adv, res2.x_adv)
+    assert torch.equal(res.success, res2.success)
+    # a random start or amp keeps the separate exact clean forward
+    counted.rows = {True: 0, False: 0}
+    fastadv.PGD(counted, eps=0.1, alpha=0.1, steps=1, seed=0).run(x, y)
+    assert counted.rows[False] >= 400
+
+
 def test_restarts_and_early_stop_never_weaker(mnist):
     model, x, y = mnist
     x, y = x[:200], y[:200]

@@ -296,8 +296,10 @@ class StepLoop:
 
     # -------------------------------------------------------------- eager
     def run(self, x_nat: Tensor, y: Tensor, target: Optional[Tensor], x0: Tensor,
-            samples: int) -> LoopOutput:
-        """Attack ``x_nat`` (rows; ``samples`` distinct samples, restart-major) from ``x0``."""
+            samples: int, first: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> LoopOutput:
+        """Attack ``x_nat`` (rows; ``samples`` distinct samples, restart-major) from ``x0``.
+        ``first``: the (loss, logits, gradient) of the first step's pass at ``x0``, already
+        computed by the caller (float32, no loss scaling)."""
         atk = self.attack
         n, dev = x_nat.shape[0], x_nat.device
         x = x0.clone()
@@ -309,7 +311,10 @@ class StepLoop:
         grad_seen: Optional[Tensor] = None
         done = 0
         for k in range(self.steps):
-            loss, z, g = self._loss_and_grad(xa, ya, ta, gs)
+            if k == 0 and first is not None and gs is None:
+                loss, z, g = first
+            else:
+                loss, z, g = self._loss_and_grad(xa, ya, ta, gs)
             if k == 0:
                 grad_seen = self._grad_seen(g, gs)
             if best is not None:

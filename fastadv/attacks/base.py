@@ -711,9 +711,7 @@ class Attack:
         dev = xf.device
         with model_context(self.model, self.model_mode, dev):
             gen = self.make_generator(dev)
-            with torch.no_grad():
-                # fp32 whatever amp says: the checks and the clean predictions are exact
-                z = self.exact_logits(xf, y)
+            z = self._clean_logits(xf, y, target)
             # "by_label": the labels given are the targets; the true labels are the prediction
             if self.targeted and self._target_mode == "by_label" and target is None:
                 self._check_logits(z, y, y)
@@ -731,6 +729,13 @@ class Attack:
                 self.clean_logits = None
             res.x_adv = self._result_to_user(res, xf, x_user, y, target)
         return res
+
+    def _clean_logits(self, xf: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
+        """The float32 logits of the clean batch, whatever amp says: the input checks and
+        the clean predictions are exact. (An attack whose first pass is a gradient pass at
+        x can take them from that pass instead.)"""
+        with torch.no_grad():
+            return self.exact_logits(xf, y)
 
     def __call__(self, x: Tensor, y: Tensor, target: Optional[Tensor] = None) -> Tensor:
         return self.run(x, y, target).x_adv

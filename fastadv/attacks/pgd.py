@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from . import _engine
+from ._groups import chunked_loss_and_grad, forward_rows
 from .base import Attack, AttackResult, int_arg
 
 __all__ = ["PGD", "PGDL2", "pgd", "pgd_l2"]
@@ -77,9 +78,23 @@ class _IterativeAttack(Attack):
         return ops.random_init(x_nat, self.eps, self.norm, self.lower, self.upper,
                                generator=gen, backend=self.backend)
 
+    def _clean_logits(self, xf: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
+        """Without a random start the first step's gradient pass is at x itself: in exact
+        fp32 (no amp), untargeted, one restart, its logits are the clean logits, so that
+        pass runs here and the loop starts from its gradient (FGSM: one forward fewer of
+        three). Otherwise the plain clean forward."""
+        self.__dict__.pop("_first_pass", None)
+        if (target is None and not self.targeted and self.amp is None and self.steps >= 1
+                and self.restarts == 1 and (not self.random_start or self.eps == 0.0)
+                and not self.cuda_graph and xf.shape[0] > 0):
+            loss, z, g = chunked_loss_and_grad(self, xf, y, None, None, forward_rows(self, xf, y, None))
+            self._first_pass = (loss, z, g)
+            return z
+        return super()._clean_logits(xf, y, target)
+
     # ---------------------------------------------------------------- loop
     def _loop(self, loop: _engine.StepLoop, x_nat: Tensor, y: Tensor, t: Optional[Tensor],
-              x0: Tensor, samples: int) -> _engine.LoopOutput:
+              x0: Tensor, samples: int, first=None) -> _engine.LoopOutput:
         if self.cuda_graph:
             why = None
             if x_nat.device.type != "cuda":
@@ -99,7 +114,7 @@ class _IterativeAttack(Attack):
                 return graphed.run(x_nat, y, t, x0)
             _engine.warn_once(self, "graph:" + why,
                               f"fastadv: cuda_graph=True ignored ({why}); running eagerly")
-        return loop.run(x_nat, y, t, x0, samples)
+        return loop.run(x_nat, y, t, x0, samples, first=first)
 
     def _exact(self, x: Tensor, y: Tensor, target: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Loss and success of ``x`` from a float32 forward (amp's verdicts are approximate)."""
@@ -117,6 +132,8 @@ class _IterativeAttack(Attack):
                 gen: torch.Generator) -> AttackResult:
         b = x.shape[0]
         dev = x.device
+        # the first step's (loss, logits, gradient) at x, when run() computed them
+        first_pass = self.__dict__.pop("_first_pass", None)
         z = self.clean_logits
         if z is None:  # called outside run(): recompute
             with torch.no_grad():
@@ -173,7 +190,10 @@ class _IterativeAttack(Attack):
                 xn = _engine.tile(xs, nr)
                 yn = _engine.tile(ys, nr)
                 tn = None if ts is None else _engine.tile(ts, nr)
-                out = self._loop(loop, xn, yn, tn, self._start(xn, gen), m)
+                first = None
+                if first_pass is not None and nr == 1 and target is None:
+                    first = first_pass if idx is None else tuple(v.index_select(0, idx) for v in first_pass)
+                out = self._loop(loop, xn, yn, tn, self._start(xn, gen), m, first)
                 cx, closs, csucc, cr = _engine.pick_restart(out.x, out.loss, out.success, nr)
                 took = _engine.merge_best(res_x, res_loss, res_succ, idx, cx, closs, csucc)
                 spent = out.steps.view(nr, m).sum(0)
