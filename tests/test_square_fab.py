@@ -53,6 +53,41 @@ def test_square_fools_an_undefended_model(mnist, norm, eps):
     assert (q <= 301).all() and (q[res.success] < 301).any()
 
 
+@pytest.mark.parametrize("restarts,early_stop", [(3, True), (3, False), (1, True)])
+def test_square_restarts_and_early_stop(mnist, restarts, early_stop):
+    model, x, y = mnist
+    x, y = x[:48], y[:48]
+    res = Square(model, eps=0.15, n_queries=60, n_restarts=restarts, early_stop=early_stop,
+                 seed=1).run(x, y)
+    assert ((res.x_adv - x).flatten(1).abs().amax(1) <= 0.15 * (1 + 1e-5)).all()
+    with torch.no_grad():
+        pred = model(res.x_adv).argmax(1)
+    assert torch.equal(res.success, pred != y)
+    q = res.extra["queries"]  # summed over a point's restarts
+    assert (q <= restarts * 61).all()
+    if early_stop and restarts > 1:
+        # a point leaves once any of its rows succeeds: its other rows stop with it
+        assert (q[res.success] < restarts * 61).all()
+    one = Square(model, eps=0.15, n_queries=60, seed=1).run(x, y)
+    if restarts > 1:
+        assert res.success.sum() >= one.success.sum() - 2
+
+
+def test_square_three_channels_changes_every_window():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10)).eval()
+    x = torch.rand(16, 3, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    res = Square(model, eps=0.05, n_queries=40, seed=0).run(x, y)
+    d = (res.x_adv - x).abs()
+    assert (d.flatten(1).amax(1) <= 0.05 * (1 + 1e-5)).all()
+    # the stripes start at +-eps everywhere (or a bound): every pixel sits on the ball's faces
+    on_face = (d - 0.05).abs() < 1e-6
+    at_bound = (res.x_adv == 0) | (res.x_adv == 1)
+    assert (on_face | at_bound).all()
+
+
 def test_square_uses_no_gradients(mnist):
     model, x, y = mnist
 

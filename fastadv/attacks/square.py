@@ -145,14 +145,13 @@ class Square(Attack):
         pattern, i.e. uniform over the other sign patterns (what redrawing until the
         window changes gives, in one draw)."""
         m, c = sg.shape[0], sg.shape[1]
+        if c == 1:
+            return torch.where(same.view(-1, 1, 1, 1), -sg, sg)
         r = torch.randint(0, 2, (m, c), generator=gen, device=sg.device).bool()
         none = ~r.any(1)
-        if c > 1:
-            # an all-zero pattern (probability 2^-c) becomes one random flipped channel
-            j = torch.randint(0, c, (m,), generator=gen, device=sg.device)
-            r = r | (none[:, None] & (torch.arange(c, device=sg.device)[None, :] == j[:, None]))
-        else:
-            r = torch.ones_like(r)
+        # an all-zero pattern (probability 2^-c) becomes one random flipped channel
+        j = torch.randint(0, c, (m,), generator=gen, device=sg.device)
+        r = r | (none[:, None] & (torch.arange(c, device=sg.device)[None, :] == j[:, None]))
         flip = r & same[:, None]
         return torch.where(flip.reshape(sg.shape), -sg, sg)
 
@@ -167,6 +166,7 @@ class Square(Attack):
         dev = W.xn.device
         every = self.compact_every or (10 if dev.type == "cuda" else 1)
         ch = torch.arange(c, device=dev)[None, :, None, None] * (h * w)
+        grids: Dict[int, Tensor] = {}  # per window size: the [1, c, s, s] offsets of a window at 0
         for it in range(self.n_queries):
             if len(W) == 0:
                 break
@@ -174,9 +174,11 @@ class Square(Attack):
             p = p_selection(self.p_init, it, self.n_queries, self.rescale_schedule)
             s = min(max(int(round(math.sqrt(p * n_fts / c))), 1), h, w)
             vh, vw = self._corners(m, h, w, s, dev, gen)
-            ar = torch.arange(s, device=dev)
-            off = (ch + (vh[:, None, None, None] + ar[None, None, :, None]) * w
-                   + vw[:, None, None, None] + ar[None, None, None, :]).reshape(m, -1)
+            grid = grids.get(s)
+            if grid is None:
+                ar = torch.arange(s, device=dev)
+                grid = grids[s] = ch + ar[None, None, :, None] * w + ar[None, None, None, :]
+            off = (grid + (vh * w + vw)[:, None, None, None]).reshape(m, -1)
             xb = W.x_best.reshape(m, -1)
             old = xb.gather(1, off).reshape(m, c, s, s)
             nat = W.xn.reshape(m, -1).gather(1, off).reshape(m, c, s, s)
@@ -289,7 +291,9 @@ class Square(Attack):
         W.x_best = torch.where(view_rows(take, x_new), x_new, W.x_best)
 
     def _compact(self, W: Working, R, n_groups: int, force: bool = False) -> None:
-        done = group_any(W.margin <= 0, W.group, n_groups)[W.group]
+        done = W.margin <= 0
+        if R["margin"].shape[0] != n_groups:  # rows per point > 1: done when any of them is
+            done = group_any(done, W.group, n_groups)[W.group]
         n_drop = int(done.sum())
         if n_drop == 0 or (not force and n_drop * 16 < len(W)):
             return
