@@ -7,6 +7,7 @@ to the same weights as an uninterrupted run.
 """
 import datetime
 import os
+import sys
 
 import pytest
 import torch
@@ -68,6 +69,13 @@ def _worker(rank, init_file, out_dir, method):
         out["files"] = sorted(os.listdir(part))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         fdist.shutdown()  # every rank done before any tears down
+        # Python's own finalization after a gloo group has aborted a rank now and then under
+        # CI load (SIGABRT, "terminate called without an active exception", twice in ~8
+        # full runs, never when run alone) although the group was shut down collectively;
+        # what this test checks is saved by now, so the rank leaves without finalizing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     finally:
         if dist.is_initialized():  # a rank that failed: leave without waiting for the others
             dist.destroy_process_group()
