@@ -179,3 +179,51 @@ def test_no_threads_to_be_had_falls_back_to_the_caller(two_threads, monkeypatch)
     assert not any(c[0].startswith("fastadv-cpu") for c in model.calls)
     assert torch.get_num_threads() == 2
     monkeypatch.undo()  # the pool from before this test comes back
+
+
+def _train_step(method, workers, monkeypatch):
+    from fastadv import AdversarialTrainer
+    if workers is not None:
+        monkeypatch.setenv("FASTADV_CPU_WORKERS", workers)
+    else:
+        monkeypatch.delenv("FASTADV_CPU_WORKERS", raising=False)
+    torch.manual_seed(0)
+    model = ThreadLog(zoo.mnist_cnn().train())
+    model.inner.load_state_dict(zoo.mnist_cnn().state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    kw = {"dataset_size": 96} if method == "atta" else {}
+    # the attack runs in eval mode only where asked (the methods' default is train mode,
+    # where nothing is split: a module's training-mode forward may couple the rows)
+    tr = AdversarialTrainer(model, opt, method=method, eps=0.1, seed=0, attack_bn="eval", **kw)
+    x, y = _data(96)
+    if method == "atta":
+        tr.step(x, y, torch.arange(96))
+    else:
+        tr.step(x, y)
+    return model
+
+
+@pytest.mark.parametrize("method", ["pgd", "fgsm_rs", "atta"])
+def test_trainer_attack_steps_run_on_workers(two_threads, monkeypatch, method):
+    model = _train_step(method, None, monkeypatch)
+    attack = [c for c in model.calls if c[0].startswith("fastadv-cpu")]
+    assert attack and all(c[1] == 48 and c[2] == 1 for c in attack)
+    # the weight update itself runs on the caller's thread, on the whole batch
+    assert any(c[1] == 96 and not c[0].startswith("fastadv-cpu") for c in model.calls)
+    assert model.training
+    # the same update as without workers (per-row math; float rounding aside)
+    ref = _train_step(method, "1", monkeypatch)
+    assert not any(c[0].startswith("fastadv-cpu") for c in ref.calls)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_attack_in_train_mode_bn_is_not_split(two_threads, monkeypatch):
+    from fastadv import AdversarialTrainer
+    monkeypatch.delenv("FASTADV_CPU_WORKERS", raising=False)
+    model = ThreadLog(zoo.mnist_cnn().train())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tr = AdversarialTrainer(model, opt, method="pgd", eps=0.1, steps=2, seed=0, attack_bn="train")
+    x, y = _data(96)
+    tr.step(x, y)
+    assert model.calls and not any(c[0].startswith("fastadv-cpu") for c in model.calls)

@@ -153,6 +153,8 @@ def split_rows(fn: Callable[[slice], object], rows: int, blocks: int) -> List[ob
     cast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
     def call(s):
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
         with torch.set_grad_enabled(grad):
             if cast is None:
                 return fn(s)
@@ -162,6 +164,15 @@ def split_rows(fn: Callable[[slice], object], rows: int, blocks: int) -> List[ob
     ex = _executor(blocks)
     if ex is None:
         return [fn(s) for s in slices]
-    futures = [ex.submit(call, s) for s in slices]
-    wait(futures)  # all of them, so none still runs the model when an error reaches the caller
+    # A C++ extension (fastadv's own CPU ops included) carries its own copy of ATen's inline
+    # per-thread set-up, which on a thread's first parallel op there resets the thread's
+    # intra-op count from the process-wide value: keep that value at 1 while the workers
+    # run (the caller only waits meanwhile), then put the caller's back.
+    mine = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [ex.submit(call, s) for s in slices]
+        wait(futures)  # all of them, so none still runs the model when an error reaches the caller
+    finally:
+        torch.set_num_threads(mine)
     return [f.result() for f in futures]

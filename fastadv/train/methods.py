@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import losses as _losses
+from ..attacks._workers import split_count, split_rows
 from ..attacks.base import int_arg, number_arg
 from . import distributed as _dist
 
@@ -137,9 +138,26 @@ class Standard(Method):
 # ---------------------------------------------------------------- multi-step
 def _pgd(t, x: Tensor, y: Tensor, x_adv: Tensor, steps: int, alpha: float, eps: float,
          bn: str, loss_fn=None) -> Tensor:
-    """``steps`` L∞ PGD steps from ``x_adv`` (modified in place) on the unwrapped model."""
-    loss_fn = loss_fn or _ce_sum(y)
+    """``steps`` L∞ PGD steps from ``x_adv`` (modified in place) on the unwrapped model.
+
+    With the cross-entropy loss (``loss_fn`` None) on a multi-core CPU, while every module
+    is in eval mode, row blocks of the batch take their steps on worker threads at one
+    intra-op thread each (``fastadv.attacks._workers``: the same math per row; small nets
+    use intra-op threads poorly)."""
     with t.attacking(bn):
+        blocks = split_count(x_adv, t.module) if loss_fn is None and steps > 0 else 1
+        if blocks > 1:
+            def block(s):
+                # a copy per block: views of x_adv share one autograd version counter, so a
+                # step in one block would invalidate the other blocks' saved inputs
+                xa, xs, f = x_adv[s].clone(memory_format=torch.preserve_format), x[s], _ce_sum(y[s])
+                for _ in range(steps):
+                    g, _ = t.input_grad(xa, f)
+                    t.linf_step_(xa, xs, g, alpha, eps)
+                x_adv[s].copy_(xa)
+            split_rows(block, x_adv.shape[0], blocks)
+            return x_adv
+        loss_fn = loss_fn or _ce_sum(y)
         for _ in range(steps):
             g, _ = t.input_grad(x_adv, loss_fn)
             t.linf_step_(x_adv, x, g, alpha, eps)
@@ -611,7 +629,7 @@ class ATTA(Method):
                 z_nat0 = t.forward(x, t.module, attack=True).float()
             loss_fn = lambda z: _losses.trades_kl(z, z_nat0).sum()  # noqa: E731
         else:
-            loss_fn = _ce_sum(y)
+            loss_fn = None  # cross-entropy on y
         _pgd(t, x, y, x_adv, self.steps, alpha, eps, bn, loss_fn)
         free = bool(self.opts["free_step"])
         xa = x_adv.detach().requires_grad_(free)
