@@ -109,3 +109,10 @@ def test_inputs_reach_the_model_in_its_own_dtype():
     assert torch.equal(wrapped[0], certify(double, x.double(), 0.25, n0=10, n=200, seed=1)[0])
     assert next(double.parameters()).dtype == torch.float64   # the models are left as they were
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_normalization_channels_must_match_x():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval()
+    x = torch.rand(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        certify(model, x, 0.25, n0=5, n=10, normalization=([0.5] * 3, [0.2] * 3))

@@ -232,6 +232,13 @@ def mean_std(mean, std, dtype: torch.dtype = torch.float32, prefix: str = "") ->
     return m, s
 
 
+def check_channels(x: Tensor, c: int) -> None:
+    """``x`` has the ``c`` channels (dim 1) of per-channel statistics (one value: any)."""
+    if c > 1 and (x.dim() < 2 or x.shape[1] != c):
+        raise ValueError(f"x: expected {c} channels (dim 1) to match the normalization's "
+                         f"mean/std, got shape {tuple(x.shape)}")
+
+
 # ---------------------------------------------------------------- the base
 class Attack:
     """Base of every fastadv attack (torchattacks-compatible call and target modes).
@@ -309,10 +316,11 @@ class Attack:
     # ------------------------------------------------------------- helpers
     @staticmethod
     def _real(name: str, v) -> float:
-        """``v`` as a float; a bool, a string or a tensor is refused, never converted."""
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        """``v`` as a float; a bool, a string or a tensor is refused, never converted
+        (``number_arg`` without its one-element tensors)."""
+        if isinstance(v, Tensor):
             raise TypeError(f"{name}: expected a number, got {type(v).__name__} {v!r}")
-        return float(v)
+        return number_arg(name, v)
 
     @staticmethod
     def _nonneg(name: str, v) -> float:
@@ -372,10 +380,7 @@ class Attack:
         return cached
 
     def _check_channels(self, x: Tensor) -> None:
-        c = self._mean.numel()
-        if c > 1 and (x.dim() < 2 or x.shape[1] != c):
-            raise ValueError(f"x: expected {c} channels (dim 1) to match the normalization's "
-                             f"mean/std, got shape {tuple(x.shape)}")
+        check_channels(x, self._mean.numel())
 
     def _from_user(self, x: Tensor) -> Tensor:
         """Normalized user input -> pixel space (only under set_normalization_used)."""

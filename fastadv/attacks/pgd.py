@@ -190,9 +190,9 @@ class _IterativeAttack(Attack):
                 xn = _engine.tile(xs, nr)
                 yn = _engine.tile(ys, nr)
                 tn = None if ts is None else _engine.tile(ts, nr)
-                first = None
-                if first_pass is not None and nr == 1 and target is None:
-                    first = first_pass if idx is None else tuple(v.index_select(0, idx) for v in first_pass)
+                first = first_pass  # set only for one restart, untargeted (see _clean_logits)
+                if first is not None and idx is not None:
+                    first = tuple(v.index_select(0, idx) for v in first_pass)
                 out = self._loop(loop, xn, yn, tn, self._start(xn, gen), m, first)
                 cx, closs, csucc, cr = _engine.pick_restart(out.x, out.loss, out.success, nr)
                 took = _engine.merge_best(res_x, res_loss, res_succ, idx, cx, closs, csucc)

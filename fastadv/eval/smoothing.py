@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..attacks.base import int_arg, mean_std, model_context, model_input_dtype, module_of, nonneg_numbers, number_arg
+from ..attacks.base import (check_channels, int_arg, mean_std, model_context, model_input_dtype, module_of,
+                            nonneg_numbers, number_arg)
 
 __all__ = ["ABSTAIN", "sample_counts", "binom_upper_tail", "clopper_pearson_lower",
            "binom_test_two_sided", "certify", "predict", "certified_accuracy"]
@@ -204,9 +205,7 @@ def _with_normalization(model, normalization, x: Tensor):
         raise TypeError("normalization: expected a pair (mean, std)")
     mean, std = mean_std(normalization[0], normalization[1], x.dtype, prefix="normalization: ")
     mean, std = mean.to(x.device), std.to(x.device)
-    if mean.numel() > 1 and (x.dim() < 2 or x.shape[1] != mean.numel()):
-        raise ValueError(f"x: expected {mean.numel()} channels (dim 1) to match the normalization, "
-                         f"got shape {tuple(x.shape)}")
+    check_channels(x, mean.numel())
     shape = (1, -1) + (1,) * (x.dim() - 2)
     mean, std = mean.reshape(shape), std.reshape(shape)
     in_dtype = _input_dtype(model, x)
