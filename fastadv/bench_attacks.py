@@ -6,7 +6,9 @@ print. Each row times one fastadv configuration and its baseline (torchattacks, 
 without the feature the row is about) interleaved repeat by repeat, and reports the median
 seconds, the speedup (baseline / fastadv), the floor ratio (attack time / (K × one eager
 fp32 forward + input-backward of the bare model); below 1 only by layout or precision) and
-the robust accuracy each side leaves, measured in float32 on the same points.
+the robust accuracy each side leaves, measured in float32 on the same points. Minimum-norm
+attacks (C&W, DeepFool) also report the median L2 size of their perturbations on the points
+both sides fool (smaller is stronger); their ``steps`` is the iteration budget.
 
 The models are trained here on the embedded MNIST-5k (28×28, or padded to 3×32×32 for the
 CIFAR-shaped rows), once, and cached in ``FASTADV_BENCH_CACHE`` or ``~/.cache/fastadv/bench``.
@@ -127,6 +129,17 @@ def _robust(model: nn.Module, x_adv: Tensor, y: Tensor) -> float:
         return (model(x_adv).argmax(1) == y).float().mean().item()
 
 
+def _median_l2_on_common(model: nn.Module, x: Tensor, y: Tensor, advs: Sequence[Tensor]) -> List[Optional[float]]:
+    """Each side's median L2 perturbation on the points every side fools (None if none)."""
+    with torch.no_grad():
+        both = model(x).argmax(1) == y
+        for a in advs:
+            both &= model(a).argmax(1) != y
+    if not bool(both.any()):
+        return [None] * len(advs)
+    return [(a - x).flatten(1).float().norm(dim=1)[both].median().item() for a in advs]
+
+
 # ------------------------------------------------------------------- cases
 Maker = Callable[[nn.Module], Callable[[Tensor, Tensor], Tensor]]
 
@@ -142,6 +155,8 @@ class Case:
     baseline_name: str
     baseline: Optional[Maker]         # None: no baseline (e.g. torchattacks missing)
     device: str = "any"               # "cpu", "cuda" or "any"
+    min_norm: bool = False            # a minimum-norm attack (C&W, DeepFool): also report the
+    #                                   median L2 of the perturbations, on points both sides fool
 
 
 def _torchattacks():
@@ -201,6 +216,8 @@ def default_cases(device: str, quick: bool = False) -> List[Case]:
     """The rows of ``fastadv bench attacks`` for ``device`` ("cpu" or "cuda")."""
     linf = dict(eps=8 / 255, alpha=2 / 255, steps=10)
     l2 = dict(eps=0.5, alpha=0.1, steps=10)
+    cw = dict(c=10.0, kappa=0.0, steps=100, lr=0.05)
+    df = dict(steps=50, overshoot=0.02)
     cases: List[Case] = []
     if device == "cpu":
         cases += [
@@ -225,6 +242,11 @@ def default_cases(device: str, quick: bool = False) -> List[Case]:
                 Case("PGD-10 Linf x10 restarts batched", "cnn32", 64, 100,
                      _fa("PGD", restarts=10, **linf), "10 sequential runs",
                      _sequential("PGD", 10, **linf), "cpu"),
+                Case("CW-100 L2, 1 search step", "mnist_cnn", 128, 100,
+                     _fa("CW", binary_search_steps=1, **cw), "torchattacks.CW", _ta("CW", **cw), "cpu",
+                     min_norm=True),
+                Case("DeepFool L2", "mnist_cnn", 32, 50, _fa("DeepFool", **df),
+                     "torchattacks.DeepFool", _ta("DeepFool", **df), "cpu", min_norm=True),
             ]
     else:
         cases += [
@@ -249,6 +271,15 @@ def default_cases(device: str, quick: bool = False) -> List[Case]:
                  _fa("PGD", eps=0.3, alpha=0.015, steps=50, early_stop=True),
                  "fastadv early_stop=False", _fa("PGD", eps=0.3, alpha=0.015, steps=50), "cuda"),
         ]
+        if not quick:
+            cases += [
+                Case("CW-100 L2, 1 search step", "preact_resnet18", 512, 100,
+                     _fa("CW", binary_search_steps=1, **cw), "torchattacks.CW", _ta("CW", **cw), "cuda",
+                     min_norm=True),
+                # torchattacks' DeepFool loops over samples, 10 backward passes each per step
+                Case("DeepFool L2", "preact_resnet18", 64, 50, _fa("DeepFool", **df),
+                     "torchattacks.DeepFool", _ta("DeepFool", **df), "cuda", min_norm=True),
+            ]
     return cases
 
 
@@ -261,7 +292,7 @@ def attacks_table(device: Optional[str] = None, threads: Optional[int] = 2, quic
 
     Row keys: case, model, batch, steps, device, threads, backend, fastadv_s, baseline,
     baseline_s, speedup, floor_ratio, baseline_floor_ratio, floor_s, robust_fastadv,
-    robust_baseline."""
+    robust_baseline, median_l2_fastadv, median_l2_baseline (minimum-norm rows; else None)."""
     from . import ops
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -305,7 +336,13 @@ def attacks_table(device: Optional[str] = None, threads: Optional[int] = 2, quic
                 "baseline_floor_ratio": (t_base / (case.steps * floor)) if t_base else None,
                 "robust_fastadv": _robust(model, outs["fastadv"], y),
                 "robust_baseline": _robust(model, outs["baseline"], y) if "baseline" in outs else None,
+                "median_l2_fastadv": None, "median_l2_baseline": None,
             })
+            if case.min_norm:
+                sides = [outs["fastadv"]] + ([outs["baseline"]] if "baseline" in outs else [])
+                meds = _median_l2_on_common(model, x, y, sides)
+                rows[-1]["median_l2_fastadv"] = meds[0]
+                rows[-1]["median_l2_baseline"] = meds[1] if len(meds) > 1 else None
     finally:
         torch.set_num_threads(old_threads)
     return rows
@@ -327,6 +364,9 @@ def format_table(rows: List[dict]) -> str:
 
     head = ["case", "model", "batch", "fastadv s", "baseline", "baseline s", "speedup",
             "floor", "base floor", "robust fastadv", "robust base"]
+    show_l2 = any(r.get("median_l2_fastadv") is not None for r in rows)
+    if show_l2:
+        head += ["median L2 fastadv", "median L2 base"]
     lines = [head]
     for r in rows:
         lines.append([r["case"], r["model"], str(r["batch"]), f(r["fastadv_s"], ".3f"),
@@ -334,6 +374,8 @@ def format_table(rows: List[dict]) -> str:
                       "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
                       f(r["floor_ratio"], ".2f"), f(r["baseline_floor_ratio"], ".2f"),
                       f(r["robust_fastadv"], ".3f"), f(r["robust_baseline"], ".3f")])
+        if show_l2:
+            lines[-1] += [f(r.get("median_l2_fastadv"), ".3f"), f(r.get("median_l2_baseline"), ".3f")]
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -342,7 +384,8 @@ def format_table(rows: List[dict]) -> str:
     out.append(f"\n({r0['device']}{thr}, ops backend {r0['backend']}, torch {torch.__version__}; "
                f"median of interleaved repeats; speedup = baseline s / fastadv s; floor = attack s / "
                f"(K x one eager fp32 forward+input-backward of the bare model); robust = accuracy "
-               f"left on the same points, float32)")
+               f"left on the same points, float32"
+               + ("; median L2 = of the perturbations, on the points both sides fool" if show_l2 else "") + ")")
     return "\n".join(out)
 
 

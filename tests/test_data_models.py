@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import zoo
+import fastadv
 from fastadv import bench_attacks, data, models
 
 
@@ -135,6 +136,29 @@ def test_attack_table_logic(tmp_path, monkeypatch):
         assert rows[0]["speedup"] == pytest.approx(rows[0]["baseline_s"] / rows[0]["fastadv_s"])
     table = bench_attacks.format_table(rows)
     assert "PGD-2 tiny" in table and "floor" in table and "1 threads" in table
+    assert "median L2" not in table
+
+
+def test_attack_table_min_norm_rows(tmp_path, monkeypatch):
+    """Minimum-norm rows also give each side's median L2 on the points both fool."""
+    monkeypatch.setattr(bench_attacks, "CACHE", str(tmp_path))
+    monkeypatch.setitem(bench_attacks._MODELS, "tiny",
+                        (lambda: models.SmallCNN(width=4), "mnist", 1))
+    df = dict(steps=5, overshoot=0.02)
+    cases = [bench_attacks.Case("DeepFool tiny", "tiny", 24, 5, bench_attacks._fa("DeepFool", **df),
+                                "fastadv DeepFool candidates=3",
+                                bench_attacks._fa("DeepFool", candidates=3, **df), min_norm=True)]
+    rows = bench_attacks.attacks_table(device="cpu", threads=1, repeats=1, cases=cases)
+    r = rows[0]
+    model, x, y = bench_attacks.bench_model("tiny", 24, torch.device("cpu"))
+    a = fastadv.DeepFool(model, **df)(x, y)
+    b = fastadv.DeepFool(model, candidates=3, **df)(x, y)
+    with torch.no_grad():
+        both = (model(x).argmax(1) == y) & (model(a).argmax(1) != y) & (model(b).argmax(1) != y)
+    assert both.sum() >= 3
+    assert r["median_l2_fastadv"] == pytest.approx((a - x).flatten(1).norm(dim=1)[both].median().item(), rel=1e-5)
+    assert r["median_l2_baseline"] == pytest.approx((b - x).flatten(1).norm(dim=1)[both].median().item(), rel=1e-5)
+    assert "median L2" in bench_attacks.format_table(rows)
 
 
 def test_bench_cli_dispatch(monkeypatch, capsys):
