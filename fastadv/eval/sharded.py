@@ -46,7 +46,8 @@ def all_gather_rows(t: Tensor, counts: List[int]) -> Tensor:
     buf = src.new_zeros((width,) + tuple(src.shape[1:]), device=dev)
     buf[: src.shape[0]] = src.to(dev)
     parts = [torch.empty_like(buf) for _ in range(world)]
-    dist.all_gather(parts, buf.contiguous())
+    buf = buf.contiguous()
+    _dist.collective(lambda: dist.all_gather(parts, buf), parts + [buf])
     out = torch.cat([p[:c] for p, c in zip(parts, counts)]).to(t.device)
     return out.bool() if is_bool else out.to(t.dtype)
 
@@ -56,7 +57,8 @@ def _gather_floats(values: List[float]) -> Tensor:
     v = torch.tensor(values, dtype=torch.float64)
     dev = _dist.comm_device()
     parts = [torch.empty(len(values), dtype=torch.float64, device=dev) for _ in range(_dist.world_size())]
-    dist.all_gather(parts, v.to(dev))
+    v = v.to(dev)
+    _dist.collective(lambda: dist.all_gather(parts, v), parts + [v])
     return torch.stack([p.cpu() for p in parts])
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator, Optional
+import time
+import warnings
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -16,7 +18,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 __all__ = ["is_initialized", "rank", "world_size", "is_main", "barrier", "shutdown", "comm_device", "all_reduce_sum_",
-           "unwrap", "is_ddp", "init_from_env", "ShardedSampler", "set_sampler_epoch"]
+           "collective", "unwrap", "is_ddp", "init_from_env", "ShardedSampler", "set_sampler_epoch"]
 
 
 def is_initialized() -> bool:
@@ -58,13 +60,53 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+# How long ``collective`` waits for the backend's threads to drop the tensors it was given.
+RELEASE_TIMEOUT_S = 5.0
+_release_warned = False
+
+
+def collective(run: Callable[[], object], tensors: Sequence[torch.Tensor]) -> None:
+    """Run the synchronous collective ``run()`` on ``tensors``, then wait until the backend's
+    worker threads hold none of them any more.
+
+    Why: gloo's worker thread drops its reference to a finished collective a moment after
+    the caller's ``wait()`` returns, and a later barrier keeps (weak) references to the
+    collectives still in flight when it was queued, which keep their tensors alive until
+    the barrier is freed. If that last reference to a tensor Python made goes away on a
+    gloo thread while the interpreter is finalizing, the thread must take the GIL to free
+    the tensor's Python object, cannot, and the process dies with SIGABRT ("terminate
+    called without an active exception") after all its work is done (seen: ~1 in 25
+    ``torchrun … fastadv eval`` runs on a loaded 2-core machine; core dump:
+    ~AsyncBarrierWork -> ~AsyncAllgatherWork -> decref_pyobject -> take_gil ->
+    pthread_exit inside a noexcept destructor). Waiting here until each tensor's
+    reference count is back where it was makes every such release happen while Python
+    still owns the tensor, so it never needs the GIL."""
+    global _release_warned
+    counts = [t._use_count() for t in tensors] if all(hasattr(t, "_use_count") for t in tensors) else None
+    run()
+    if counts is None or not is_initialized():
+        return
+    deadline = time.monotonic() + RELEASE_TIMEOUT_S
+    delay = 1e-4
+    while any(t._use_count() > c for t, c in zip(tensors, counts)):
+        if time.monotonic() > deadline:
+            if not _release_warned:
+                _release_warned = True
+                warnings.warn("fastadv: the process group's threads still hold a collective's tensors "
+                              f"{RELEASE_TIMEOUT_S:g} s after it finished; if this process later aborts "
+                              "at exit (SIGABRT), that is why", RuntimeWarning, stacklevel=2)
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks in place (a no-op in one process); the tensor travels to the
     backend's device (``comm_device``) and back."""
     if not is_initialized() or world_size() == 1:
         return t
     buf = t.to(comm_device())
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    collective(lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM), [buf])
     if buf is not t:
         t.copy_(buf)
     return t
