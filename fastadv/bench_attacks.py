@@ -277,7 +277,7 @@ def default_cases(device: str, quick: bool = False) -> List[Case]:
                      _fa("CW", binary_search_steps=1, **cw), "torchattacks.CW", _ta("CW", **cw), "cuda",
                      min_norm=True),
                 # torchattacks' DeepFool loops over samples, 10 backward passes each per step
-                Case("DeepFool L2", "preact_resnet18", 64, 50, _fa("DeepFool", **df),
+                Case("DeepFool L2", "preact_resnet18", 32, 50, _fa("DeepFool", **df),
                      "torchattacks.DeepFool", _ta("DeepFool", **df), "cuda", min_norm=True),
             ]
     return cases
