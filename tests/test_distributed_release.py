@@ -44,6 +44,7 @@ def fake_group(monkeypatch):
     monkeypatch.setattr(fdist, "is_initialized", lambda: True)
     monkeypatch.setattr(fdist, "world_size", lambda: 2)
     monkeypatch.setattr(fdist, "comm_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(fdist, "_backend", lambda: "gloo")
 
 
 def test_collective_waits_for_the_worker_to_let_go(fake_group):
@@ -62,6 +63,18 @@ def test_collective_waits_for_the_worker_to_let_go(fake_group):
     assert worker.released_at is not None and worker.released_at <= time.monotonic()
     assert time.monotonic() - t0 >= 0.2
     assert _use_counts([a, b]) == before
+    for th in worker.threads:
+        th.join()
+
+
+def test_collective_does_not_wait_under_nccl(fake_group, monkeypatch):
+    # NCCL's watchdog releases works late by design; waiting would cost every collective
+    monkeypatch.setattr(fdist, "_backend", lambda: "nccl")
+    worker = _LateWorker(0.5)
+    a = torch.zeros(3)
+    t0 = time.monotonic()
+    fdist.collective(lambda: worker.take([a]), [a])
+    assert time.monotonic() - t0 < 0.4 and worker.released_at is None
     for th in worker.threads:
         th.join()
 

@@ -60,6 +60,10 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _backend() -> str:
+    return str(dist.get_backend())
+
+
 # How long ``collective`` waits for the backend's threads to drop the tensors it was given.
 RELEASE_TIMEOUT_S = 5.0
 _release_warned = False
@@ -80,12 +84,17 @@ def collective(run: Callable[[], object], tensors: Sequence[torch.Tensor]) -> No
     ~AsyncBarrierWork -> ~AsyncAllgatherWork -> decref_pyobject -> take_gil ->
     pthread_exit inside a noexcept destructor). Waiting here until each tensor's
     reference count is back where it was makes every such release happen while Python
-    still owns the tensor, so it never needs the GIL."""
+    still owns the tensor, so it never needs the GIL.
+
+    Only under gloo: NCCL's works are released by its watchdog thread, which polls at
+    intervals of up to ~100 ms after the GPU finished, and waiting for it would add that to
+    every collective."""
     global _release_warned
-    counts = [t._use_count() for t in tensors] if all(hasattr(t, "_use_count") for t in tensors) else None
-    run()
-    if counts is None or not is_initialized():
+    if not is_initialized() or _backend() != "gloo" or not all(hasattr(t, "_use_count") for t in tensors):
+        run()
         return
+    counts = [t._use_count() for t in tensors]
+    run()
     deadline = time.monotonic() + RELEASE_TIMEOUT_S
     delay = 1e-4
     while any(t._use_count() > c for t, c in zip(tensors, counts)):
