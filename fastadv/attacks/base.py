@@ -68,6 +68,41 @@ def module_of(model) -> Optional[nn.Module]:
     return None
 
 
+# model modes: "eval", "train", "keep", and train mode with BatchNorm and/or dropout held in
+# eval (torchattacks' set_model_training_mode(model_training=True, batchnorm_training=...,
+# dropout_training=...))
+MODEL_MODES = ("eval", "train", "keep", "train_bn_eval", "train_dropout_eval", "train_bn_dropout_eval")
+
+
+def _is_batchnorm(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._NormBase) or "BatchNorm" in type(m).__name__
+
+
+def _is_dropout(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.dropout._DropoutNd) or "Dropout" in type(m).__name__
+
+
+def check_model_mode(mode) -> str:
+    if mode not in MODEL_MODES:
+        raise ValueError(f"model_mode: expected one of {', '.join(repr(m) for m in MODEL_MODES)}, got {mode!r}")
+    return mode
+
+
+def _set_model_mode(model: nn.Module, mode: str) -> None:
+    if mode == "eval":
+        model.eval()
+    elif mode == "keep":
+        return
+    else:
+        model.train()
+        bn_eval = mode in ("train_bn_eval", "train_bn_dropout_eval")
+        dropout_eval = mode in ("train_dropout_eval", "train_bn_dropout_eval")
+        if bn_eval or dropout_eval:
+            for m in model.modules():
+                if (bn_eval and _is_batchnorm(m)) or (dropout_eval and _is_dropout(m)):
+                    m.eval()
+
+
 def _cuda_indices(devices: Sequence[torch.device]) -> list:
     return sorted({d.index if d.index is not None else torch.cuda.current_device()
                    for d in devices if d.type == "cuda"})
@@ -85,7 +120,7 @@ def model_context(model, mode: str, device: torch.device):
 @contextlib.contextmanager
 def preserved_model(model: nn.Module, mode: str = "eval", freeze_params: bool = True,
                     devices: Sequence[torch.device] = ()) -> Iterator[nn.Module]:
-    """Run ``model`` in ``mode`` ("eval" | "train" | "keep") and give it back exactly as found.
+    """Run ``model`` in ``mode`` (one of ``MODEL_MODES``) and give it back exactly as found.
 
     Restores every module's training flag, its parameter and buffer entries (a forward
     that reassigns a buffer, ``self.n = self.n + 1``, gets the original object back) and
@@ -111,12 +146,7 @@ def preserved_model(model: nn.Module, mode: str = "eval", freeze_params: bool = 
     cuda.update(_cuda_indices([p.device for p in params[:1]]))
     try:
         with torch.random.fork_rng(devices=sorted(cuda), enabled=True):
-            if mode == "eval":
-                model.eval()
-            elif mode == "train":
-                model.train()
-            elif mode != "keep":
-                raise ValueError(f"model_mode: expected 'eval', 'train' or 'keep', got {mode!r}")
+            _set_model_mode(model, check_model_mode(mode))
             if freeze_params:
                 for p in params:
                     p.requires_grad_(False)
@@ -295,9 +325,7 @@ class Attack:
             raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
         self.generator = generator
         self.seed = None if seed is None else int_arg("seed", seed, -math.inf)
-        if model_mode not in ("eval", "train", "keep"):
-            raise ValueError(f"model_mode: expected 'eval', 'train' or 'keep', got {model_mode!r}")
-        self.model_mode = model_mode
+        self.model_mode = check_model_mode(model_mode)
         self.check_inputs = self._flag("check_inputs", check_inputs)
         self._mean: Optional[Tensor] = None
         self._std: Optional[Tensor] = None
@@ -398,6 +426,22 @@ class Attack:
             return x_adv
         m, s = self._channel_stats(x_adv.float())
         return ((x_adv.float() - m) / s).to(like.dtype)
+
+    # ----------------------------------------------------------- model mode
+    def set_model_training_mode(self, model_training: bool = False, batchnorm_training: bool = False,
+                                dropout_training: bool = False) -> "Attack":
+        """torchattacks' switch: attack the model in eval mode (the default), or in training
+        mode with its BatchNorm and dropout layers each in training mode or held in eval.
+        Sets ``model_mode``; the model is given back as found either way."""
+        model_training = self._flag("model_training", model_training)
+        bn = self._flag("batchnorm_training", batchnorm_training)
+        do = self._flag("dropout_training", dropout_training)
+        if not model_training:
+            self.model_mode = "eval"
+        else:
+            self.model_mode = {(True, True): "train", (False, True): "train_bn_eval",
+                               (True, False): "train_dropout_eval", (False, False): "train_bn_dropout_eval"}[(bn, do)]
+        return self
 
     # -------------------------------------------------------- target modes
     def set_mode_default(self) -> "Attack":
