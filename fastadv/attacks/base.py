@@ -792,6 +792,118 @@ class Attack:
     def forward(self, x: Tensor, y: Tensor) -> Tensor:  # torchattacks name
         return self(x, y)
 
+    # ------------------------------------------------- torchattacks' save/load
+    def save(self, data_loader, save_path: Optional[str] = None, verbose: bool = True,
+             return_verbose: bool = False, save_predictions: bool = False,
+             save_clean_inputs: bool = False, save_type: str = "float"):
+        """torchattacks' ``save``: attack every ``(inputs, labels, ...)`` batch of
+        ``data_loader``; print (``verbose``) and return (``return_verbose``: ``(robust
+        accuracy %, mean L2, seconds of the last batch)``) the robust accuracy — points the
+        model, in eval mode, still classifies as their label — and the mean L2 size
+        (pixel space) of the perturbations of the points it misclassifies; with
+        ``save_path``, write ``{"adv_inputs", "labels"[, "preds"][, "clean_inputs"],
+        "save_type"}`` (inputs in pixel space; ``save_type="int"``: uint8, rounded) as
+        ``torch.save`` does — the file torchattacks' and fastadv's ``load`` read. Batches
+        go to the model's device first. The file is written once, atomically, at the end."""
+        import os
+        import time
+        if save_type not in ("float", "int"):
+            raise ValueError(f"save_type: expected 'float' or 'int', got {save_type!r}")
+        for name, v in (("verbose", verbose), ("return_verbose", return_verbose),
+                        ("save_predictions", save_predictions), ("save_clean_inputs", save_clean_inputs)):
+            self._flag(name, v)
+        if save_path is not None and not isinstance(save_path, (str, os.PathLike)):
+            raise TypeError(f"save_path: expected a path or None, got {type(save_path).__name__}")
+        module = module_of(self.model)
+        first = next(itertools.chain(module.parameters(), module.buffers()), None) if module is not None else None
+        dev = None if first is None else first.device
+        try:
+            n_batches = len(data_loader)
+        except TypeError:
+            n_batches = None
+        kept = {"adv_inputs": [], "labels": [], "preds": [], "clean_inputs": []}
+        correct = total = 0
+        l2_sum, l2_n = 0.0, 0
+        rob = l2 = elapsed = 0.0
+        for step, batch in enumerate(data_loader):
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise TypeError(f"data_loader: expected batches (inputs, labels, ...), got "
+                                f"{type(batch).__name__}")
+            inputs, labels = batch[0], batch[1]
+            if dev is not None and isinstance(inputs, Tensor):
+                inputs, labels = inputs.to(dev), labels.to(dev)
+            start = time.time()
+            adv = self(inputs, labels)
+            px_adv, px = self._from_user(adv).float(), self._from_user(inputs).float()
+            with torch.no_grad(), model_context(self.model, "eval", px_adv.device):
+                pred = self.exact_logits(px_adv).argmax(1)
+            right = pred == labels
+            correct += int(right.sum())
+            total += labels.shape[0]
+            d = (px_adv - px).flatten(1).norm(dim=1)[~right]
+            l2_sum, l2_n = l2_sum + float(d.sum()), l2_n + d.numel()
+            rob = 100.0 * correct / max(total, 1)
+            l2 = l2_sum / l2_n if l2_n else 0.0
+            elapsed = time.time() - start
+            if verbose:
+                progress = f"{100.0 * (step + 1) / n_batches:.2f} %" if n_batches else f"batch {step + 1}"
+                print(f"- Save progress: {progress} / Robust accuracy: {rob:.2f} % / L2: {l2:.5f} "
+                      f"({elapsed:.3f} s/batch)", end="\r")
+            if save_path is not None:
+                kept["adv_inputs"].append(px_adv.detach().cpu())
+                kept["labels"].append(labels.detach().cpu())
+                kept["preds"].append(pred.cpu())
+                kept["clean_inputs"].append(px.detach().cpu())
+        if verbose:
+            print()
+        if save_path is not None:
+            def pack(ts):
+                t = torch.cat(ts) if ts else torch.empty(0)
+                return (t * 255).round().clamp(0, 255).to(torch.uint8) if save_type == "int" else t
+            out = {"adv_inputs": pack(kept["adv_inputs"]), "labels": torch.cat(kept["labels"]) if kept["labels"]
+                   else torch.empty(0, dtype=torch.long), "save_type": save_type}
+            if save_predictions:
+                out["preds"] = torch.cat(kept["preds"]) if kept["preds"] else torch.empty(0, dtype=torch.long)
+            if save_clean_inputs:
+                out["clean_inputs"] = pack(kept["clean_inputs"])
+            tmp = f"{os.fspath(save_path)}.tmp{os.getpid()}"
+            torch.save(out, tmp)
+            os.replace(tmp, save_path)
+        if return_verbose:
+            return rob, l2, elapsed
+        return None
+
+    @staticmethod
+    def load(load_path: str, batch_size: int = 128, shuffle: bool = False, normalize=None,
+             load_predictions: bool = False, load_clean_inputs: bool = False):
+        """torchattacks' ``load``: a DataLoader over a file ``save`` wrote (read with
+        ``weights_only=True``): batches ``(adv_inputs, labels[, preds][, clean_inputs])``,
+        inputs as floats in [0, 1], normalized by ``normalize={"mean": ..., "std": ...}``
+        if given."""
+        from torch.utils.data import DataLoader, TensorDataset
+        batch_size = int_arg("batch_size", batch_size)
+        d = torch.load(load_path, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or "adv_inputs" not in d or "labels" not in d:
+            raise ValueError(f"load_path: {load_path!r} is not a file written by save() "
+                             f"(no 'adv_inputs'/'labels')")
+        keys = ["adv_inputs", "labels"] + (["preds"] if load_predictions else []) + \
+            (["clean_inputs"] if load_clean_inputs else [])
+        for k in keys:
+            if k not in d:
+                raise ValueError(f"load_path: {load_path!r} holds no {k!r} (saved without it)")
+        tensors = []
+        for k in keys:
+            t = d[k]
+            if k in ("adv_inputs", "clean_inputs"):
+                if t.dtype == torch.uint8:
+                    t = t.float() / 255
+                if normalize is not None:
+                    mean = torch.as_tensor(normalize["mean"], dtype=t.dtype).reshape(1, -1, *([1] * (t.dim() - 2)))
+                    std = torch.as_tensor(normalize["std"], dtype=t.dtype).reshape(1, -1, *([1] * (t.dim() - 2)))
+                    t = (t - mean) / std
+            tensors.append(t)
+        return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=bool(shuffle))
+
     def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor],
                 gen: torch.Generator) -> AttackResult:
         raise NotImplementedError
