@@ -82,3 +82,9 @@ def test_bad_values_and_model_mode_names():
         fastadv.PGD(model, model_mode="training")
     assert fastadv.PGD(model, model_mode="train_bn_eval").model_mode == "train_bn_eval"
     assert atk.set_model_training_mode().model_mode == "eval"
+
+
+def test_repr_names_a_model_mode_other_than_eval():
+    model = zoo.mnist_cnn_bn()
+    assert "model_mode" not in repr(fastadv.PGD(model))
+    assert "model_mode='train_bn_dropout_eval'" in repr(fastadv.PGD(model).set_model_training_mode(True))

@@ -64,7 +64,8 @@ class _IterativeAttack(Attack):
         return (f"{type(self).__name__}(eps={self.eps:.6g}, alpha={self.alpha:.6g}, "
                 f"steps={self.steps}, random_start={self.random_start}, restarts={self.restarts}, "
                 f"loss={self.loss!r}, amp={self.amp!r}, early_stop={self.early_stop}, "
-                f"mode={self._target_mode})")
+                f"mode={self._target_mode}"
+                + (f", model_mode={self.model_mode!r}" if self.model_mode != "eval" else "") + ")")
 
     # ---------------------------------------------------------------- step
     def _step(self, x: Tensor, x_nat: Tensor, g: Tensor) -> None:
