@@ -109,3 +109,14 @@ def test_save_leaves_the_model_as_found(mnist):
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_load_normalizes_with_checked_statistics(mnist, tmp_path):
+    model, x, y = mnist
+    path = tmp_path / "a.pt"
+    fastadv.FGSM(model, eps=0.1).save([(x, y)], save_path=str(path), verbose=False)
+    raw = torch.load(path, weights_only=True)["adv_inputs"]
+    xb, _ = next(iter(fastadv.FGSM.load(str(path), batch_size=40, normalize={"mean": [0.5], "std": [0.25]})))
+    assert torch.allclose(xb, (raw - 0.5) / 0.25)
+    with pytest.raises(ValueError, match="normalize: std"):
+        fastadv.FGSM.load(str(path), normalize={"mean": [0.5], "std": [0.0]})

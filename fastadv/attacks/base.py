@@ -71,7 +71,10 @@ def module_of(model) -> Optional[nn.Module]:
 # model modes: "eval", "train", "keep", and train mode with BatchNorm and/or dropout held in
 # eval (torchattacks' set_model_training_mode(model_training=True, batchnorm_training=...,
 # dropout_training=...))
-MODEL_MODES = ("eval", "train", "keep", "train_bn_eval", "train_dropout_eval", "train_bn_dropout_eval")
+# train modes -> (BatchNorm held in eval, dropout held in eval)
+_TRAIN_MODES = {"train": (False, False), "train_bn_eval": (True, False),
+                "train_dropout_eval": (False, True), "train_bn_dropout_eval": (True, True)}
+MODEL_MODES = ("eval", "keep") + tuple(_TRAIN_MODES)
 
 
 def _is_batchnorm(m: nn.Module) -> bool:
@@ -95,8 +98,7 @@ def _set_model_mode(model: nn.Module, mode: str) -> None:
         return
     else:
         model.train()
-        bn_eval = mode in ("train_bn_eval", "train_bn_dropout_eval")
-        dropout_eval = mode in ("train_dropout_eval", "train_bn_dropout_eval")
+        bn_eval, dropout_eval = _TRAIN_MODES[mode]
         if bn_eval or dropout_eval:
             for m in model.modules():
                 if (bn_eval and _is_batchnorm(m)) or (dropout_eval and _is_dropout(m)):
@@ -439,8 +441,7 @@ class Attack:
         if not model_training:
             self.model_mode = "eval"
         else:
-            self.model_mode = {(True, True): "train", (False, True): "train_bn_eval",
-                               (True, False): "train_dropout_eval", (False, False): "train_bn_dropout_eval"}[(bn, do)]
+            self.model_mode = next(m for m, held in _TRAIN_MODES.items() if held == (not bn, not do))
         return self
 
     # -------------------------------------------------------- target modes
@@ -852,8 +853,10 @@ class Attack:
             if save_path is not None:
                 kept["adv_inputs"].append(px_adv.detach().cpu())
                 kept["labels"].append(labels.detach().cpu())
-                kept["preds"].append(pred.cpu())
-                kept["clean_inputs"].append(px.detach().cpu())
+                if save_predictions:
+                    kept["preds"].append(pred.cpu())
+                if save_clean_inputs:
+                    kept["clean_inputs"].append(px.detach().cpu())
         if verbose:
             print()
         if save_path is not None:
@@ -898,9 +901,9 @@ class Attack:
                 if t.dtype == torch.uint8:
                     t = t.float() / 255
                 if normalize is not None:
-                    mean = torch.as_tensor(normalize["mean"], dtype=t.dtype).reshape(1, -1, *([1] * (t.dim() - 2)))
-                    std = torch.as_tensor(normalize["std"], dtype=t.dtype).reshape(1, -1, *([1] * (t.dim() - 2)))
-                    t = (t - mean) / std
+                    mean, std = mean_std(normalize["mean"], normalize["std"], t.dtype, prefix="normalize: ")
+                    shape = (1, -1) + (1,) * (t.dim() - 2)
+                    t = (t - mean.reshape(shape)) / std.reshape(shape)
             tensors.append(t)
         return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=bool(shuffle))
 

@@ -55,11 +55,7 @@ def all_gather_rows(t: Tensor, counts: List[int]) -> Tensor:
 def _gather_floats(values: List[float]) -> Tensor:
     """[world, len(values)] float64: every rank's ``values``."""
     v = torch.tensor(values, dtype=torch.float64)
-    dev = _dist.comm_device()
-    parts = [torch.empty(len(values), dtype=torch.float64, device=dev) for _ in range(_dist.world_size())]
-    v = v.to(dev)
-    _dist.collective(lambda: dist.all_gather(parts, v), parts + [v])
-    return torch.stack([p.cpu() for p in parts])
+    return all_gather_rows(v[None], [1] * _dist.world_size())
 
 
 def run_standard_evaluation_sharded(aa, x: Tensor, y: Tensor, bs: int = 250,

@@ -55,7 +55,7 @@ def shutdown() -> None:
 
 def comm_device() -> torch.device:
     """Where the process group's collectives take their tensors: gloo CPU, NCCL CUDA."""
-    if dist.get_backend() == "nccl":
+    if _backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -79,7 +79,7 @@ def collective(run: Callable[[], object], tensors: Sequence[torch.Tensor]) -> No
     the barrier is freed. If that last reference to a tensor Python made goes away on a
     gloo thread while the interpreter is finalizing, the thread must take the GIL to free
     the tensor's Python object, cannot, and the process dies with SIGABRT ("terminate
-    called without an active exception") after all its work is done (seen: ~1 in 25
+    called without an active exception") after all its work is done (seen: 3 of 117
     ``torchrun … fastadv eval`` runs on a loaded 2-core machine; core dump:
     ~AsyncBarrierWork -> ~AsyncAllgatherWork -> decref_pyobject -> take_gil ->
     pthread_exit inside a noexcept destructor). Waiting here until each tensor's

@@ -144,23 +144,23 @@ def _pgd(t, x: Tensor, y: Tensor, x_adv: Tensor, steps: int, alpha: float, eps: 
     is in eval mode, row blocks of the batch take their steps on worker threads at one
     intra-op thread each (``fastadv.attacks._workers``: the same math per row; small nets
     use intra-op threads poorly)."""
+    def take_steps(xa: Tensor, xs: Tensor, f) -> None:
+        for _ in range(steps):
+            g, _ = t.input_grad(xa, f)
+            t.linf_step_(xa, xs, g, alpha, eps)
+
     with t.attacking(bn):
         blocks = split_count(x_adv, t.module) if loss_fn is None and steps > 0 else 1
         if blocks > 1:
             def block(s):
                 # a copy per block: views of x_adv share one autograd version counter, so a
                 # step in one block would invalidate the other blocks' saved inputs
-                xa, xs, f = x_adv[s].clone(memory_format=torch.preserve_format), x[s], _ce_sum(y[s])
-                for _ in range(steps):
-                    g, _ = t.input_grad(xa, f)
-                    t.linf_step_(xa, xs, g, alpha, eps)
+                xa = x_adv[s].clone(memory_format=torch.preserve_format)
+                take_steps(xa, x[s], _ce_sum(y[s]))
                 x_adv[s].copy_(xa)
             split_rows(block, x_adv.shape[0], blocks)
-            return x_adv
-        loss_fn = loss_fn or _ce_sum(y)
-        for _ in range(steps):
-            g, _ = t.input_grad(x_adv, loss_fn)
-            t.linf_step_(x_adv, x, g, alpha, eps)
+        else:
+            take_steps(x_adv, x, loss_fn or _ce_sum(y))
     return x_adv
 
 
