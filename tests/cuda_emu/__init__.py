@@ -1,0 +1,1 @@
+"""A host emulation of CUDA for running kernels/*.cu unmodified in tests (see harness.py)."""
