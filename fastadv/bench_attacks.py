@@ -53,7 +53,17 @@ def _models():
     return models
 
 
-def _train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int = 0) -> None:
+# what the table's model names are, for its footnote
+MODEL_NOTES = {
+    "mnist_cnn": "SmallCNN(width=16) on 1×28×28 MNIST-5k digits, 3 epochs of standard training",
+    "cnn32": "SmallCNN(width=32) on MNIST-5k digits padded and tiled to 3×32×32 (CIFAR-shaped), "
+             "1 epoch of standard training",
+    "preact_resnet18": "PreAct ResNet-18 on MNIST-5k digits padded and tiled to 3×32×32, 1 epoch",
+}
+
+
+def _train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int = 0,
+           on_batch: Optional[Callable[[], None]] = None) -> None:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
@@ -64,23 +74,59 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int = 0) -
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+            if on_batch is not None:
+                on_batch()
     model.eval()
 
 
-def bench_model(name: str, batch: int, device: torch.device) -> Tuple[nn.Module, Tensor, Tensor]:
-    """A zoo model trained on MNIST-5k (cached) and ``batch`` test points for it."""
+def _cache_path(name: str) -> str:
+    return os.path.join(CACHE, f"{name}-torch{torch.__version__}.pt")
+
+
+def _training_bar(name: str, total: int, progress: bool, log: Callable[[str], None]):
+    """(on_batch, close): a tqdm bar over the training batches, or a line every ~10%."""
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, desc=f"training {name}", unit="batch", leave=False, dynamic_ncols=True)
+            return (lambda: bar.update(1)), bar.close
+        except ImportError:
+            pass
+    done = [0]
+
+    def on_batch():
+        done[0] += 1
+        if done[0] % max(1, total // 10) == 0 or done[0] == total:
+            log(f"  training {name}: {done[0]}/{total} batches")
+    return on_batch, (lambda: None)
+
+
+def bench_model(name: str, batch: int, device: torch.device, progress: bool = False,
+                log: Optional[Callable[[str], None]] = None) -> Tuple[nn.Module, Tensor, Tensor]:
+    """A zoo model trained on MNIST-5k (cached) and ``batch`` test points for it; training
+    (the first run only) is announced through ``log`` with a progress bar if ``progress``."""
     if name not in _MODELS:
         raise ValueError(f"model: expected one of {sorted(_MODELS)}, got {name!r}")
     build, shape, epochs = _MODELS[name]
     (xtr, ytr), (xte, yte) = _mnist_as(shape, device)
-    path = os.path.join(CACHE, f"{name}-torch{torch.__version__}.pt")
+    path = _cache_path(name)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)                     # a seeded init; the caller's RNG is put back
         model = build().to(device)
         if os.path.exists(path):
             model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         else:
-            _train(model, xtr, ytr, epochs)
+            total = epochs * ((len(xtr) + 63) // 64)
+            if log is not None:
+                log(f"training {name} once ({MODEL_NOTES.get(name, 'a zoo model')}); cached in {path}")
+            on_batch, close = _training_bar(name, total, progress, log or (lambda m: None))
+            t0 = time.perf_counter()
+            try:
+                _train(model, xtr, ytr, epochs, on_batch=on_batch if (progress or log) else None)
+            finally:
+                close()
+            if log is not None:
+                log(f"  trained {name} in {time.perf_counter() - t0:.0f} s")
             os.makedirs(CACHE, exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
             torch.save(model.state_dict(), tmp)
@@ -181,6 +227,7 @@ def _ta(cls: str, **kw) -> Optional[Maker]:
                 torch.manual_seed(0)
                 return atk(x, y)
         return call
+    make.kwargs = dict(kw)   # the table reads the budget from here
     return make
 
 
@@ -188,6 +235,7 @@ def _fa(cls: str, **kw) -> Maker:
     def make(model):
         from . import attacks
         return getattr(attacks, cls)(model, seed=0, **kw)
+    make.kwargs = dict(kw)   # the table reads the budget from here
     return make
 
 
@@ -209,6 +257,7 @@ def _sequential(cls: str, runs: int, **kw) -> Maker:
                     fooled |= res.success
             return best
         return call
+    make.kwargs = dict(kw)
     return make
 
 
@@ -286,13 +335,19 @@ def default_cases(device: str, quick: bool = False) -> List[Case]:
 # ------------------------------------------------------------------- table
 def attacks_table(device: Optional[str] = None, threads: Optional[int] = 2, quick: bool = False,
                   repeats: int = 3, cases: Optional[Sequence[Case]] = None,
-                  names: Optional[Sequence[str]] = None) -> List[dict]:
+                  names: Optional[Sequence[str]] = None, progress: bool = False,
+                  log: Optional[Callable[[str], None]] = None) -> List[dict]:
     """Run ``cases`` (default: ``default_cases(device, quick)``; ``names`` filters them by
     substring) and return one dict per row.
 
     Row keys: case, model, batch, steps, device, threads, backend, fastadv_s, baseline,
     baseline_s, speedup, floor_ratio, baseline_floor_ratio, floor_s, robust_fastadv,
-    robust_baseline, median_l2_fastadv, median_l2_baseline (minimum-norm rows; else None)."""
+    robust_baseline, median_l2_fastadv, median_l2_baseline (minimum-norm rows; else None),
+    eps (the budget; None for minimum-norm rows), load (1-minute load average before and
+    after the row), cores.
+
+    ``log`` (e.g. ``print``) is told what runs: the models trained on a first run (with a
+    progress bar if ``progress``) and each row as it starts."""
     from . import ops
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -304,11 +359,17 @@ def attacks_table(device: Optional[str] = None, threads: Optional[int] = 2, quic
         torch.set_num_threads(int(threads))
     rows: List[dict] = []
     floors: Dict[Tuple[str, int], float] = {}
+    say = log or (lambda msg: None)
+    todo = [c for c in cases if c.device in ("any", dev.type)]
+    untrained = sorted({c.model for c in todo if not os.path.exists(_cache_path(c.model))})
+    if untrained:
+        say(f"first run: training and caching {', '.join(untrained)} before timing anything (a few "
+            f"minutes each on a CPU; later runs load them from {CACHE})")
     try:
-        for case in cases:
-            if case.device not in ("any", dev.type):
-                continue
-            model, x, y = bench_model(case.model, case.batch, dev)
+        for i, case in enumerate(todo):
+            say(f"[{i + 1}/{len(todo)}] {case.name} ({case.model}, {case.batch} points)")
+            load_before = _load()
+            model, x, y = bench_model(case.model, case.batch, dev, progress=progress, log=log)
             key = (case.model, case.batch)
             if key not in floors:
                 floors[key] = floor_time(model, x, y)
@@ -337,6 +398,8 @@ def attacks_table(device: Optional[str] = None, threads: Optional[int] = 2, quic
                 "robust_fastadv": _robust(model, outs["fastadv"], y),
                 "robust_baseline": _robust(model, outs["baseline"], y) if "baseline" in outs else None,
                 "median_l2_fastadv": None, "median_l2_baseline": None,
+                "eps": getattr(case.fastadv, "kwargs", {}).get("eps"), "load": [load_before, _load()],
+                "cores": _cores(),
             })
             if case.min_norm:
                 sides = [outs["fastadv"]] + ([outs["baseline"]] if "baseline" in outs else [])
@@ -348,28 +411,69 @@ def attacks_table(device: Optional[str] = None, threads: Optional[int] = 2, quic
     return rows
 
 
+def _load() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):   # not on every platform
+        return None
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     return "CPU"
 
 
+def format_eps(e) -> str:
+    """A budget as the field writes it: 8/255 when it is a whole number of 255ths."""
+    if e is None:
+        return "-"
+    k = e * 255
+    if e > 0 and abs(k - round(k)) < 1e-6 and round(k) < 255:
+        return f"{int(round(k))}/255"
+    return f"{e:g}"
+
+
+def load_note(rows: List[dict]) -> Optional[str]:
+    """The machine's load while the rows ran, and a warning when it exceeded the cores: a
+    contended figure is not a speed figure."""
+    loads = [v for r in rows for v in (r.get("load") or []) if v is not None]
+    if not loads:
+        return None
+    cores = max((r.get("cores") or 0) for r in rows) or _cores()
+    note = (f"load average (1 min) {min(loads):.1f}–{max(loads):.1f} while the rows ran, on {cores} "
+            f"core{'s' if cores != 1 else ''}")
+    if max(loads) > cores:
+        note += (f". WARNING: the load exceeded the {cores} cores: other jobs shared the CPU, so these "
+                 "times are contended, not speed figures; only the side-by-side ratios of one row "
+                 "are comparable, and only roughly")
+    return note
+
+
 def format_table(rows: List[dict]) -> str:
-    """A plain-text (markdown-compatible) table of ``attacks_table`` rows."""
+    """A plain-text (markdown-compatible) table of ``attacks_table`` rows, with footnotes naming
+    the models, the budget, and the machine's load while it ran."""
     if not rows:
         return "(no rows)"
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    head = ["case", "model", "batch", "fastadv s", "baseline", "baseline s", "speedup",
+    head = ["case", "model", "points", "ε", "fastadv s", "baseline", "baseline s", "speedup",
             "floor", "base floor", "robust fastadv", "robust base"]
     show_l2 = any(r.get("median_l2_fastadv") is not None for r in rows)
     if show_l2:
         head += ["median L2 fastadv", "median L2 base"]
     lines = [head]
     for r in rows:
-        lines.append([r["case"], r["model"], str(r["batch"]), f(r["fastadv_s"], ".3f"),
+        lines.append([r["case"], r["model"], str(r["batch"]), format_eps(r.get("eps")), f(r["fastadv_s"], ".3f"),
                       r["baseline"], f(r["baseline_s"], ".3f"),
                       "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
                       f(r["floor_ratio"], ".2f"), f(r["baseline_floor_ratio"], ".2f"),
@@ -382,10 +486,16 @@ def format_table(rows: List[dict]) -> str:
     r0 = rows[0]
     thr = f", {r0['threads']} threads" if r0.get("threads") else ""
     out.append(f"\n({r0['device']}{thr}, ops backend {r0['backend']}, torch {torch.__version__}; "
-               f"median of interleaved repeats; speedup = baseline s / fastadv s; floor = attack s / "
-               f"(K x one eager fp32 forward+input-backward of the bare model); robust = accuracy "
-               f"left on the same points, float32"
+               f"median of interleaved repeats; points = test digits attacked per call; ε = the budget "
+               f"on inputs in [0, 1] (- : a minimum-norm attack, no budget); speedup = baseline s / "
+               f"fastadv s; floor = attack s / (K x one eager fp32 forward+input-backward of the bare "
+               f"model); robust = accuracy left on the same points, float32"
                + ("; median L2 = of the perturbations, on the points both sides fool" if show_l2 else "") + ")")
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    out.append("models: " + "; ".join(f"{m} = {MODEL_NOTES.get(m, 'a model of the caller')}" for m in models))
+    note = load_note(rows)
+    if note:
+        out.append(note)
     return "\n".join(out)
 
 

@@ -7,8 +7,8 @@ points of PGD-10 AT's PGD-40 accuracy in ≤ 2× standard training's wall time.
 """
 from __future__ import annotations
 
-import json
 import math
+import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -35,27 +35,46 @@ QUICK = ("standard", "pgd-10", "fgsm_rs", "atta-1", "atta-1+free", "atta-2")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs per method")
+    parser.add_argument("--eps", type=float, default=0.3, help="L∞ radius of training and evaluation")
     parser.add_argument("--width", type=int, default=16, help="SmallCNN width")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--n-train", type=int, default=4000)
-    parser.add_argument("--n-test", type=int, default=1000)
+    parser.add_argument("--n-train", type=int, default=4000, help="training digits")
+    parser.add_argument("--n-test", type=int, default=1000, help="held-out digits")
     parser.add_argument("--eval-steps", type=int, default=40, help="PGD steps of the final evaluation")
     parser.add_argument("--eps-warmup", type=float, default=2.0, help="epochs of linear eps ramp-up")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--attack-amp", default="bf16", choices=["fp32", "bf16", "same"],
                         help="precision of the training attacks (training itself is fp32)")
-    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--no-channels-last", action="store_true", help="keep the contiguous layout")
     parser.add_argument("--pgd-fp32", action="store_true",
                         help="run the PGD-10 reference with an fp32 attack")
-    parser.add_argument("--only", nargs="+", metavar="LABEL", help="rows to run (labels of SPECS)")
+    parser.add_argument("--only", nargs="+", metavar="LABEL",
+                        help="rows to run (labels of SPECS; default: all)")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every row")
     parser.add_argument("--interleave", action="store_true",
                         help="train the rows round-robin, an epoch at a time (fair timing on a shared machine)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON (default: none)")
+
+
+def check_args(args) -> None:
+    """Every flag checked before minutes of training (a ValueError naming the flag)."""
+    for flag, v in (("--epochs", args.epochs), ("--width", args.width), ("--batch-size", args.batch_size),
+                    ("--n-train", args.n_train), ("--n-test", args.n_test), ("--eval-steps", args.eval_steps),
+                    ("--threads", args.threads)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag}: expected an integer >= 1, got {v}")
+    if not (math.isfinite(args.eps) and 0 < args.eps < 1):
+        raise ValueError(f"--eps: expected a number in (0, 1) (inputs are in [0, 1]), got {args.eps}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: expected a number > 0, got {args.lr}")
+    if not (math.isfinite(args.eps_warmup) and args.eps_warmup >= 0):
+        raise ValueError(f"--eps-warmup: expected a number >= 0, got {args.eps_warmup}")
+    if args.json:
+        from ._files import check_output_file
+        check_output_file("--json", args.json)
 
 
 def _median(v: Sequence[float]) -> float:
@@ -227,13 +246,19 @@ def format_cost_table(rows) -> str:
 
 
 def run(args) -> int:
+    try:
+        check_args(args)
+    except ValueError as exc:
+        print(f"fastadv bench train: {exc}", file=sys.stderr)
+        return 2
     specs = SPECS
     if args.quick:
         specs = [s for s in SPECS if s[0] in QUICK]
     if args.only:
         specs = [s for s in SPECS if s[0] in args.only]
         if not specs:
-            print(f"--only: no rows named {args.only}; rows: {[s[0] for s in SPECS]}")
+            print(f"fastadv bench train: --only: no rows named {args.only}; rows: {[s[0] for s in SPECS]}",
+                  file=sys.stderr)
             return 2
     rows = train_table(specs, epochs=args.epochs, eps=args.eps, width=args.width,
                        batch_size=args.batch_size, lr=args.lr, n_train=args.n_train, n_test=args.n_test,
@@ -243,8 +268,8 @@ def run(args) -> int:
     print()
     print(format_table(rows, args.eval_steps))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1, default=str)
+        from ._files import atomic_write_json
+        atomic_write_json(rows, args.json, indent=1, default=str)
     return 0
 
 

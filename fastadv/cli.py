@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import os
 import sys
 
 # subcommand -> module in fastadv.commands exposing add_arguments(parser) and run(args) -> int
@@ -16,8 +18,29 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastadv", description="Fast adversarial attacks and training.")
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.default is None or action.default == [] or action.default == "":
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser():
+    """(the top parser, {subcommand: module})."""
+    parser = Parser(prog="fastadv", description="Fast adversarial attacks and training.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, help_text in SUBCOMMANDS.items():
@@ -30,11 +53,103 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
         modules[name] = mod
-    args = parser.parse_args(argv)
+    return parser, modules
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
+def _walk(parser):
+    """The parser and every subcommand parser below it."""
+    yield parser
+    sp = _subparsers(parser)
+    if sp is not None:
+        for child in dict.fromkeys(sp.choices.values()):
+            yield from _walk(child)
+
+
+def _used_parser(parser, args):
+    """The innermost subcommand parser the command line chose."""
+    p = parser
+    while True:
+        sp = _subparsers(p)
+        if sp is None:
+            return p
+        chosen = getattr(args, sp.dest, None)
+        if chosen is None or chosen not in sp.choices:
+            return p
+        p = sp.choices[chosen]
+
+
+def _options(parser):
+    return [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+
+
+def _unrecognized(top, used, extra) -> int:
+    """Print the chosen subcommand's usage and, per unknown flag, where it belongs or its
+    closest match; exit status 2, as argparse's own errors."""
+    flags = _options(used)
+    elsewhere = {}
+    for p in _walk(top):
+        if p is used:
+            continue
+        for o in _options(p):
+            elsewhere.setdefault(o, []).append(p.prog)
+    msgs = []
+    for item in extra:
+        if not item.startswith("-") or item == "-":
+            msgs.append(f"unexpected argument {item!r}")
+            continue
+        flag = item.split("=", 1)[0]
+        msg = f"unrecognized argument {flag}"
+        if flag in elsewhere:
+            msg += f" (it is a flag of {', '.join(f'`{p}`' for p in elsewhere[flag])}, not of `{used.prog}`)"
+        close = difflib.get_close_matches(flag, flags, n=2, cutoff=0.6)
+        if close:
+            msg += f"; did you mean {' or '.join(close)}?"
+        msgs.append(msg)
+        if len(msgs) >= 4:
+            break
+    used.print_usage(sys.stderr)
+    for m in msgs:
+        print(f"{used.prog}: error: {m}", file=sys.stderr)
+    return 2
+
+
+def _interrupted(args) -> str:
+    cmd = getattr(args, "command", None) or ""
+    hint = ""
+    if cmd == "eval":
+        hint = "; run the same command again to resume from its state file"
+    elif cmd == "train":
+        hint = "; run the same command again to resume from the last checkpoint"
+    return f"fastadv {cmd}: interrupted{hint}".replace("  ", " ")
+
+
+def main(argv=None) -> int:
+    parser, modules = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        return _unrecognized(parser, _used_parser(parser, args), extra)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(modules[args.command].run(args) or 0)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except KeyboardInterrupt:
+        # one line, not a traceback (nor the worker threads' at interpreter exit)
+        try:
+            sys.stdout.flush()
+        except Exception:
+            pass
+        print(f"\n{_interrupted(args)}", file=sys.stderr, flush=True)
+        if argv is None:   # the process's own entry point: leave now, without joining worker threads
+            os._exit(130)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,34 +2,38 @@
 minutes, then clean / PGD / AutoAttack evaluation, a table and a PNG training curve."""
 from __future__ import annotations
 
-import json
 import os
+import shlex
+import statistics
 import sys
 import time
 
+from ._args import add_progress, at_least, budget, check_out, check_threads, progress_on
 from .train import RECOMMENDED, method_options
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--method", default=RECOMMENDED, help=f"training method (default {RECOMMENDED})")
-    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--eps", type=budget, default=0.3, help="L∞ radius, a number or a fraction such as 8/255")
     parser.add_argument("--epochs", type=int, default=None, help="default 10 (1 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="attack steps (default: the method's)")
     parser.add_argument("--width", type=int, default=16, help="SmallCNN width")
     parser.add_argument("--n-train", type=int, default=None, help="default 4000 (1000 with --quick)")
     parser.add_argument("--n-test", type=int, default=None, help="default 1000 (200 with --quick)")
-    parser.add_argument("--pgd-steps", type=int, default=40)
+    parser.add_argument("--pgd-steps", type=int, default=40, help="PGD steps of the held-out evaluation")
     parser.add_argument("--aa-samples", type=int, default=None,
                         help="held-out samples AutoAttack evaluates, the slow part (default 200; 20 with --quick)")
-    parser.add_argument("--aa-version", default="standard", choices=["standard", "plus", "rand"])
-    parser.add_argument("--no-autoattack", action="store_true")
+    parser.add_argument("--aa-version", default="standard", choices=["standard", "plus", "rand"],
+                        help="AutoAttack version")
+    parser.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack")
     parser.add_argument("--no-baseline", action="store_true", help="skip the standard-training baseline")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialization, data order and attacks")
     parser.add_argument("--out", default="fastadv-demo", help="directory for the table, curve, weights")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 1 epoch on 1000 digits, 200 test, AutoAttack on 20 "
                              "(explicit options still win)")
+    add_progress(parser)
 
 
 def _autoattack(model, x, y, eps, version, seed):
@@ -53,7 +57,8 @@ def _curve(path, curves, eps):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, hist in curves.items():
         ep = [r["epoch"] for r in hist]
-        a1.plot(ep, [r["train_loss"] for r in hist], marker="o", label=label)
+        a1.plot(ep, [r["train_loss"] for r in hist], marker="o",
+                label=f"{label} ({'clean' if label == 'standard' else 'adversarial'} inputs)")
         a2.plot(ep, [r["val_clean_acc"] for r in hist], marker="o", label=f"{label}: clean")
         a2.plot(ep, [r["robust_acc"] for r in hist], marker="s", linestyle="--", label=f"{label}: PGD")
     a1.set(xlabel="epoch", ylabel="training loss", title="training loss")
@@ -61,15 +66,51 @@ def _curve(path, curves, eps):
     a1.legend()
     a2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from fastadv._files import atomic_savefig
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _epoch_line(method: str, r: dict) -> str:
+    # standard training trains on clean inputs: its training accuracy is not "adversarial"
+    acc = "train-clean" if method == "standard" else "train-adv"
+    parts = [f"epoch {r['epoch']:3d}", f"loss {r['train_loss']:.4f}", f"{acc} {r['train_adv_acc']:.1%}"]
+    if "val_clean_acc" in r:
+        parts.append(f"val-clean {r['val_clean_acc']:.1%}")
+    if "robust_acc" in r:
+        parts.append(f"PGD {r['robust_acc']:.1%}")
+    parts.append(f"{r['time']:.1f}s")
+    if r.get("cpu_time") is not None:
+        parts.append(f"CPU {r['cpu_time']:.1f}s")
+    if r.get("collapse"):
+        parts.append("COLLAPSE")
+    return " | ".join(parts)
+
+
+def check_args(args) -> None:
+    for name in ("epochs", "n_train", "n_test", "aa_samples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive count, got {getattr(args, name)}")
+    at_least("--width", args.width, 1)
+    at_least("--pgd-steps", args.pgd_steps, 1)
+    at_least("--steps", args.steps, 1)
+    check_threads("--threads", args.threads)
+    from fastadv.budget import check_eps_budget
+    if not (args.eps == args.eps and args.eps > 0):
+        raise ValueError(f"--eps: expected a number > 0, got {args.eps}")
+    check_eps_budget(args.eps, "Linf", 0.0, 1.0, name="--eps",
+                     allow_name="an eps below 1 (training at an eps that covers the inputs is refused)")
+    from fastadv.train.methods import get_method
+    get_method(args.method, args.eps, None, args.steps, **method_options(args.method))
+    check_out("--out", args.out)
 
 
 def run(args) -> int:
     import torch
 
-    from fastadv import data, models
+    from fastadv import data, runs
+    from fastadv._files import atomic_write_json, atomic_write_text
     from fastadv.train import AdversarialTrainer
     from fastadv.train import checkpoint as ckpt
 
@@ -79,32 +120,28 @@ def run(args) -> int:
             setattr(args, name, v)
     # every argument checked before minutes of baseline training are spent
     try:
-        for name in ("epochs", "n_train", "n_test", "aa_samples"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}: expected a positive count, "
-                                 f"got {getattr(args, name)}")
-        from fastadv.train.methods import get_method
-        get_method(args.method, args.eps, None, args.steps, **method_options(args.method))
+        check_args(args)
     except (ValueError, TypeError) as exc:
         print(f"fastadv demo: {exc}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     try:
         (xtr, ytr), (xte, yte) = data.load_dataset("mnist5k", n_test=1000, seed=0)
     except ImportError as exc:
         print(f"fastadv demo: {exc}", file=sys.stderr)
         return 2
     xtr, ytr, xte, yte = xtr[: args.n_train], ytr[: args.n_train], xte[: args.n_test], yte[: args.n_test]
-    print(f"fastadv demo: SmallCNN(width={args.width}) on {len(xtr)} MNIST digits, ε={args.eps}, "
+    print(f"fastadv demo: SmallCNN(width={args.width}) on {len(xtr)} MNIST digits, ε={args.eps:g}, "
           f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}, {torch.get_num_threads()} CPU threads", flush=True)
 
-    runs = ([] if args.no_baseline else ["standard"]) + [args.method]
+    runs_ = ([] if args.no_baseline else ["standard"]) + [args.method]
     rows, curves = [], {}
-    for method in runs:
+    spec = {"name": "small_cnn", "kwargs": {"in_channels": 1, "num_classes": 10, "width": args.width,
+                                            "input_size": 28}}
+    for method in runs_:
         torch.manual_seed(args.seed)
-        model = models.SmallCNN(width=args.width)
+        model = runs.build_model(spec)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         try:
             tr = AdversarialTrainer(model, opt, method=method, eps=args.eps, seed=args.seed,
@@ -115,17 +152,30 @@ def run(args) -> int:
             return 2
         loader = data.make_loader(xtr, ytr, batch_size=64, indexed=(method == "atta"), seed=args.seed)
         val = data.make_loader(xte[:500], yte[:500], batch_size=500, shuffle=False)
-        print(f"\n== {method} ==", flush=True)
-        hist = tr.fit(loader, args.epochs, val_loader=val, guard_size=500,
-                      eps_warmup=min(2.0, args.epochs / 2.5), verbose=True)
+        print(f"\n== {method} ({'clean inputs' if method == 'standard' else 'adversarial training'}) ==",
+              flush=True)
+        # an epoch at a time (fit continues where it stopped), each reported with its own label;
+        # the best weights go back (after a collapse) only at the end, as in one fit()
+        for e in range(1, args.epochs + 1):
+            hist = tr.fit(loader, e, val_loader=val, guard_size=500,
+                          eps_warmup=min(2.0, args.epochs / 2.5), verbose=False,
+                          restore_best="on_collapse" if e == args.epochs else False,
+                          progress=progress_on(args.progress))
+            print(_epoch_line(method, hist[-1]), flush=True)
         curves[method] = list(hist)
-        train_time = sum(r["time"] for r in hist)
+        times = [r["time"] for r in hist]
+        cpu = [r["cpu_time"] for r in hist if r.get("cpu_time") is not None]
         test = data.make_loader(xte, yte, batch_size=500, shuffle=False)
         t0 = time.perf_counter()
         ev = tr.evaluate(test, steps=args.pgd_steps)
         t_pgd = time.perf_counter() - t0
-        row = {"method": method, "train_time_s": round(train_time, 1), "clean_acc": ev["clean_acc"],
-               f"pgd{args.pgd_steps}_acc": ev["robust_acc"], "pgd_time_s": round(t_pgd, 1)}
+        # the median epoch: one epoch slowed by another job cannot invert the comparison
+        row = {"method": method, "median_epoch_s": round(statistics.median(times), 2),
+               "epoch_times_s": [round(t, 2) for t in times], "train_time_s": round(sum(times), 1),
+               "cpu_time_s": round(sum(cpu), 1) if cpu else None,
+               "median_epoch_cpu_s": round(statistics.median(cpu), 2) if cpu else None,
+               "clean_acc": ev["clean_acc"], f"pgd{args.pgd_steps}_acc": ev["robust_acc"],
+               "pgd_time_s": round(t_pgd, 1)}
         if not args.no_autoattack:
             n = min(args.aa_samples, len(xte))
             t0 = time.perf_counter()
@@ -138,30 +188,43 @@ def run(args) -> int:
                 print(f"AutoAttack: {why}")
         rows.append(row)
         if method == args.method:
-            name = "model.safetensors"
+            desc = runs.run_description("small_cnn", spec["kwargs"], data="mnist5k", eps=args.eps,
+                                        n_test=1000, method=method)
+            meta = runs.weights_metadata(desc, method=method, eps=args.eps)
+            runs.write_run_file(args.out, desc)
             try:
-                ckpt.save_weights(tr.module.state_dict(), os.path.join(args.out, name),
-                                  {"method": method, "eps": args.eps})
+                ckpt.save_weights(tr.module.state_dict(), os.path.join(args.out, "model.safetensors"), meta)
             except ImportError:
-                ckpt.save_weights(tr.module.state_dict(), os.path.join(args.out, "model.pt"),
-                                  {"method": method, "eps": args.eps})
+                ckpt.save_weights(tr.module.state_dict(), os.path.join(args.out, "model.pt"), meta)
 
+    base = next((r for r in rows if r["method"] == "standard"), None)
+    for r in rows:
+        r["epoch_time_ratio"] = (r["median_epoch_s"] / base["median_epoch_s"]) if base and base["median_epoch_s"] else None
+        if base and r.get("median_epoch_cpu_s") and base.get("median_epoch_cpu_s"):
+            r["epoch_cpu_ratio"] = r["median_epoch_cpu_s"] / base["median_epoch_cpu_s"]
     k = f"pgd{args.pgd_steps}_acc"
-    lines = [f"| method | train time (s) | clean | PGD-{args.pgd_steps} | AutoAttack |", "|---|---|---|---|---|"]
+    lines = [f"| method | median epoch (s) | × standard (wall) | × standard (CPU) | clean | PGD-{args.pgd_steps} "
+             f"| AutoAttack |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         aa = r.get("autoattack_acc")
         aa_s = "skipped" if args.no_autoattack or aa is None else f"{aa:.1%} (n={r['autoattack_n']})"
-        lines.append(f"| {r['method']} | {r['train_time_s']} | {r['clean_acc']:.1%} | {r[k]:.1%} | {aa_s} |")
+        ratio = "-" if r.get("epoch_time_ratio") is None else f"{r['epoch_time_ratio']:.2f}"
+        cratio = "-" if r.get("epoch_cpu_ratio") is None else f"{r['epoch_cpu_ratio']:.2f}"
+        lines.append(f"| {r['method']} | {r['median_epoch_s']:.2f} | {ratio} | {cratio} | {r['clean_acc']:.1%} | "
+                     f"{r[k]:.1%} | {aa_s} |")
     table = "\n".join(lines)
-    print(f"\nMNIST-5k, ε={args.eps} (L∞), {len(xte)} held-out digits\n\n{table}")
+    note = ("Training time: the median epoch's wall time (and its ratio to standard training's, wall and "
+            "process CPU time), so one epoch slowed by another job on the machine cannot invert the "
+            "comparison. Standard training trains on clean inputs.")
+    print(f"\nMNIST-5k, ε={args.eps:g} (L∞), {len(xte)} held-out digits\n\n{table}\n\n{note}")
     why = _curve(os.path.join(args.out, "curve.png"), curves, args.eps)
     if why:
         print(f"training curve: {why}")
     else:
         print(f"\ntraining curve: {os.path.join(args.out, 'curve.png')}")
-    with open(os.path.join(args.out, "results.md"), "w") as fh:
-        fh.write(f"# fastadv demo\n\nMNIST-5k, ε={args.eps} (L∞), SmallCNN(width={args.width}), "
-                 f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}, {torch.get_num_threads()} CPU threads\n\n{table}\n")
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump({"rows": rows, "history": curves}, fh, indent=1)
+    atomic_write_text(f"# fastadv demo\n\nMNIST-5k, ε={args.eps:g} (L∞), SmallCNN(width={args.width}), "
+                      f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}, {torch.get_num_threads()} CPU "
+                      f"threads\n\n{table}\n\n{note}\n", os.path.join(args.out, "results.md"))
+    atomic_write_json({"rows": rows, "history": curves}, os.path.join(args.out, "results.json"))
+    print(f"evaluate the trained model fully: fastadv eval {shlex.quote(args.out)}")
     return 0

@@ -1,9 +1,12 @@
 """``fastadv train``: adversarially train a zoo model on an embedded data set (DDP under torchrun)."""
 from __future__ import annotations
 
-import json
 import os
+import shlex
 import sys
+
+from ._args import (add_progress, at_least, budget, check_device, check_finite, check_out, check_threads,
+                    progress_on)
 
 # The default: ATTA-1 with fastadv's free step (the training backward's input gradient moves
 # the cached perturbation once more). Over 5 seeds on MNIST-5k it ends 1.3 ± 2.3 points
@@ -28,45 +31,73 @@ def add_arguments(parser) -> None:
     g = parser.add_argument_group("method")
     g.add_argument("--method", default=RECOMMENDED, choices=sorted(METHODS),
                    help=f"training method (default {RECOMMENDED})")
-    g.add_argument("--eps", type=float, default=None, help="L∞ radius (default 0.3 on mnist5k, 0.2 on digits)")
-    g.add_argument("--alpha", type=float, default=None, help="attack step (default: the method's rule)")
+    g.add_argument("--eps", type=budget, default=None,
+                   help="L∞ radius, a number or a fraction such as 8/255 (default 0.3 on mnist5k, 0.2 on digits)")
+    g.add_argument("--alpha", type=budget, default=None, help="attack step (default: the method's rule)")
     g.add_argument("--steps", type=int, default=None, help="attack steps (default: the method's)")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, e.g. beta=6 (trades), replays=8 (free), outer=5 (yopo)")
+                   help="a method option, e.g. beta=6 (trades), replays=8 (free), outer=5 (yopo); repeatable")
     g.add_argument("--eps-warmup", type=float, default=None,
                    help="epochs of linear eps ramp-up (default 2 on mnist5k, else 0)")
     g = parser.add_argument_group("data and model")
-    g.add_argument("--data", default="mnist5k", choices=["mnist5k", "digits"])
+    g.add_argument("--data", default="mnist5k", choices=["mnist5k", "digits"], help="embedded data set")
     g.add_argument("--n-test", type=int, default=1000, help="held-out samples")
-    g.add_argument("--n-train", type=int, default=None, help="use only this many training samples")
-    g.add_argument("--model", default="small_cnn", choices=["small_cnn", "preact_resnet18"])
+    g.add_argument("--n-train", type=int, default=None, help="use only this many training samples (default: all)")
+    g.add_argument("--model", default="small_cnn", choices=["small_cnn", "preact_resnet18"], help="zoo model")
     g.add_argument("--width", type=int, default=16, help="SmallCNN width")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=5)
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    g.add_argument("--epochs", type=int, default=5, help="passes over the training data")
+    g.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimizer")
     g.add_argument("--lr", type=float, default=None, help="peak LR (default 1e-3 adam, 0.05 sgd)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov when > 0)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
     g.add_argument("--schedule", default="none",
-                   choices=["none", "constant", "cyclic", "one_cycle", "piecewise"])
-    g.add_argument("--amp", default=None, choices=["bf16", "fp16"])
-    g.add_argument("--attack-amp", default="same", choices=["same", "fp32", "bf16", "fp16"])
-    g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+                   choices=["none", "constant", "cyclic", "one_cycle", "piecewise"], help="LR schedule")
+    g.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="mixed-precision training (default: fp32)")
+    g.add_argument("--attack-amp", default="same", choices=["same", "fp32", "bf16", "fp16"],
+                   help="precision of the training attacks ('same': as --amp)")
+    g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="channels_last layout for conv nets")
     g = parser.add_argument_group("run")
     g.add_argument("--out", default="fastadv-train", help="directory for checkpoints, history, weights")
     g.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
-    g.add_argument("--checkpoint-every", type=int, default=None, metavar="BATCHES")
-    g.add_argument("--guard-size", type=int, default=512)
-    g.add_argument("--guard-steps", type=int, default=10)
-    g.add_argument("--co-drop", type=float, default=0.2)
-    g.add_argument("--stop-on-collapse", action="store_true")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="BATCHES",
+                   help="also checkpoint every this many batches (default: once per epoch)")
+    g.add_argument("--guard-size", type=int, default=512,
+                   help="held-out points of the catastrophic-overfitting guard")
+    g.add_argument("--guard-steps", type=int, default=10, help="PGD steps of the guard")
+    g.add_argument("--co-drop", type=float, default=0.2,
+                   help="a guard accuracy drop of more than this is a collapse")
+    g.add_argument("--stop-on-collapse", action="store_true", help="stop training at a collapse")
     g.add_argument("--eval-steps", type=int, default=20, help="PGD steps of the final evaluation")
     g.add_argument("--safetensors", action="store_true", help="write weights as .safetensors")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialization, data order and attacks")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    g.add_argument("--progress", action="store_true", help="progress bars (tqdm)")
+    add_progress(g)
+
+
+def check_args(args) -> None:
+    """The flags that only matter after training, checked before it starts."""
+    for flag, v, lo in (("--width", args.width, 1), ("--epochs", args.epochs, 1),
+                        ("--batch-size", args.batch_size, 1), ("--n-test", args.n_test, 1),
+                        ("--n-train", args.n_train, 1), ("--eval-steps", args.eval_steps, 1),
+                        ("--guard-size", args.guard_size, 1), ("--guard-steps", args.guard_steps, 1),
+                        ("--checkpoint-every", args.checkpoint_every, 1), ("--steps", args.steps, 1)):
+        at_least(flag, v, lo)
+    check_threads("--threads", args.threads)
+    check_finite("--eps", args.eps, 0.0, strict=True)
+    check_finite("--alpha", args.alpha, 0.0, strict=True)
+    check_finite("--lr", args.lr, 0.0, strict=True)
+    check_finite("--eps-warmup", args.eps_warmup, 0.0)
+    if args.eps is not None:
+        from fastadv.budget import check_eps_budget
+        check_eps_budget(args.eps, "Linf", 0.0, 1.0, name="--eps",
+                         allow_name="an eps below 1 (training at an eps that covers the inputs is refused)")
+    if args.device is not None:
+        check_device("--device", args.device)
+    check_out("--out", args.out)
 
 
 def _options(pairs):
@@ -91,10 +122,11 @@ def build(args):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from fastadv import data, models
+    from fastadv import data, runs
     from fastadv.train import AdversarialTrainer
     from fastadv.train import distributed as dist_
 
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = dist_.init_from_env() if "RANK" in os.environ else torch.device(
@@ -106,11 +138,15 @@ def build(args):
         xtr, ytr = xtr[: args.n_train], ytr[: args.n_train]
     torch.manual_seed(args.seed)
     side = xtr.shape[-1]
+    classes = max(10, int(ytr.max()) + 1)
     if args.model == "small_cnn":
-        model = models.SmallCNN(in_channels=xtr.shape[1], width=args.width, input_size=side)
+        kwargs = {"in_channels": int(xtr.shape[1]), "num_classes": classes, "width": args.width,
+                  "input_size": int(side)}
     else:
-        model = models.PreActResNet18(in_channels=xtr.shape[1])
-    model = model.to(device)
+        kwargs = {"in_channels": int(xtr.shape[1]), "num_classes": classes}
+    # the model is built from the spec it is recorded under, so `fastadv eval OUT` rebuilds it
+    args.model_spec = {"name": args.model, "kwargs": kwargs}
+    model = runs.build_model(args.model_spec).to(device)
     if dist_.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -147,12 +183,19 @@ def run(args) -> int:
     except (ValueError, TypeError, ImportError) as exc:
         print(f"fastadv train: {exc}", file=sys.stderr)
         return 2
+    from fastadv import runs
+    from fastadv._files import atomic_write_json
     from fastadv.train import checkpoint as ckpt
     from fastadv.train import distributed as dist_
 
     main = dist_.is_main()
     warm = args.eps_warmup if args.eps_warmup is not None else (2.0 if args.data == "mnist5k" else 0.0)
+    desc = runs.run_description(args.model_spec["name"], args.model_spec["kwargs"], data=args.data,
+                                eps=trainer.eps, norm="Linf", lower=trainer.lower, upper=trainer.upper,
+                                n_test=args.n_test, method=args.method)
     if main:
+        # written first: best.pt and last.pt (the trainer's own files) are described by it
+        runs.write_run_file(args.out, desc)
         print(f"fastadv train: {trainer!r} on {args.data} ({len(loader.dataset)} training samples), "
               f"{args.epochs} epoch{'s' if args.epochs != 1 else ''} -> {args.out}", flush=True)
     try:
@@ -161,7 +204,7 @@ def run(args) -> int:
                            guard_size=args.guard_size, guard_steps=args.guard_steps,
                            co_drop=args.co_drop, stop_on_collapse=args.stop_on_collapse,
                            best_format="safetensors" if args.safetensors else "pt",
-                           eps_warmup=warm, progress=args.progress or None, verbose=main)
+                           eps_warmup=warm, progress=progress_on(args.progress) and main, verbose=main)
     except (ValueError, TypeError) as exc:
         print(f"fastadv train: {exc}", file=sys.stderr)
         return 2
@@ -169,11 +212,10 @@ def run(args) -> int:
     if main:
         name = "final.safetensors" if args.safetensors else "final.pt"
         ckpt.save_weights(trainer.module.state_dict(), os.path.join(args.out, name),
-                          {"method": args.method, "eps": trainer.eps})
-        with open(os.path.join(args.out, "history.json"), "w") as fh:
-            json.dump({"config": trainer.config(), "history": list(hist), "final": ev,
-                       "best_epoch": hist.best_epoch, "collapsed_epochs": hist.collapsed_epochs},
-                      fh, indent=1)
+                          runs.weights_metadata(desc, method=args.method, eps=trainer.eps))
+        atomic_write_json({"config": trainer.config(), "run": desc, "history": list(hist), "final": ev,
+                           "best_epoch": hist.best_epoch, "collapsed_epochs": hist.collapsed_epochs},
+                          os.path.join(args.out, "history.json"))
         t = sum(r["time"] for r in hist)
         print(f"\n| method | eps | epochs | train time (s) | clean | PGD-{args.eval_steps} |")
         print("|---|---|---|---|---|---|")
@@ -182,5 +224,8 @@ def run(args) -> int:
         if hist.collapsed:
             print(f"catastrophic overfitting at epoch(s) {hist.collapsed_epochs}; "
                   f"kept the weights of epoch {hist.best_epoch}")
+        print(f"\nweights: {os.path.join(args.out, name)} (the model above; best.* is the best guard "
+              f"epoch, last.pt the checkpoint a rerun resumes from)")
+        print(f"evaluate it (AutoAttack, report in fastadv-report/):\n  fastadv eval {shlex.quote(args.out)}")
     dist_.shutdown()
     return 0

@@ -9,7 +9,7 @@
 """
 from . import masking, metrics, smoothing
 from .masking import GradientMaskingWarning, MaskingCheck, check_gradient_masking, run_model_checks
-from .metrics import (accuracy_summary, calibration_under_attack, expected_calibration_error,
+from .metrics import (accuracy_summary, autoattack_summary, calibration_under_attack, expected_calibration_error,
                       per_class_accuracy, robust_accuracy_curve, transfer_robustness, worst_case)
 from .smoothing import certified_accuracy, certify, predict
 
@@ -30,6 +30,6 @@ def __getattr__(name):
 __all__ = ["masking", "metrics", "smoothing", "report", "evaluate", "write_report", "sharded",
            "run_standard_evaluation_sharded",
            "GradientMaskingWarning", "MaskingCheck", "check_gradient_masking", "run_model_checks",
-           "accuracy_summary", "calibration_under_attack", "expected_calibration_error",
+           "accuracy_summary", "autoattack_summary", "calibration_under_attack", "expected_calibration_error",
            "per_class_accuracy", "robust_accuracy_curve", "transfer_robustness", "worst_case",
            "certified_accuracy", "certify", "predict"]

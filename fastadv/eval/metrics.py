@@ -12,6 +12,7 @@ from ..attacks.apgd import APGD, APGDT
 from ..attacks.base import Attack, int_arg, model_context, nonneg_numbers
 
 __all__ = ["predict_logits", "accuracy", "per_class_accuracy", "worst_case", "accuracy_summary",
+           "autoattack_summary", "AutoAttackSummary",
            "robust_accuracy_curve", "calibration_bins", "expected_calibration_error",
            "calibration_under_attack", "transfer_robustness"]
 
@@ -150,6 +151,66 @@ def accuracy_summary(y: Tensor, clean_correct: Tensor, robust: Tensor,
             after[k] = accuracy(still)
         out["robust_accuracy_after"] = after
     return out
+
+
+class AutoAttackSummary(list):
+    """AutoAttack's run, one dict per attack in the order they ran: ``attack``, ``fooled``
+    (points it fooled first: the ones the attacks before it left robust),
+    ``robust_accuracy_after`` (robust accuracy once it has run) and ``time_s``; ``n`` and
+    ``clean_accuracy`` as attributes. ``print`` shows it as a table."""
+
+    def __init__(self, rows, n: int, clean_accuracy: float, robust_accuracy: float):
+        super().__init__(rows)
+        self.n, self.clean_accuracy, self.robust_accuracy = n, clean_accuracy, robust_accuracy
+
+    def __str__(self) -> str:
+        def pct(v):
+            return "n/a" if v != v else f"{100 * v:.2f}%"
+        width = max([len("clean")] + [len(r["attack"]) for r in self])
+        lines = [f"{'attack':{width}}  fooled  robust after  time",
+                 f"{'clean':{width}}  {'':>6}  {pct(self.clean_accuracy):>12}  (n={self.n})"]
+        for r in self:
+            lines.append(f"{r['attack']:{width}}  {r['fooled']:>6}  {pct(r['robust_accuracy_after']):>12}  "
+                         f"{r['time_s']:.1f} s")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def autoattack_summary(result) -> AutoAttackSummary:
+    """A readable summary of an AutoAttack run: per attack the points it fooled, the robust
+    accuracy after it and its time. ``result``: the ``AutoAttack`` object after a run, its
+    ``last_result``, or that result's ``extra`` dict (with ``clean``, ``per_attack`` — the
+    [B] bool "fooled by this attack" masks —, ``attacks`` and ``time``)."""
+    extra = result
+    if hasattr(extra, "last_result"):
+        extra = extra.last_result
+        if extra is None:
+            raise ValueError("result: this AutoAttack has not run yet (run_standard_evaluation first)")
+    if hasattr(extra, "extra"):
+        extra = extra.extra
+    if not isinstance(extra, Mapping) or not all(k in extra for k in ("clean", "per_attack")):
+        raise TypeError("result: expected an AutoAttack after a run, its last_result, or "
+                        f"last_result.extra; got {type(result).__name__}")
+    clean = _tensor("extra['clean']", extra["clean"]).bool().cpu()
+    per_attack = extra["per_attack"]
+    if not isinstance(per_attack, Mapping):
+        raise TypeError(f"extra['per_attack']: expected a mapping attack -> [B] bool tensor, got "
+                        f"{type(per_attack).__name__}")
+    order = list(extra.get("attacks") or per_attack)
+    times = extra.get("time") or {}
+    b = clean.shape[0]
+    still = clean.clone()
+    rows = []
+    for name in order:
+        fooled = _mask(f"per_attack[{name!r}]", per_attack[name], b).bool().cpu()
+        still &= ~fooled
+        rows.append({"attack": name, "fooled": int(fooled.sum()), "robust_accuracy_after": accuracy(still),
+                     "time_s": float(times.get(name, float("nan")))})
+    robust = extra.get("robust")
+    rob = accuracy(robust.bool().cpu()) if isinstance(robust, Tensor) else accuracy(still)
+    return AutoAttackSummary(rows, b, accuracy(clean), rob)
 
 
 # ------------------------------------------------------------- eps curve

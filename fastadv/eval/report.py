@@ -17,8 +17,10 @@ import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
+import torch
 from torch import Tensor
 
+from .._files import atomic_savefig, atomic_write_json, atomic_write_text
 from ..attacks.autoattack import AutoAttack, data_signature, model_signature
 from ..attacks.base import int_arg, module_of, nonneg_numbers
 from ..train import distributed as _dist
@@ -27,32 +29,59 @@ from . import masking, metrics, sharded, smoothing
 __all__ = ["evaluate", "write_report", "load_state"]
 
 
-def _progress_factory(enabled: bool):
-    """(callback(attack, n_done), close) — a tqdm bar per attack when tqdm is installed."""
+def _progress_factory(enabled: bool, first_total: Optional[int] = None):
+    """(callback(attack, n_done), close, count_fooled(n)): a tqdm bar per attack with its
+    total and ETA (a printed line per chunk without tqdm).
+
+    Each attack sees only the points still robust when it starts: the first attack's
+    total is ``first_total`` (the clean-correct points), the next one's that minus what
+    the earlier attacks fooled, which ``count_fooled`` is told chunk by chunk. Without
+    ``first_total`` (a resumed run) the bars count without a total."""
+    noop = (lambda name, n: None), (lambda: None), (lambda n: None)
     if not enabled:
-        return None, lambda: None
+        return noop
+    state = {"total": first_total, "pending": 0, "fooled": {}, "order": []}
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        def cb(name, n):
-            print(f"  {name}: +{n} points", flush=True)
-        return cb, lambda: None
+        tqdm = None
     bars: Dict[str, object] = {}
+    done: Dict[str, int] = {}
     last = [time.time()]   # when the previous report came: the next attack started then
 
+    def total_for(name: str) -> Optional[int]:
+        if state["total"] is None:
+            return None
+        return max(0, state["total"] - sum(state["fooled"].get(a, 0) for a in state["order"]))
+
     def cb(name, n):
-        if name not in bars:
-            # each attack only sees the points still robust: count them, no fixed total
-            bar = tqdm(desc=name, unit="pt", leave=True)
-            bar.start_t = min(bar.start_t, last[0])  # its first chunk ran since then: honest rate
-            bars[name] = bar
-        bars[name].update(n)
+        if name not in done:
+            tot = total_for(name)
+            state["order"].append(name)
+            done[name] = 0
+            if tqdm is not None:
+                bar = tqdm(desc=name, total=tot, unit="pt", leave=True, dynamic_ncols=True)
+                bar.start_t = min(bar.start_t, last[0])  # its first chunk ran since then: honest rate
+                bars[name] = bar
+            state.setdefault("totals", {})[name] = tot
+        # the points this chunk fooled were counted just before this call
+        state["fooled"][name] = state["fooled"].get(name, 0) + state["pending"]
+        state["pending"] = 0
+        done[name] += n
+        if name in bars:
+            bars[name].update(n)
+        else:
+            tot = state["totals"][name]
+            print(f"  {name}: {done[name]}{'' if tot is None else f'/{tot}'} points", flush=True)
         last[0] = time.time()
+
+    def count_fooled(n: int) -> None:
+        state["pending"] += int(n)
 
     def close():
         for b in bars.values():
             b.close()
-    return cb, close
+    return cb, close, count_fooled
 
 
 def load_state(path: Optional[str]) -> Dict[str, object]:
@@ -68,11 +97,7 @@ def load_state(path: Optional[str]) -> Dict[str, object]:
 def _save_state(path: Optional[str], state: Dict[str, object]) -> None:
     if not path:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(state, fh, indent=1, default=_jsonable)
-    os.replace(tmp, path)
+    atomic_write_json(state, path, indent=1, default=_jsonable)
 
 
 def _jsonable(v):
@@ -89,11 +114,13 @@ def _json_ready(v):
     return json.loads(json.dumps(v, sort_keys=True, default=_jsonable))
 
 
-def _check_evaluate_args(x, y, *, bs, eps_curve, eps_curve_steps, surrogate, smoothing_sigma, smoothing_n0,
+def _check_evaluate_args(x, y, *, bs, steps, n_queries, eps_curve, eps_curve_steps, surrogate, smoothing_sigma, smoothing_n0,
                          smoothing_n, smoothing_alpha, smoothing_radii, smoothing_points, n_classes,
                          state_path, log) -> None:
     """Every argument that is only used after AutoAttack, checked before it starts."""
     int_arg("bs", bs, 1)
+    int_arg("steps", steps, 1)
+    int_arg("n_queries", n_queries, 1)
     if eps_curve:
         metrics.check_eps_list(eps_curve)
         int_arg("eps_curve_steps", eps_curve_steps, 1)
@@ -142,7 +169,7 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     ranks (``fastadv.eval.sharded``) and every rank gets its whole result; the other
     sections run on rank 0 only, which alone writes the state file, and the other
     ranks return the AutoAttack part of the report."""
-    _check_evaluate_args(x, y, bs=bs, eps_curve=eps_curve, eps_curve_steps=eps_curve_steps,
+    _check_evaluate_args(x, y, bs=bs, steps=steps, n_queries=n_queries, eps_curve=eps_curve, eps_curve_steps=eps_curve_steps,
                          surrogate=surrogate, smoothing_sigma=smoothing_sigma, smoothing_n0=smoothing_n0,
                          smoothing_n=smoothing_n, smoothing_alpha=smoothing_alpha,
                          smoothing_radii=smoothing_radii, smoothing_points=smoothing_points,
@@ -190,6 +217,9 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     wanted = {k: _json_ready(v) for k, v in wanted.items()}
     state = _reusable_state(load_state(state_path), cfg, wanted, state_path, log)
     sections: Dict[str, object] = state["sections"]
+    if sections:
+        log(f"resumed from {state_path}: reusing {', '.join(sections)} (computed earlier, nothing they "
+            "depend on changed)")
     # the time each section took when it was computed: a reused one counts in the total
     times: Dict[str, float] = state.setdefault("times", {})
     reused_s = sum(times.values())
@@ -203,13 +233,30 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     aa = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed,
                     attacks_to_run=attacks_to_run, steps=steps, n_queries=n_queries,
                     checks=False, **attack_kwargs)
-    cb, close = _progress_factory(progress)
-    log(f"AutoAttack ({version}, {norm}, eps={eps:g}) on {len(x)} points: {', '.join(aa.attacks_to_run)}")
+    resuming_aa = bool(aa_state) and os.path.exists(aa_state)
+    first_total = None
+    if progress and not resuming_aa and _dist.world_size() == 1 and len(x):
+        # the first attack's total: the clean-correct points (one forward pass)
+        with torch.no_grad():
+            z = metrics.predict_logits(model, x, bs=bs, normalization=normalization)
+        first_total = int((z.argmax(1) == y.to(z.device)).sum())
+    cb, close, count_fooled = _progress_factory(progress, first_total)
+    verify = getattr(aa, "_verify", None)
+    if progress and first_total is not None and callable(verify):
+        def counted_verify(*a, **k):   # each chunk's fooled points, for the next attack's total
+            ok = verify(*a, **k)
+            count_fooled(int(ok.sum()))
+            return ok
+        aa._verify = counted_verify
+    log(f"AutoAttack ({version}, {norm}, eps={eps:g}) on {len(x)} points: {', '.join(aa.attacks_to_run)}"
+        + (f"; resuming from {aa_state}" if resuming_aa else ""))
     t0 = time.perf_counter()
     try:
         x_adv = sharded.run_standard_evaluation_sharded(aa, x, y, bs=bs, state_path=aa_state, progress=cb)
     finally:
         close()
+        if "_verify" in vars(aa):
+            del aa._verify
     res = aa.last_result
     ex = res.extra
     if n_classes is None and len(x):
@@ -223,6 +270,8 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     aa_before = max(0.0, sum(summary["time_s"].values()) - summary["wall_s"])
     mark[0] = time.perf_counter()
     summary["attacks"] = ex["attacks"]
+    if aa_before > 0:
+        log(f"AutoAttack resumed from {aa_state}: {aa_before:.1f} s of attack time from earlier runs reused")
     sections["autoattack"] = summary
     log(f"clean accuracy {summary['clean_accuracy']:.2%}, robust accuracy {summary['robust_accuracy']:.2%}")
     save()
@@ -318,6 +367,32 @@ def _reusable_state(old: Dict[str, object], cfg: Dict[str, object], wanted: Dict
 
 
 # ------------------------------------------------------------------ writing
+def eps_curve_points(report: Dict[str, object]):
+    """(eps, robust accuracy) of the report's curve with ε = 0 (the clean accuracy) first."""
+    c = report["eps_curve"]
+    eps, acc = list(c["eps"]), list(c["robust_accuracy"])
+    if not eps or eps[0] > 0:
+        clean = c.get("clean_accuracy")
+        if clean is None and "autoattack" in report:
+            clean = report["autoattack"]["clean_accuracy"]
+        if clean is not None:
+            eps, acc = [0.0] + eps, [clean] + acc
+    return eps, acc
+
+
+def reliability_bins(bins: Dict[str, List[float]]) -> List[Dict[str, object]]:
+    """The reliability diagram's bins: centre, width, count, accuracy and a state: "empty" (no
+    points), "zero" (points, none right: a bar of height 0 that must still show) or "ok"."""
+    edges = bins["edges"]
+    out = []
+    for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+        n = int(bins["count"][i])
+        acc = float(bins["accuracy"][i]) if n else 0.0
+        out.append({"center": (a + b) / 2, "width": b - a, "count": n, "accuracy": acc,
+                    "state": "empty" if n == 0 else ("zero" if acc == 0 else "ok")})
+    return out
+
+
 def _plots(report: Dict[str, object], out_dir: str) -> List[str]:
     try:
         import matplotlib
@@ -330,7 +405,7 @@ def _plots(report: Dict[str, object], out_dir: str) -> List[str]:
     def save(fig, name: str) -> None:
         fig.tight_layout()
         p = os.path.join(out_dir, name)
-        fig.savefig(p, dpi=120)
+        atomic_savefig(fig, p, dpi=120)
         plt.close(fig)
         files.append(p)
 
@@ -338,29 +413,54 @@ def _plots(report: Dict[str, object], out_dir: str) -> List[str]:
         fig, ax = plt.subplots(figsize=size)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.05)
         return fig, ax
 
+    cfg = report.get("config", {})
     if "eps_curve" in report:
         c = report["eps_curve"]
-        fig, ax = accuracy_axes((4.5, 3.2), f"eps ({c['norm']})", "robust accuracy")
-        ax.plot(c["eps"], c["robust_accuracy"], "o-")
+        eps, acc = eps_curve_points(report)
+        fig, ax = accuracy_axes((4.8, 3.4), f"eps ({c['norm']})", "robust accuracy")
+        ax.plot(eps, acc, "o-", label=f"{', '.join(c['attacks'])} (ε = 0: clean)")
+        if cfg.get("eps") is not None:
+            ax.axvline(cfg["eps"], color="gray", linestyle=":", label=f"evaluated ε = {cfg['eps']:g}")
+            if "autoattack" in report:
+                ax.plot([cfg["eps"]], [report["autoattack"]["robust_accuracy"]], "r*", markersize=11,
+                        label="AutoAttack at evaluated ε")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
         save(fig, "eps_curve.png")
     if "calibration" in report:
         cal = report["calibration"]
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
         for ax, key in zip(axes, ("clean", "adversarial")):
-            b = cal[key]["bins"]
-            edges = b["edges"]
-            centers = [(a + c) / 2 for a, c in zip(edges[:-1], edges[1:])]
-            acc = [a if n > 0 else 0 for a, n in zip(b["accuracy"], b["count"])]
-            ax.bar(centers, acc, width=edges[1] - edges[0], edgecolor="k", alpha=0.7, label="accuracy")
-            ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
-            ax.set_title(f"{key}: ECE {cal[key]['ece']:.3f}")
-            ax.set_xlabel("confidence")
+            rows = reliability_bins(cal[key]["bins"])
+            w = rows[0]["width"]
+            for r in rows:
+                if r["state"] == "empty":   # no points: hatched grey, so it reads as "no data"
+                    ax.bar(r["center"], 1.0, width=w, color="none", edgecolor="0.85", hatch="///",
+                           linewidth=0.5)
+                elif r["state"] == "zero":  # points, none right: a red floor bar and an x
+                    ax.bar(r["center"], 0.02, width=w, color="tab:red", edgecolor="k")
+                    ax.plot(r["center"], 0.0, "x", color="tab:red", markersize=7, clip_on=False)
+                else:
+                    ax.bar(r["center"], r["accuracy"], width=w, color="tab:blue", edgecolor="k", alpha=0.7)
+                if r["count"]:
+                    ax.text(r["center"], max(r["accuracy"], 0.02) + 0.015, str(r["count"]), ha="center",
+                            va="bottom", fontsize=6, rotation=90)
+            ax.plot([0, 1], [0, 1], "r--", linewidth=1)
+            n = sum(r["count"] for r in rows)
+            nonempty = [r for r in rows if r["count"]]
+            note = " — accuracy 0 in every bin" if nonempty and all(r["state"] == "zero" for r in nonempty) else ""
+            ax.set_title(f"{key}: ECE {cal[key]['ece']:.3f}, {n} points{note}", fontsize=9)
+            ax.set_xlabel("confidence (numbers: points per bin)")
+            ax.set_xlim(0, 1)
+        from matplotlib.patches import Patch
         axes[0].set_ylabel("accuracy")
-        axes[0].legend(loc="upper left", fontsize=8)
+        axes[0].legend(handles=[Patch(facecolor="tab:blue", alpha=0.7, edgecolor="k", label="accuracy"),
+                                Patch(facecolor="tab:red", edgecolor="k", label="points, accuracy 0"),
+                                Patch(facecolor="none", edgecolor="0.7", hatch="///", label="empty bin")],
+                       loc="upper left", fontsize=7)
         save(fig, "reliability.png")
     if "smoothing" in report:
         sm = report["smoothing"]
@@ -416,7 +516,8 @@ def write_report(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
         c = report["eps_curve"]
         lines += ["## Robust accuracy vs eps", "", f"Attacks: {', '.join(c['attacks'])} (one pass over all eps).",
                   "", "| eps | robust accuracy |", "|---|---|"]
-        lines += [f"| {e:g} | {_pct(a)} |" for e, a in zip(c["eps"], c["robust_accuracy"])]
+        lines += [f"| {e:g}{' (clean)' if e == 0 else ''}{' (evaluated)' if e == cfg['eps'] else ''} | {_pct(a)} |"
+                  for e, a in zip(*eps_curve_points(report))]
         lines.append("")
     if "calibration" in report:
         cal = report["calibration"]
@@ -444,9 +545,7 @@ def write_report(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
     for p in plots:
         lines.append(f"![{os.path.basename(p)}]({os.path.basename(p)})")
     md = os.path.join(out_dir, "report.md")
-    with open(md, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    atomic_write_text("\n".join(lines) + "\n", md)
     js = os.path.join(out_dir, "report.json")
-    with open(js, "w") as fh:
-        json.dump(report, fh, indent=2, default=_jsonable)
+    atomic_write_json(report, js, indent=2, default=_jsonable)
     return {"markdown": md, "json": js, **{os.path.basename(p): p for p in plots}}
