@@ -132,6 +132,8 @@ def _verify_bytes(data: bytes, path: str) -> None:
         if hashlib.sha256(data[:end + _EOCD_SIZE]).hexdigest().encode() != want:
             raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted")
         return
+    if data.rfind(_TAG, max(0, len(data) - 4096)) >= 0:
+        raise CheckpointError(f"{path}: corrupted: bytes were added or lost at its end")
     # no checksum of ours: a file from before checksums (or one whose last bytes are lost)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
