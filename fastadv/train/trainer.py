@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..attacks.base import preserved_model
+from ..attacks.base import int_arg, preserved_model
 from . import checkpoint as _ckpt
 from . import distributed as _dist
 from .augment import RandomCropFlip
@@ -39,6 +39,7 @@ __all__ = ["AdversarialTrainer", "History", "pgd_robust_mask"]
 _AMP = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
         "fp16": torch.float16, "float16": torch.float16}
 _FORMAT = "fastadv.train/1"
+_LAST, _PREVIOUS = "last.pt", "previous.pt"
 
 
 class History(list):
@@ -226,6 +227,9 @@ class AdversarialTrainer:
         self.history = History()
         self.dataset_size: Optional[int] = None
         self._best_state: Optional[Dict[str, Tensor]] = None
+        # the checkpoint files this run wrote or resumed from: {"dir", "last", "previous"}
+        # (their tags), so that only this run's own last.pt ever becomes previous.pt
+        self._ckpt_files: Optional[Dict[str, Optional[str]]] = None
         self._prepared = False
         self._num_classes: Optional[int] = None
         self._sample_shape: Optional[Tuple[int, ...]] = None
@@ -444,6 +448,7 @@ class AdversarialTrainer:
     def robust_mask(self, x: Tensor, y: Tensor, eps: Optional[float] = None, steps: int = 10,
                     restarts: int = 1, seed: int = 0) -> Tensor:
         """[B] bool: correct under L∞ PGD-``steps`` (fastadv.PGD when installed)."""
+        steps, restarts = int_arg("steps", steps), int_arg("restarts", restarts)
         eps = self.eps if eps is None else eps
         x, y, _ = self._to_device(x, y, None)
         if restarts == 1:
@@ -457,6 +462,8 @@ class AdversarialTrainer:
     def evaluate(self, loader, eps: Optional[float] = None, steps: int = 10, restarts: int = 1,
                  max_samples: Optional[int] = None, attack: bool = True, seed: int = 0) -> Dict[str, float]:
         """Clean and PGD accuracy over ``loader`` (counts reduced over DDP ranks)."""
+        if attack:
+            steps, restarts = int_arg("steps", steps), int_arg("restarts", restarts)
         counts = torch.zeros(3, dtype=torch.float64)
         seen = 0
         for batch in loader:
@@ -527,11 +534,7 @@ class AdversarialTrainer:
     def load_state_dict(self, state: Dict[str, object], rank_state: Optional[Dict[str, object]] = None) -> None:
         if state.get("format") != _FORMAT:
             raise ValueError(f"checkpoint: not a fastadv trainer checkpoint (format {state.get('format')!r})")
-        mine, theirs = self.config(), state["config"]
-        for k in ("method", "eps", "alpha", "steps"):
-            if k in theirs and theirs[k] != mine.get(k):
-                raise ValueError(f"checkpoint: it was written with {k}={theirs[k]!r}, this trainer has "
-                                 f"{k}={mine.get(k)!r}")
+        self._check_config(state)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.torch_scheduler is not None and isinstance(state.get("scheduler"), dict) \
@@ -556,53 +559,160 @@ class AdversarialTrainer:
                 self._sample_shape = tuple(rank_state["sample_shape"])
 
     # ------------------------------------------------------------ checkpoints
+    def _own_files(self, directory: str) -> Dict[str, Optional[str]]:
+        known = self._ckpt_files
+        if known is None or known["dir"] != os.path.abspath(directory):
+            return {"dir": os.path.abspath(directory), "last": None, "previous": None}
+        return known
+
     def save_checkpoint(self, directory: str, extra: Optional[Dict[str, object]] = None) -> str:
-        """Write ``directory/last.pt`` atomically (per-rank parts next to it under DDP)."""
+        """Write ``directory/last.pt`` atomically, with a checksum (per-rank parts next to it
+        under DDP). The last.pt this run wrote before becomes ``previous.pt``, the good
+        checkpoint a resume falls back to if last.pt is ever found corrupted."""
         r, world = _dist.rank(), _dist.world_size()
         state = self.state_dict()
         rank_state = self.rank_state_dict()
         if extra:
             rank_state.update(extra)
-        path = os.path.join(directory, "last.pt")
+        path = os.path.join(directory, _LAST)
+        prev = os.path.join(directory, _PREVIOUS)
         tag = f"s{self.global_step}"
+        known = self._own_files(directory)
+        # another run's last.pt must never become a fallback for this one, nor its previous.pt
+        rotate = known["last"] is not None
+        kept_previous = known["last"] if rotate else known["previous"]
+        stale_previous = not rotate and known["previous"] is None
         if world == 1:
             state["rank"] = rank_state
-            _ckpt.save_checkpoint(state, path)
-            return path
-        # every rank's part first, then rank 0's index that names them: a kill in between
-        # leaves the previous index pointing at the previous, still present, parts
-        _ckpt.save_checkpoint(rank_state, os.path.join(directory, f"last.rank{r}.{tag}.pt"))
-        _dist.barrier()
-        if r == 0:
-            state["rank_files"] = {"world_size": world, "tag": tag}
-            _ckpt.save_checkpoint(state, path)
-        _dist.barrier()
-        for old in glob.glob(os.path.join(directory, f"last.rank{r}.s*.pt")):
-            if not old.endswith(f".{tag}.pt"):
-                try:
-                    os.remove(old)
-                except OSError:
-                    pass
+            if stale_previous:
+                _remove(prev)
+            _ckpt.save_checkpoint(state, path, keep_previous=prev if rotate else None)
+        else:
+            # every rank's part first, then rank 0's index that names them: a kill in between
+            # leaves the previous index pointing at the previous, still present, parts
+            _ckpt.save_checkpoint(rank_state, os.path.join(directory, f"last.rank{r}.{tag}.pt"))
+            _dist.barrier()
+            if r == 0:
+                state["rank_files"] = {"world_size": world, "tag": tag}
+                if stale_previous:
+                    _remove(prev)
+                _ckpt.save_checkpoint(state, path, keep_previous=prev if rotate else None)
+            _dist.barrier()
+            keep = {f".{tag}.pt", f".{kept_previous}.pt"}
+            for old in glob.glob(os.path.join(directory, f"last.rank{r}.s*.pt")):
+                if not any(old.endswith(k) for k in keep):
+                    _remove(old)
+        self._ckpt_files = {"dir": known["dir"], "last": tag, "previous": kept_previous}
         return path
 
-    def load_checkpoint(self, directory_or_file: str) -> Dict[str, object]:
-        """Restore from ``save_checkpoint``'s files (weights_only loads). Returns the rank part."""
-        path = directory_or_file
-        if os.path.isdir(path):
-            path = os.path.join(path, "last.pt")
+    def _read_checkpoint(self, path: str) -> Tuple[Dict[str, object], Dict[str, object]]:
+        """(state, this rank's part) of the checkpoint ``path``, verified; CheckpointError
+        (one line naming the file) for anything wrong with the files, ValueError for a
+        checkpoint of another configuration."""
         state = _ckpt.load_checkpoint(path, map_location=self.device)
-        if "rank" in state:
-            rank_state = state["rank"]
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise _ckpt.CheckpointError(f"{path}: not a fastadv trainer checkpoint (format {fmt!r})")
+        for key, kind in (("config", dict), ("model", dict), ("optimizer", dict), ("global_step", int),
+                          ("epoch", int), ("history", list)):
+            if not isinstance(state.get(key), kind):
+                raise _ckpt.CheckpointError(f"{path}: incomplete or damaged: {key!r} is missing or "
+                                            f"not a {kind.__name__}")
+        self._check_config(state)
+        if isinstance(state.get("rank"), dict):
+            rank_state = state.pop("rank")
         else:
-            info = state.get("rank_files") or {}
+            info = state.get("rank_files")
+            if not isinstance(info, dict) or "tag" not in info:
+                raise _ckpt.CheckpointError(f"{path}: incomplete or damaged: it has no rank part")
             if info.get("world_size") != _dist.world_size():
-                raise ValueError(f"checkpoint: written by {info.get('world_size')} ranks, "
+                raise ValueError(f"checkpoint: {path} was written by {info.get('world_size')} ranks, "
                                  f"resuming with {_dist.world_size()}")
             part = os.path.join(os.path.dirname(path), f"last.rank{_dist.rank()}.{info['tag']}.pt")
             rank_state = _ckpt.load_checkpoint(part, map_location="cpu")
-        rank_state = _cpu_rng(rank_state)
+            if not isinstance(rank_state, dict):
+                raise _ckpt.CheckpointError(f"{part}: not a fastadv rank checkpoint")
+        return state, _cpu_rng(rank_state)
+
+    def _check_config(self, state: Dict[str, object]) -> None:
+        mine, theirs = self.config(), state["config"]
+        for k in ("method", "eps", "alpha", "steps"):
+            if k in theirs and theirs[k] != mine.get(k):
+                raise ValueError(f"checkpoint: it was written with {k}={theirs[k]!r}, this trainer has "
+                                 f"{k}={mine.get(k)!r}")
+
+    def _choose_checkpoint(self, directory: str):
+        """The newest checkpoint in ``directory`` that every rank can read: (path, state,
+        rank part, problems with newer ones), or None when there is none at all."""
+        candidates = [os.path.join(directory, n) for n in (_LAST, _PREVIOUS)]
+        if not any(os.path.exists(p) for p in candidates):
+            return None
+        problems = []
+        for path in candidates:
+            got, problem = None, None
+            if os.path.exists(path):
+                try:
+                    got = self._read_checkpoint(path)
+                except _ckpt.CheckpointError as exc:
+                    problem = str(exc)
+            else:
+                problem = f"{path}: missing"
+            ok = torch.tensor([1.0 if got is not None else 0.0], dtype=torch.float64)
+            if _dist.all_reduce_sum_(ok).item() == _dist.world_size():
+                return path, got[0], got[1], problems
+            if problem is None and got is not None:
+                problem = f"{path}: unreadable on another rank"
+            problems.append(problem)
+        raise _ckpt.CheckpointError("; ".join(problems) + "; there is no previous good checkpoint to "
+                                    "resume from (remove these files or pass resume=False to start over)")
+
+    def _apply_checkpoint(self, path: str, state, rank_state) -> Dict[str, object]:
         self.load_state_dict(state, rank_state)
+        tag = (state.get("rank_files") or {}).get("tag") or f"s{self.global_step}"
+        directory = os.path.dirname(os.path.abspath(path))
+        is_last = os.path.basename(path) == _LAST
+        self._ckpt_files = {"dir": directory, "last": tag if is_last else None,
+                            "previous": None if is_last else tag}
         return rank_state
+
+    def load_checkpoint(self, directory_or_file: str) -> Dict[str, object]:
+        """Restore from ``save_checkpoint``'s files (verified, weights_only loads). Returns the
+        rank part. Given a directory: its ``last.pt``, or, if that is missing or corrupted,
+        ``previous.pt`` (with a one-line warning saying why)."""
+        path = directory_or_file
+        if not os.path.isdir(path):
+            state, rank_state = self._read_checkpoint(path)
+            return self._apply_checkpoint(path, state, rank_state)
+        chosen = self._choose_checkpoint(path)
+        if chosen is None:
+            raise _ckpt.CheckpointError(f"{os.path.join(path, _LAST)}: no such file")
+        path, state, rank_state, problems = chosen
+        if problems and _dist.is_main():
+            warnings.warn(f"fastadv: {problems[0]}; resuming from the previous good checkpoint {path}",
+                          RuntimeWarning, stacklevel=2)
+        return self._apply_checkpoint(path, state, rank_state)
+
+    def _load_best(self, directory: str) -> None:
+        """The best weights kept on disk, if they are those of the best epoch the history names
+        (a kill between writing best.pt and last.pt leaves a newer best.pt behind)."""
+        self._best_state = None
+        best_epoch = self.history.best_epoch
+        if best_epoch is None:
+            return
+        for name in ("best.pt", "best.safetensors"):
+            p = os.path.join(directory, name)
+            if not os.path.exists(p):
+                continue
+            try:
+                weights, meta = _ckpt.load_weights_and_metadata(p, map_location=self.device)
+            except _ckpt.CheckpointError as exc:
+                if _dist.is_main():
+                    warnings.warn(f"fastadv: {exc}; the best weights (epoch {best_epoch}) cannot be "
+                                  "restored unless a later epoch improves on them", RuntimeWarning, stacklevel=3)
+                continue
+            if str(meta.get("epoch")) == str(best_epoch):
+                self._best_state = weights
+                return
 
     # ------------------------------------------------------------ the loop
     def fit(self, train_loader, epochs: int, val_loader=None, *, checkpoint_dir: Optional[str] = None,
@@ -625,11 +735,18 @@ class AdversarialTrainer:
         Catastrophic-overfitting guard: an epoch whose guard PGD accuracy falls more than
         ``co_drop`` below the best so far is reported as a collapse (warning + record);
         the best weights are kept (``checkpoint_dir/best.pt`` or ``.safetensors``) and,
-        with ``restore_best="on_collapse"`` (default) or True, put back at the end.
+        with ``restore_best="on_collapse"`` (default) or True, put back at the end. An
+        epoch where the guard's PGD cannot attack the model at all (its input gradient is
+        zero, its logits are not finite) is a collapse too: robust_acc is NaN and
+        guard_error says why. Training goes on, or stops with ``stop_on_collapse``.
 
-        ``checkpoint_dir``: ``last.pt`` is written atomically every epoch and every
-        ``checkpoint_every`` batches; with ``resume`` a run finds it and continues exactly
-        where it was saved, mid-epoch included (same data order, same noise).
+        ``checkpoint_dir`` (checked writable at the start): ``last.pt`` is written
+        atomically, with a checksum, every epoch and every ``checkpoint_every`` batches;
+        the one before it is kept as ``previous.pt``. With ``resume`` a run finds it and
+        continues exactly where it was saved, at an epoch's end or mid-epoch (same data
+        order, same noise, same weights bit for bit); a corrupted or truncated last.pt is
+        named in a one-line warning and previous.pt is used, or, without a good one, a
+        ``CheckpointError`` (a ValueError) says so.
 
         ``eps_warmup``: ramp the attack radius linearly from 0 to eps over this many epochs
         (the guard always attacks at the full eps)."""
@@ -646,6 +763,10 @@ class AdversarialTrainer:
             raise ValueError(f"eps_warmup: expected a number of epochs >= 0, got {eps_warmup!r}")
         if not 0 < co_drop <= 1:
             raise ValueError(f"co_drop: expected 0 < co_drop <= 1, got {co_drop!r}")
+        guard_size = int_arg("guard_size", guard_size)
+        guard_steps = int_arg("guard_steps", guard_steps)
+        if checkpoint_dir is not None:
+            checkpoint_dir = _ckpt.check_writable_dir(checkpoint_dir, "checkpoint_dir")
         try:
             n_batches = len(train_loader)
         except TypeError:
@@ -665,17 +786,26 @@ class AdversarialTrainer:
         # resume
         skip_batches, rank_state = 0, None
         guard_batch = None
-        if checkpoint_dir is not None and resume and os.path.exists(os.path.join(checkpoint_dir, "last.pt")):
-            rank_state = self.load_checkpoint(checkpoint_dir)
+        chosen = self._choose_checkpoint(checkpoint_dir) if checkpoint_dir is not None and resume else None
+        if chosen is not None:
+            path, state, rank_state, problems = chosen
+            if problems:
+                msg = f"fastadv: {problems[0]}; resuming from the previous good checkpoint {path}"
+                if main:
+                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                log(msg)
+            rank_state = self._apply_checkpoint(path, state, rank_state)
+            del state
             skip_batches = int(rank_state.get("batch", 0))
             if rank_state.get("guard_x") is not None:
                 guard_batch = (rank_state["guard_x"], rank_state["guard_y"])
-            for name in ("best.pt", "best.safetensors"):
-                if self.history.best_epoch is not None and os.path.exists(os.path.join(checkpoint_dir, name)):
-                    self._best_state = _ckpt.load_weights(os.path.join(checkpoint_dir, name),
-                                                          map_location=self.device)
-                    break
-            log(f"fastadv: resumed from {checkpoint_dir}/last.pt at epoch {self.epoch + 1}, "
+            self._load_best(checkpoint_dir)
+            if skip_batches == 0 and "epoch_torch_rng" not in rank_state and _loader_generators(train_loader) \
+                    and main:
+                warnings.warn(f"fastadv: {path} predates saving the data order at the end of an epoch: "
+                              "this run's data order will differ from an uninterrupted run's",
+                              RuntimeWarning, stacklevel=2)
+            log(f"fastadv: resumed from {path} at epoch {self.epoch + 1}, "
                 f"batch {skip_batches}, step {self.global_step}")
         start_epoch = self.epoch   # ``epochs`` is the run's total: a second fit() continues
         if self.schedule is not None:
@@ -696,7 +826,9 @@ class AdversarialTrainer:
         for epoch in range(start_epoch, epochs):
             _dist.set_sampler_epoch(train_loader, epoch)
             resuming = rank_state is not None and epoch == start_epoch and skip_batches > 0
-            if resuming:
+            if rank_state is not None and epoch == start_epoch:
+                # the data order (the loader's generator, the global RNG) as it was at the start
+                # of this epoch: saved mid-epoch, and at the end of the one before (batch 0)
                 _set_epoch_start_rng(train_loader, rank_state)
             epoch_rng = _epoch_start_rng(train_loader)
             if self.device.type == "cuda":
@@ -768,11 +900,27 @@ class AdversarialTrainer:
                 gx, gy, _ = self._to_device(*guard_batch, None)
                 with torch.no_grad(), preserved_model(self.module, "eval", devices=(self.device,)):
                     gclean = (self.module(gx).argmax(1) == gy).sum()
-                grob = self.robust_mask(gx, gy, steps=guard_steps, seed=1000 + epoch).sum()
-                cnt = _dist.all_reduce_sum_(torch.stack([gclean.double().cpu(), grob.double().cpu(),
-                                                         torch.tensor(float(gx.shape[0]), dtype=torch.float64)]))
+                try:
+                    grob = self.robust_mask(gx, gy, steps=guard_steps, seed=1000 + epoch).sum()
+                except ValueError as exc:
+                    # the guard batch was checked when it was taken: an error that blames the
+                    # model now (its input gradient is zero, its logits are not finite) is the
+                    # training's collapse, for the guard to report, not a reason to end fit()
+                    if not str(exc).startswith("model:"):
+                        raise
+                    grob, guard_error = None, str(exc)
+                else:
+                    guard_error = None
+                failed = torch.tensor([0.0 if grob is None else 1.0], dtype=torch.float64)
+                cnt = _dist.all_reduce_sum_(torch.cat([
+                    torch.stack([gclean.double().cpu(), (grob if grob is not None else gclean).double().cpu(),
+                                 torch.tensor(float(gx.shape[0]), dtype=torch.float64)]), 1.0 - failed]))
                 rec["guard_clean_acc"] = cnt[0].item() / cnt[2].item()
-                rec["robust_acc"] = cnt[1].item() / cnt[2].item()
+                if cnt[3].item() > 0:
+                    rec["robust_acc"] = float("nan")
+                    rec["guard_error"] = guard_error or "the guard's attack failed on another rank"
+                else:
+                    rec["robust_acc"] = cnt[1].item() / cnt[2].item()
             rec["time"] = train_time
             rec["cpu_time"] = cpu_time
             rec["eval_time"] = time.perf_counter() - t1
@@ -781,7 +929,19 @@ class AdversarialTrainer:
             rec["best"] = False
             rob = rec.get("robust_acc")
             hist = self.history
-            if rob is not None:
+            if "guard_error" in rec:
+                # no robust accuracy to compare: the model stopped being attackable by gradients
+                rec["collapse"] = True
+                ongoing = bool(hist) and hist[-1].get("collapse")
+                hist.collapsed_epochs.append(epoch + 1)
+                best = (f"; the best weights (epoch {hist.best_epoch}) are kept" if hist.best_epoch is not None
+                        else "")
+                msg = (f"fastadv: catastrophic overfitting at epoch {epoch + 1}: the guard's PGD cannot "
+                       f"attack the model any more ({rec['guard_error']}){best}")
+                if main and not ongoing:
+                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                log(msg)
+            elif rob is not None:
                 if hist.best_robust_acc is not None and rob < hist.best_robust_acc - co_drop:
                     rec["collapse"] = True
                     ongoing = bool(hist) and hist[-1].get("collapse")
@@ -804,7 +964,8 @@ class AdversarialTrainer:
             hist.append(rec)
             log(_format_record(rec))
             if checkpoint_dir is not None:
-                extra = {"batch": 0}
+                # the next epoch starts from the RNG states as they are now: save them as its start
+                extra = {"batch": 0, **_epoch_start_rng(train_loader)}
                 if guard_batch is not None:
                     extra.update(guard_x=guard_batch[0], guard_y=guard_batch[1])
                 self.save_checkpoint(checkpoint_dir, extra)
@@ -823,6 +984,13 @@ class AdversarialTrainer:
 
 
 # ------------------------------------------------------------------ helpers
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:   # gone already, or (checked writable at the start) removed by someone else
+        pass
+
+
 def _with_count(sums: Tensor, count: int) -> Tensor:
     """[loss·B, correct, count] as a CPU float64 tensor (the checkpointed/reduced form)."""
     return torch.cat([sums.cpu(), torch.tensor([float(count)], dtype=torch.float64)])
@@ -847,29 +1015,38 @@ def _first_samples(loader, n: int, unpack) -> Optional[Tuple[Tensor, Tensor]]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def _loader_generator(loader) -> Optional[torch.Generator]:
-    g = getattr(loader, "generator", None)
-    if isinstance(g, torch.Generator):
-        return g
-    g = getattr(getattr(loader, "sampler", None), "generator", None)
-    return g if isinstance(g, torch.Generator) else None
+def _loader_generators(loader) -> List[torch.Generator]:
+    """The generators that decide the loader's order: its own, its sampler's, its batch
+    sampler's sampler's (each once)."""
+    sampler = getattr(loader, "sampler", None)
+    inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    out: List[torch.Generator] = []
+    for holder in (loader, sampler, inner):
+        g = getattr(holder, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in out):
+            out.append(g)
+    return out
 
 
-def _epoch_start_rng(loader) -> Dict[str, Tensor]:
+def _epoch_start_rng(loader) -> Dict[str, object]:
     """The RNG states that decide an epoch's data order (the loader's and the global one)."""
-    st = {"epoch_torch_rng": torch.get_rng_state()}
-    g = _loader_generator(loader)
-    if g is not None:
-        st["epoch_loader_rng"] = g.get_state()
+    st: Dict[str, object] = {"epoch_torch_rng": torch.get_rng_state()}
+    gens = _loader_generators(loader)
+    if gens:
+        st["epoch_loader_rngs"] = [g.get_state() for g in gens]
     return st
 
 
 def _set_epoch_start_rng(loader, st) -> None:
     if "epoch_torch_rng" in st:
         torch.set_rng_state(st["epoch_torch_rng"])
-    g = _loader_generator(loader)
-    if g is not None and "epoch_loader_rng" in st:
-        g.set_state(st["epoch_loader_rng"])
+    states = st.get("epoch_loader_rngs")
+    if states is None and "epoch_loader_rng" in st:   # checkpoints that kept one generator
+        states = [st["epoch_loader_rng"]]
+    gens = _loader_generators(loader)
+    if states is not None and len(states) == len(gens):
+        for g, state in zip(gens, states):
+            g.set_state(state.cpu())
 
 
 def _cpu_rng(state):
@@ -907,7 +1084,9 @@ def _format_record(r: Dict[str, object]) -> str:
     parts = [f"epoch {r['epoch']:3d}", f"loss {r['train_loss']:.4f}", f"train-adv {r['train_adv_acc']:.1%}"]
     if "val_clean_acc" in r:
         parts.append(f"val-clean {r['val_clean_acc']:.1%}")
-    if "robust_acc" in r:
+    if "guard_error" in r:
+        parts.append("PGD failed")
+    elif "robust_acc" in r:
         parts.append(f"PGD {r['robust_acc']:.1%}")
     parts += [f"lr {r['lr']:.3g}", f"{r['time']:.1f}s"]
     if r.get("collapse"):
