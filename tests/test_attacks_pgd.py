@@ -402,6 +402,7 @@ class _Overflowing(torch.nn.Module):
 
 
 def test_fp16_overflow_never_moves_a_pixel():
+    from fastadv.attacks import _loss_scale
     model = _Overflowing().eval()
     x = torch.zeros(4, 1, 28, 28)
     x[0] = 0.9                      # 100 * 0.9 * 784 > 65504: inf logits in fp16, every step
@@ -415,20 +416,29 @@ def test_fp16_overflow_never_moves_a_pixel():
                       channels_last=False)
     with fastadv.attacks.preserved_model(model):
         _, _, g32 = ref.loss_and_grad(x, y, None)
-        scale = torch.ones(4)
-        _, _, g = atk.loss_and_grad(x, y, None, grad_scale=scale)
+        scale = _loss_scale.new_state(4, x.device)
+        loss, _, g = atk.loss_and_grad(x, y, None, grad_scale=scale)
         assert torch.isfinite(g).all()
+        # inf logits in the forward: no gradient, a NaN loss (never a best iterate), and the
+        # loss scale is left alone (no scale can help a forward that overflows)
         assert bool((g[0] == 0).all()) and bool((g[3] == 0).all())
-        assert scale.tolist() == [0.5, 1.0, 1.0, 0.5]           # halved where it overflowed
-        torch.testing.assert_close(g[1:3], g32[1:3], rtol=2e-2, atol=1e-3)
-        # a scale so large that the backward overflows: the sample waits a step, scale halves
+        assert bool(torch.isnan(loss[[0, 3]]).all()) and bool(torch.isfinite(loss[1:3]).all())
+        assert scale[0] == scale[3] == _loss_scale.INIT
+        torch.testing.assert_close(g[1:3], g32[1:3], rtol=2e-2, atol=3e-3)
+        # a scale target so large that the backward overflows even after the CPU's retries:
+        # the sample waits a step, its target backs off and is marked (negative) not to grow
         scale = torch.full((4,), 2.0 ** 20)
         _, _, g = atk.loss_and_grad(x, y, None, grad_scale=scale)
         assert torch.isfinite(g).all() and bool((g[1] == 0).all())
-        assert scale[1] == 2.0 ** 19
-    res = atk.run(x, y)
+        assert -2.0 ** 14 < scale[1] < 0
+        _, _, g = atk.loss_and_grad(x, y, None, grad_scale=scale)   # the next step moves
+        torch.testing.assert_close(g[1:3], g32[1:3], rtol=2e-2, atol=3e-3)
+        assert scale[1] < 0
+    with pytest.warns(RuntimeWarning, match=r"non-finite logits .* for 2 of 4 inputs.*amp='fp16'"):
+        res = atk.run(x, y)
     assert torch.equal(res.x_adv[0], x[0]) and torch.equal(res.x_adv[3], x[3])
     assert not torch.equal(res.x_adv[1], x[1])                  # the others do move
+    assert res.extra["nonfinite"].tolist() == [True, False, False, True]
 
 
 # ------------------------------------------------------------ functional API

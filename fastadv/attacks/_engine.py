@@ -19,21 +19,29 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._groups import chunked_loss_and_grad, memory_format
+from . import _loss_scale
+from ._groups import chunked_loss_and_grad, finite_rows, memory_format, warn_nonfinite
 from .base import module_of
 
 __all__ = ["BestIterate", "ActiveSet", "LoopOutput", "StepLoop", "GraphedLoop", "restart_blocks",
-           "auto_max_rows", "pick_restart", "merge_best", "tile", "per_sample", "memory_format"]
+           "auto_max_rows", "pick_restart", "merge_best", "tile", "per_sample", "memory_format",
+           "warn_nonfinite"]
 
 # A step: update x (the active rows) in place from the gradient.
 StepFn = Callable[[Tensor, Tensor, Tensor], None]
-
-_FP16_INIT_SCALE = 1024.0
 
 
 def per_sample(t: Tensor, ndim: int) -> Tensor:
     """View a ``[B]`` tensor so that it broadcasts against a ``[B, ...]`` tensor of ``ndim`` dims."""
     return t.view((-1,) + (1,) * (ndim - 1))
+
+
+def _or_rows(dst: Tensor, flag: Tensor, rows: Optional[Tensor]) -> None:
+    """``dst[rows] |= flag`` in place (every row when ``rows`` is None)."""
+    if rows is None:
+        dst.logical_or_(flag)
+    else:
+        dst.index_copy_(0, rows, dst[rows].logical_or_(flag))
 
 
 def tile(t: Tensor, n: int) -> Tensor:
@@ -48,27 +56,39 @@ class BestIterate:
     """Per row, the best iterate seen: the first one that succeeds, else the one of highest loss.
 
     ``update`` is a few elementwise ops and no host sync. A row's success freezes its
-    iterate; a NaN loss is never better than anything."""
+    iterate; a NaN loss (the loss of logits that are not finite) is never better than
+    anything. ``last=True``: the last iterate whose loss is not NaN instead (keep="last"
+    that never returns a point the model gave non-finite logits for)."""
 
-    def __init__(self, x: Tensor):
+    def __init__(self, x: Tensor, last: bool = False):
         n = x.shape[0]
+        self.last = last
         self.x = x.detach().clone()
         self.loss = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
         self.success = torch.zeros(n, dtype=torch.bool, device=x.device)
 
+    def _take(self, loss: Tensor, success: Tensor, b_loss: Tensor, b_succ: Tensor) -> Tensor:
+        if self.last:
+            return ~torch.isnan(loss)
+        return success.logical_or(loss > b_loss).logical_and_(~b_succ)
+
     def update(self, x: Tensor, loss: Tensor, success: Tensor, rows: Optional[Tensor] = None) -> None:
         """Offer iterate ``x`` (its per-row ``loss`` and ``success``) for ``rows`` (all when None)."""
         if rows is None:
-            take = success.logical_or(loss > self.loss).logical_and_(~self.success)
+            take = self._take(loss, success, self.loss, self.success)
             torch.where(per_sample(take, x.dim()), x, self.x, out=self.x)
             torch.where(take, loss, self.loss, out=self.loss)
-            self.success.logical_or_(success)
+            if self.last:
+                torch.where(take, success, self.success, out=self.success)
+            else:
+                self.success.logical_or_(success)
             return
         b_succ, b_loss = self.success[rows], self.loss[rows]
-        take = success.logical_or(loss > b_loss).logical_and_(~b_succ)
+        take = self._take(loss, success, b_loss, b_succ)
         self.x.index_copy_(0, rows, torch.where(per_sample(take, x.dim()), x, self.x[rows]))
         self.loss.index_copy_(0, rows, torch.where(take, loss, b_loss))
-        self.success.index_copy_(0, rows, b_succ.logical_or(success))
+        self.success.index_copy_(0, rows, torch.where(take, success, b_succ) if self.last
+                                 else b_succ.logical_or(success))
 
 
 # --------------------------------------------------------------- active set
@@ -267,6 +287,7 @@ class LoopOutput:
     loss: Tensor       # its loss (float32)
     success: Tensor    # bool
     steps: Tensor      # int64, gradient steps spent on the row
+    nonfinite: Optional[Tensor] = None  # bool: the model gave the row non-finite logits
 
 
 class StepLoop:
@@ -303,10 +324,11 @@ class StepLoop:
         atk = self.attack
         n, dev = x_nat.shape[0], x_nat.device
         x = x0.clone()
-        best = BestIterate(x) if self.keep == "best" else None
+        best = BestIterate(x, last=self.keep == "last")
         active = ActiveSet(n, dev)
         row_steps = torch.zeros(n, dtype=torch.long, device=dev)
-        gs = torch.full((n,), _FP16_INIT_SCALE, device=dev) if self.fp16 else None
+        bad = torch.zeros(n, dtype=torch.bool, device=dev)
+        gs = _loss_scale.new_state(n, dev) if self.fp16 else None
         xa, xn, ya, ta = x, x_nat, y, target
         grad_seen: Optional[Tensor] = None
         done = 0
@@ -315,15 +337,20 @@ class StepLoop:
                 loss, z, g = first
             else:
                 loss, z, g = self._loss_and_grad(xa, ya, ta, gs)
-            if k == 0:
-                grad_seen = self._grad_seen(g, gs)
-            if best is not None:
-                best.update(xa, loss, atk.is_success(z, ya, ta), active.idx)
+            fin = finite_rows(z)
+            _or_rows(bad, ~fin, active.idx)
+            if k == 0 or self.fp16:
+                # fp16: an all-zero first step may be an underflow the scale has not grown out
+                # of yet (CUDA makes no retry), so the evidence is every step's, checked at the end
+                seen = self._grad_seen(g, gs, fin)
+                grad_seen = seen if grad_seen is None else grad_seen | seen
+            best.update(xa, loss, atk.is_success(z, ya, ta), active.idx)
             self.step(xa, xn, g)
             done = k + 1
-            if self.early_stop and best is not None and done < self.steps and active.due(done):
-                self._check_grad(grad_seen)
-                grad_seen = None
+            if self.early_stop and self.keep == "best" and done < self.steps and active.due(done):
+                if not self.fp16:
+                    self._check_grad(grad_seen)
+                    grad_seen = None
                 keep = self._still_attacked(best, active, samples, y, target)
                 pos, gone = active.shrink(keep)
                 if pos is not None:
@@ -334,32 +361,33 @@ class StepLoop:
         if len(active):
             with torch.no_grad():
                 z = atk.logits(xa).float()
-                loss = atk.attack_loss(z, ya, ta).float()
-            succ = atk.is_success(z, ya, ta)
-            if best is not None:
-                best.update(xa, loss, succ, active.idx)
+                fin = finite_rows(z)
+                loss = torch.where(fin, atk.attack_loss(z, ya, ta).float(), float("nan"))
+            _or_rows(bad, ~fin, active.idx)
+            best.update(xa, loss, atk.is_success(z, ya, ta), active.idx)
             if active.idx is None:
                 row_steps.fill_(done)
             else:
                 row_steps.index_fill_(0, active.idx, done)
         self._check_grad(grad_seen)
-        if best is not None:
-            return LoopOutput(best.x, best.loss, best.success, row_steps)
-        return LoopOutput(xa, loss, succ, row_steps)
+        return LoopOutput(best.x, best.loss, best.success, row_steps, bad)
 
     # ------------------------------------------------------------ helpers
-    def _grad_seen(self, g: Tensor, gs: Optional[Tensor]) -> Tensor:
-        seen = g.ne(0).any()
-        if gs is not None:  # an fp16 overflow zeroes a gradient: not a sign of independence
-            seen = seen | gs.lt(_FP16_INIT_SCALE).any()
+    @staticmethod
+    def _grad_seen(g: Tensor, gs: Optional[Tensor], finite: Tensor) -> Tensor:
+        """Evidence that the input gradient is not masked: a non-zero entry somewhere. A row
+        whose logits are not finite, or whose fp16 pass overflowed (its scale backed off:
+        negative), moves nothing for another reason and does not count against the model."""
+        seen = g.ne(0).any() | (~finite).any()
+        if gs is not None:
+            seen = seen | gs.lt(0).any()
         return seen
 
-    @staticmethod
-    def _check_grad(seen: Optional[Tensor]) -> None:
+    def _check_grad(self, seen: Optional[Tensor]) -> None:
         if seen is not None and not bool(seen):
-            raise ValueError("model: the input gradient is zero for every sample at the first "
-                             "step: the model's output does not depend on x (or its gradient "
-                             "is masked)")
+            when = "at every step (fp16, at every loss scale tried)" if self.fp16 else "at the first step"
+            raise ValueError(f"model: the input gradient is zero for every sample {when}: the "
+                             f"model's output does not depend on x (or its gradient is masked)")
 
     def _still_attacked(self, best: BestIterate, active: ActiveSet, samples: int,
                         y: Tensor, target: Optional[Tensor]) -> Tensor:
@@ -415,25 +443,28 @@ class GraphedLoop:
         loop, atk = self.loop, self.loop.attack
         n, dev = self.x_nat.shape[0], self.x_nat.device
         x = self.x0.clone()
-        best = BestIterate(x) if loop.keep == "best" else None
-        gs = torch.full((n,), _FP16_INIT_SCALE, device=dev) if loop.fp16 else None
+        best = BestIterate(x, last=loop.keep == "last")
+        bad = torch.zeros(n, dtype=torch.bool, device=dev)
+        gs = _loss_scale.new_state(n, dev) if loop.fp16 else None
         seen = torch.ones((), dtype=torch.bool, device=dev)
         for k in range(steps):
             loss, z, g = atk.loss_and_grad(x, self.y, self.target, grad_scale=gs)
+            fin = finite_rows(z)
+            bad.logical_or_(~fin)
             if k == 0:
-                seen = loop._grad_seen(g, gs)
-            if best is not None:
-                best.update(x, loss, atk.is_success(z, self.y, self.target))
+                seen = loop._grad_seen(g, gs, fin)
+            elif loop.fp16:
+                seen = seen | loop._grad_seen(g, gs, fin)
+            best.update(x, loss, atk.is_success(z, self.y, self.target))
             loop.step(x, self.x_nat, g)
         with torch.no_grad():
             z = atk.logits(x).float()
-            loss = atk.attack_loss(z, self.y, self.target).float()
-        succ = atk.is_success(z, self.y, self.target)
+            fin = finite_rows(z)
+            loss = torch.where(fin, atk.attack_loss(z, self.y, self.target).float(), float("nan"))
+        bad.logical_or_(~fin)
+        best.update(x, loss, atk.is_success(z, self.y, self.target))
         row_steps = torch.full((n,), steps, dtype=torch.long, device=dev)
-        if best is not None:
-            best.update(x, loss, succ)
-            return LoopOutput(best.x, best.loss, best.success, row_steps), seen
-        return LoopOutput(x, loss, succ, row_steps), seen
+        return LoopOutput(best.x, best.loss, best.success, row_steps, bad), seen
 
     def run(self, x_nat: Tensor, y: Tensor, target: Optional[Tensor], x0: Tensor) -> LoopOutput:
         self.x_nat.copy_(x_nat)
@@ -443,8 +474,9 @@ class GraphedLoop:
         self.x0.copy_(x0)
         self.graph.replay()
         out, seen = self.out
-        StepLoop._check_grad(seen)
-        return LoopOutput(out.x.clone(), out.loss.clone(), out.success.clone(), out.steps.clone())
+        self.loop._check_grad(seen)
+        return LoopOutput(out.x.clone(), out.loss.clone(), out.success.clone(), out.steps.clone(),
+                          out.nonfinite.clone())
 
 
 def graph_key(attack, x_nat: Tensor, target: Optional[Tensor], extra: Sequence) -> tuple:
@@ -469,3 +501,4 @@ def warn_once(obj, key: str, msg: str) -> None:
     if key not in seen:
         seen.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
+

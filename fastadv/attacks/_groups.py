@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 
 __all__ = ["lp_norm", "view_rows", "pick_per_group", "group_any", "Working", "chunks", "Entries",
            "entry_chunks", "NORMS", "norm_name", "forward_rows", "chunked_loss_and_grad",
-           "channels_last", "layout_like"]
+           "channels_last", "layout_like", "finite_rows", "warn_nonfinite"]
 
 NORMS = ("Linf", "L2", "L1")
 _ALIASES = {"linf": "Linf", "inf": "Linf", "l2": "L2", "2": "L2", "l1": "L1", "1": "L1"}
@@ -54,6 +55,12 @@ def lp_norm(d: Tensor, norm: str, dtype: torch.dtype = torch.float32) -> Tensor:
     if norm == "L2":
         return torch.linalg.vector_norm(f, 2, dim=1)
     return f.abs().sum(1)
+
+
+def finite_rows(z: Tensor) -> Tensor:
+    """[N] bool: every entry of the row is finite (no NaN, no inf). An attack never counts a
+    point as fooled on logits that are not, nor takes such a point as its best."""
+    return torch.isfinite(z).flatten(1).all(1) if z.dim() > 1 else torch.isfinite(z)
 
 
 def group_any(flag: Tensor, group: Tensor, n_groups: int) -> Tensor:
@@ -237,3 +244,26 @@ def entry_chunks(todo: Tensor, x: Tensor, y: Tensor, targets: Optional[Tensor], 
         yield Entries(pts, x.index_select(0, pts).repeat_interleave(reps, 0),
                       y.index_select(0, pts).repeat_interleave(reps, 0), te,
                       eps.index_select(0, pts).repeat_interleave(reps, 0), n_t, n_restarts)
+
+
+def warn_nonfinite(attack, res) -> None:
+    """Once per run: say for how many points the model gave non-finite logits (NaN or inf)
+    at a point the attack tried (``res.extra["nonfinite"]``, bool per point). Such logits
+    never made a point count as fooled, nor made it the point returned."""
+    flags = res.extra.get("nonfinite") if isinstance(res.extra, dict) else None
+    if not isinstance(flags, Tensor) or flags.numel() == 0:
+        return
+    k = int(flags.sum())  # one host sync per run
+    if k == 0:
+        return
+    amp = getattr(attack, "amp", None)
+    hint = ""
+    if amp in ("fp16", "float16"):
+        hint = (" Under amp='fp16' these may be overflows of the fp16 forward (float32 logits "
+                "may be finite there): amp='bf16' or None attacks such points fully.")
+    warnings.warn(f"fastadv: {getattr(attack, 'attack', type(attack).__name__)}: the model returned "
+                  f"non-finite logits (NaN or inf) at points tried for {k} of {flags.numel()} "
+                  f"inputs. No point counted as fooled on such logits, and none was returned: each "
+                  f"of those inputs keeps its best point with finite logits (its clean point at "
+                  f"worst), so its robustness may be overstated.{hint}",
+                  RuntimeWarning, stacklevel=3)

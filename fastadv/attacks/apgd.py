@@ -17,8 +17,8 @@ from torch import Tensor
 
 from .. import losses as _losses
 from ..ops import l2_project_, l2_step, linf_project_, linf_step_
-from ._groups import (Working, channels_last, chunked_loss_and_grad, entry_chunks, forward_rows,
-                      group_any, lp_norm, norm_name, pick_per_group, view_rows)
+from ._groups import (Working, channels_last, chunked_loss_and_grad, entry_chunks, finite_rows,
+                      forward_rows, group_any, lp_norm, norm_name, pick_per_group, view_rows)
 from .base import Attack, AttackResult, int_arg
 
 __all__ = ["APGD", "APGDT", "apgd_checkpoints", "apgd_l1_checkpoints", "largereps_schedule",
@@ -121,8 +121,9 @@ def _l0(d: Tensor) -> Tensor:
 
 
 def untargeted_success(z: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
-    """Misclassified: what counts as fooled in AutoAttack, targeted attacks included."""
-    return z.argmax(1) != y
+    """Misclassified: what counts as fooled in AutoAttack, targeted attacks included (never on
+    logits that are not finite)."""
+    return (z.argmax(1) != y) & finite_rows(z)
 
 
 LossFn = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
@@ -177,13 +178,16 @@ class APGD(Attack):
         if self.__dict__.get("_cl"):
             x = channels_last(x)
         if self.eot_iter == 1:
-            return chunked_loss_and_grad(self, x, y, tgt, loss_fn, rows)
-        loss = z = g = None
-        for _ in range(self.eot_iter):  # expectation over the model's randomness
-            l_, z_, g_ = chunked_loss_and_grad(self, x, y, tgt, loss_fn, rows)
-            loss, z, g = (l_, z_, g_) if loss is None else (loss + l_, z + z_, g + g_)
-        k = float(self.eot_iter)
-        return loss / k, z / k, g / k
+            loss, z, g = chunked_loss_and_grad(self, x, y, tgt, loss_fn, rows)
+        else:
+            loss = z = g = None
+            for _ in range(self.eot_iter):  # expectation over the model's randomness
+                l_, z_, g_ = chunked_loss_and_grad(self, x, y, tgt, loss_fn, rows)
+                loss, z, g = (l_, z_, g_) if loss is None else (loss + l_, z + z_, g + g_)
+            k = float(self.eot_iter)
+            loss, z, g = loss / k, z / k, g / k
+        # the loss of non-finite logits is NaN: as -inf it is never a best point nor a rise
+        return torch.nan_to_num(loss, nan=-math.inf), z, g
 
     def _random_start(self, xn: Tensor, eps: Tensor, gen: torch.Generator) -> Tensor:
         e = view_rows(eps, xn)
@@ -246,10 +250,11 @@ class APGD(Attack):
         W = Working(torch.arange(n, device=dev), xn=xn, y=y, tgt=tgt, eps=eps, eps_goal=eps,
                     group=group, fooled=torch.zeros(n, dtype=torch.bool, device=dev),
                     x_fool=x_start.clone(), loss_fool=torch.zeros(n, device=dev),
-                    n_steps=torch.zeros(n, dtype=torch.long, device=dev))
+                    n_steps=torch.zeros(n, dtype=torch.long, device=dev),
+                    bad=torch.zeros(n, dtype=torch.bool, device=dev))
         R = {"x": xn.clone(), "success": torch.zeros(n, dtype=torch.bool, device=dev),
              "loss": torch.zeros(n, device=dev), "steps": torch.zeros(n, dtype=torch.long, device=dev),
-             "step_size": torch.zeros(n, device=dev)}
+             "step_size": torch.zeros(n, device=dev), "nonfinite": torch.zeros(n, dtype=torch.bool, device=dev)}
         every = self._every(dev)
         for s, (factor, iters) in enumerate(stages):
             if len(W) == 0:
@@ -280,6 +285,7 @@ class APGD(Attack):
         n = len(W)
         dev = x0.device
         loss, z, grad = self._loss_grad(x0, W.y, W.tgt, loss_fn)
+        W.bad = W.bad | ~finite_rows(z)
         succ = self._succeeded(W, x0, z, success_fn, wide)
         newly = succ & ~W.fooled
         W.x_fool = torch.where(view_rows(newly, x0), x0, W.x_fool)
@@ -311,6 +317,7 @@ class APGD(Attack):
             a = 0.75 if i > 0 else 1.0
             x_new = self._step(W, a, n_fts)
             loss, z, grad = self._loss_grad(x_new, W.y, W.tgt, loss_fn)
+            W.bad = W.bad | ~finite_rows(z)
             succ = self._succeeded(W, x_new, z, success_fn, wide)
             active = ~W.fooled
             W.n_steps += 1  # work done: the row was in the batch
@@ -365,6 +372,7 @@ class APGD(Attack):
                                                   W.loss_best.index_select(0, rows)))
         R["steps"].index_copy_(0, ids, W.n_steps.index_select(0, rows))
         R["step_size"].index_copy_(0, ids, W.step.index_select(0, rows))
+        R["nonfinite"].index_copy_(0, ids, W.bad.index_select(0, rows))
 
     def _compact(self, W: Working, R: Dict[str, Tensor], n_groups: int, force: bool = False) -> None:
         keep = ~group_any(W.fooled, W.group, n_groups)[W.group]
@@ -399,21 +407,27 @@ class APGD(Attack):
         loss = loss_fn(z, y, None if tg is None else tg[:, 0])
         steps = torch.zeros(b, dtype=torch.long, device=dev)
         step_size = torch.zeros(b, device=dev)
+        nonfinite = torch.zeros(b, dtype=torch.bool, device=dev)
         todo = (~done).nonzero().squeeze(1)
         for E in entry_chunks(todo, x, y, tg, eps, self.n_restarts, self.max_rows):
             m, pts = E.n_points, E.pts
             R = self._optimize(E.x, E.y, E.target, E.eps, E.group, m, gen, loss_fn, success_fn)
             idx, gs = pick_per_group(E.group, m, R["success"], R["loss"])
-            x_adv.index_copy_(0, pts, R["x"].index_select(0, idx))
+            # a point with no finite logits anywhere (loss -inf) keeps its clean point
+            found = gs | (R["loss"].index_select(0, idx) > -math.inf)
+            x_adv.index_copy_(0, pts, torch.where(view_rows(found, x), R["x"].index_select(0, idx),
+                                                  x.index_select(0, pts)))
             success.index_copy_(0, pts, gs)
-            loss.index_copy_(0, pts, R["loss"].index_select(0, idx))
+            loss.index_copy_(0, pts, torch.where(found, R["loss"].index_select(0, idx), loss.index_select(0, pts)))
+            nonfinite.index_copy_(0, pts, group_any(R["nonfinite"], E.group, m))
             steps.index_copy_(0, pts, E.per_point_sum(R["steps"]))
             step_size.index_copy_(0, pts, R["step_size"].index_select(0, idx))
         if self.verbose:
             print(f"{self.attack}: robust accuracy {1 - success.float().mean().item():.2%} "
                   f"on {b} points ({int(steps.sum())} row-steps)")
         # step_size: the final step size of the row each point's result came from
-        return AttackResult(x_adv, success, loss, steps, extra={"norm": self.norm, "step_size": step_size})
+        return AttackResult(x_adv, success, loss, steps, extra={"norm": self.norm, "step_size": step_size,
+                                                                "nonfinite": nonfinite})
 
 
 class APGDT(APGD):

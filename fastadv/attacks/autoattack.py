@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._groups import lp_norm, norm_name
+from ._groups import finite_rows, lp_norm, norm_name, warn_nonfinite
 from .apgd import APGD, APGDT
 from .base import Attack, AttackResult, int_arg, model_context, module_of
 from .fab import FAB
@@ -143,7 +143,7 @@ class AutoAttack(Attack):
         """After rounding to the user's dtype: a point counts as fooled only if the returned
         tensor fools the model; the robust flags and accuracy follow."""
         ex = res.extra
-        fooled = (z.argmax(1) != y) & ex["clean"]
+        fooled = (z.argmax(1) != y) & finite_rows(z) & ex["clean"]
         back = ~fooled & ~ex["robust"] & ex["clean"]   # fooled in float32, not after rounding
         if bool(back.any()):
             ex["robust"] = ex["robust"] | back
@@ -205,7 +205,7 @@ class AutoAttack(Attack):
         with torch.no_grad():
             if b:
                 self._check_classes(int(self.logits(x[:1], fp32=True).shape[1]))
-            pred = _predict(self, x, bs)
+            pred = _predict(self, x, bs, clean=True)
         clean = pred == y
         state = {"robust": clean.clone(), "attack_of": torch.where(clean, -1, -2).long(),
                  "tried": torch.zeros(len(names), b, dtype=torch.bool), "time": [0.0] * len(names),
@@ -225,6 +225,7 @@ class AutoAttack(Attack):
         if state["adv_idx"].numel():
             x_adv.index_copy_(0, state["adv_idx"].to(dev), state["adv_x"].to(dev, x.dtype))
         steps = torch.zeros(b, dtype=torch.long, device=dev)
+        nonfinite = torch.zeros(b, dtype=torch.bool, device=dev)
         if self.checks and b:
             _model_checks(self, x[: min(b, 64)], y[: min(b, 64)])
         chunk = bs or b or 1
@@ -243,6 +244,9 @@ class AutoAttack(Attack):
                 robust[hit] = False
                 attack_of[hit] = k
                 steps.index_add_(0, pts, res.steps.to(steps.device))
+                nf = res.extra.get("nonfinite")
+                if nf is not None:
+                    nonfinite.index_copy_(0, pts, nonfinite.index_select(0, pts) | nf.to(dev))
                 work[name] = work.get(name, 0) + int(res.steps.sum())
                 tried[pts] = True
                 if state_path:
@@ -265,7 +269,9 @@ class AutoAttack(Attack):
             "attacks": list(names), "time": dict(zip(names, state["time"])), "norm": self.norm,
             # rows × iterations per attack (APGD/FAB: gradient steps; Square: queries)
             "work": work,
-            "eps": self.eps})
+            "eps": self.eps,
+            # points where a part met non-finite logits (never counted fooled on them)
+            "nonfinite": nonfinite})
         if self.checks and "square" in names:
             _square_check(res)
         self.last_result = res
@@ -280,12 +286,13 @@ class AutoAttack(Attack):
             return ok
         xa = res.x_adv.to(xs.dtype)
         with torch.no_grad():
-            pred = self.exact_logits(xa).argmax(1)
+            z = self.exact_logits(xa)
+        pred = z.argmax(1)
         dist = lp_norm(xa - xs, self.norm)
         tol = 1e-5 * max(1.0, self.eps)
         inside = (dist <= self.eps + tol) & (xa.flatten(1).amin(1) >= self.lower - 1e-6) & (
             xa.flatten(1).amax(1) <= self.upper + 1e-6)
-        return ok & (pred != ys) & inside
+        return ok & (pred != ys) & finite_rows(z) & inside
 
     # ------------------------------------------------- the reference's API
     def run_standard_evaluation(self, x_orig: Tensor, y_orig: Tensor, bs: int = 250,
@@ -311,6 +318,7 @@ class AutoAttack(Attack):
             # the user's dtype: rounded back into the ball, flags of the tensor returned
             x_adv = self._result_to_user(res, xf, x_orig, y, None, bs)
         res.x_adv = x_adv
+        warn_nonfinite(self, res)
         if self.verbose:
             print(f"clean accuracy: {self.clean_accuracy:.2%}  robust accuracy: {self.robust_accuracy:.2%}")
         if return_labels:
@@ -379,11 +387,18 @@ def _hash_tensor(h, t: Tensor) -> None:
     h.update(raw.numpy())
 
 
-def _predict(atk: Attack, x: Tensor, bs: Optional[int]) -> Tensor:
-    """Exact float32 predictions, ``bs`` rows at a time (none asked for an empty batch)."""
+def _predict(atk: Attack, x: Tensor, bs: Optional[int], clean: bool = False) -> Tensor:
+    """Exact float32 predictions, ``bs`` rows at a time (none asked for an empty batch).
+    ``clean``: the clean points, whose logits must be finite (an error names how many are not)."""
     if not len(x):
         return torch.zeros(0, dtype=torch.long, device=x.device)
-    return atk.exact_logits(x, None, bs).argmax(1)
+    z = atk.exact_logits(x, None, bs)
+    if clean:
+        bad = int((~finite_rows(z)).sum())
+        if bad:
+            raise ValueError(f"model: returned non-finite logits (NaN or inf) on the clean input "
+                             f"({bad} of {len(x)} points)")
+    return z.argmax(1)
 
 
 def _save_state(path: str, fp: str, cfg: Dict[str, str], robust: Tensor, attack_of: Tensor, state: dict,

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses as _losses
-from ._groups import channels_last, forward_rows, layout_like, lp_norm
+from . import _loss_scale
+from ._groups import channels_last, finite_rows, forward_rows, layout_like, lp_norm, warn_nonfinite
 from ._groups import norm_name as _norm_name
 from ._workers import held_mode, split_count, split_rows
 
@@ -549,20 +550,43 @@ class Attack:
         """Per-sample loss, logits and the input gradient of the summed loss.
 
         Input-only gradient (``torch.autograd.grad``; parameters' ``.grad`` untouched),
-        no host sync. Under amp a sample whose gradient has a non-finite entry gets an
-        all-zero gradient, so it moves nothing this step. Under fp16 the loss is scaled
-        per sample by ``grad_scale`` (float32 ``[B]``, default 1024); when given, it is
-        updated in place: halved for every sample whose scaled gradient overflowed.
-        A large CPU batch runs as row blocks on worker threads (``_workers``); the loss
-        must be per row, as every loss here is."""
+        no host sync (but see fp16 on a CPU). A row whose logits are not finite (NaN or inf)
+        gets a NaN loss (never a best iterate) and an all-zero gradient: it moves nothing.
+        Under amp a row whose gradient has a non-finite entry gets an all-zero gradient too.
+
+        Under fp16 the gradient is loss-scaled per sample (``_loss_scale``): the logit
+        gradient is taken in float32 and each row is brought to its scale target before
+        the fp16 backward, so confident samples do not underflow. ``grad_scale`` (float32
+        ``[B]``, from ``_loss_scale.new_state``) holds those targets across the passes of a
+        loop and is updated in place; without it the attack keeps one running target per
+        device. On a CPU a row that overflowed or underflowed is redone at once at another
+        scale (a host sync costs nothing there). A large CPU batch runs as row blocks on
+        worker threads (``_workers``); the loss must be per row, as every loss here is."""
+        shared = None
+        if grad_scale is None and _AMP[self.amp] is torch.float16:
+            # callers that keep no per-row state (APGD, FAB, DeepFool) share a running target
+            shared = self.__dict__.setdefault("_fp16_scale", {}).get(x.device)
+            if shared is None:
+                shared = self._fp16_scale[x.device] = _loss_scale.new_state(1, x.device)
+            grad_scale = _loss_scale.rows_of(shared, x.shape[0])
         k = split_count(x, module_of(self.model))
         if k > 1:
             def block(s):
                 return self._loss_and_grad_once(x[s], y[s], None if target is None else target[s], loss_fn,
                                                 None if grad_scale is None else grad_scale[s])
             parts = split_rows(block, x.shape[0], k)
-            return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
-        return self._loss_and_grad_once(x, y, target, loss_fn, grad_scale)
+            out = tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+        else:
+            out = self._loss_and_grad_once(x, y, target, loss_fn, grad_scale)
+        if shared is not None:
+            _loss_scale.fold_rows(shared, grad_scale)
+        return out
+
+    def _rows_independent(self) -> bool:
+        """Whether no module couples the rows of a batch (all in eval mode): fp16 loss scaling
+        may then scale each row on its own. A plain callable is taken as coupled."""
+        module = module_of(self.model)
+        return module is not None and not any(m.training for m in module.modules())
 
     def _loss_and_grad_once(self, x: Tensor, y: Tensor, target: Optional[Tensor], loss_fn: Optional[Callable],
                             grad_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -570,30 +594,28 @@ class Attack:
         fp16 = _AMP[self.amp] is torch.float16
         with torch.enable_grad():
             z = self.logits(x)
-            loss = (loss_fn or self.attack_loss)(z, y, target)
+            zf = z.float() if fp16 else z
+            loss = (loss_fn or self.attack_loss)(zf, y, target)
             if not loss.requires_grad:
                 raise InputIndependentError("model: its output does not depend on the input x "
                                             "(no gradient path from the logits to x)")
-            scale = None
             if fp16:
-                scale = grad_scale if grad_scale is not None else torch.full(
-                    loss.shape, 1024.0, dtype=torch.float32, device=loss.device)
-                total = (loss.float() * scale).sum()
+                g = _loss_scale.scaled_input_grad(
+                    z, zf, loss, x, grad_scale, independent=self._rows_independent(),
+                    retries=3 if x.device.type == "cpu" else 0)
             else:
-                total = loss.sum()
-            (g,) = torch.autograd.grad(total, x, allow_unused=True)
+                (g,) = torch.autograd.grad(loss.sum(), x, allow_unused=True)
         if g is None:
             raise InputIndependentError("model: its output does not depend on the input x "
                                         "(the input gradient is empty)")
-        if self.amp is not None:
-            ok = torch.isfinite(g).flatten(1).all(1)
-            shape = (-1,) + (1,) * (g.dim() - 1)
-            if scale is not None:
-                g = g * scale.reciprocal().view(shape)
-                if grad_scale is not None:
-                    grad_scale.mul_(torch.where(ok, 1.0, 0.5))
-            g = torch.where(ok.view(shape), g, 0.0)
-        return loss.detach().float(), z.detach().float(), g
+        shape = (-1,) + (1,) * (g.dim() - 1)
+        z = z.detach().float()
+        finite = finite_rows(z)
+        loss = torch.where(finite, loss.detach().float(), float("nan"))
+        if self.amp is not None:  # a non-finite entry: the low-precision pass overflowed
+            finite = finite & torch.isfinite(g).flatten(1).all(1)
+        g = torch.where(finite.view(shape), g, 0.0)
+        return loss, z, g
 
     # ----------------------------------------------------------- validation
     @staticmethod
@@ -778,6 +800,7 @@ class Attack:
             finally:
                 self.clean_logits = None
             res.x_adv = self._result_to_user(res, xf, x_user, y, target)
+        warn_nonfinite(self, res)
         return res
 
     def _clean_logits(self, xf: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
@@ -963,8 +986,10 @@ class Attack:
     # -------------------------------------------------------- success test
     @staticmethod
     def is_success(z: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
+        """Misclassified (untargeted) or classified as ``target``; never for a row whose
+        logits are not finite (the argmax of a NaN row says nothing about the model)."""
         pred = z.argmax(1)
-        return pred == target if target is not None else pred != y
+        return (pred == target if target is not None else pred != y) & finite_rows(z)
 
 
 # ------------------------------------------------------------ dtype rounding

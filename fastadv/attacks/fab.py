@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._groups import (Working, channels_last, chunked_loss_and_grad, entry_chunks, forward_rows,
-                      group_any, lp_norm, norm_name, pick_per_group, view_rows)
+from ._groups import (Working, channels_last, chunked_loss_and_grad, entry_chunks, finite_rows,
+                      forward_rows, group_any, lp_norm, norm_name, pick_per_group, view_rows)
 from ._workers import split_count, split_rows
 from .apgd import l1_project_delta
 from .base import int_arg
@@ -210,9 +210,11 @@ class FAB(Attack):
             x1 = torch.where(view_rows(rand, xn), xr, x1)
         W = Working(torch.arange(n, device=dev), xn=xn, y=y, tgt=tgt, eps=eps, group=group, x=x1,
                     best=torch.full((n,), math.inf, device=dev), x_out=xn.clone(),
-                    n_steps=torch.zeros(n, dtype=torch.long, device=dev))
+                    n_steps=torch.zeros(n, dtype=torch.long, device=dev),
+                    bad=torch.zeros(n, dtype=torch.bool, device=dev))
         R = {"x": xn.clone(), "norm": torch.full((n,), math.inf, device=dev),
-             "steps": torch.zeros(n, dtype=torch.long, device=dev)}
+             "steps": torch.zeros(n, dtype=torch.long, device=dev),
+             "nonfinite": torch.zeros(n, dtype=torch.bool, device=dev)}
         every = self.compact_every or (10 if dev.type == "cuda" else 1)
         self._rows = forward_rows(self, xn, y, tgt) if self.max_rows is None else self.max_rows
         for i in range(self.steps):
@@ -233,18 +235,23 @@ class FAB(Attack):
                 alpha = (a1 / (a1 + a2)).clamp(0.0, self.alpha_max)[:, None]
                 xnew = ((xf + self.eta * d1) * (1 - alpha) + (x0 + self.eta * d2) * alpha).clamp(lo, hi)
                 xnew = xnew.reshape(W.x.shape).to(W.x.dtype)
+                # non-finite logits at W.x (f NaN): no boundary to project on, stay
+                xnew = torch.where(view_rows(torch.isfinite(f), xnew), xnew, W.x)
                 if cl:
                     xnew = channels_last(xnew)
                 rows = self.__dict__.get("_rows") or m
                 z = torch.cat([self.logits(xnew[r:r + rows]).float() for r in range(0, m, rows)])
-                adv = z.argmax(1) != W.y
+                fin = finite_rows(z)
+                W.bad = W.bad | ~fin | ~torch.isfinite(f)
+                adv = (z.argmax(1) != W.y) & fin
                 dist = lp_norm(xnew - W.xn, self.norm)
                 better = adv & (dist < W.best)
                 W.x_out = torch.where(view_rows(better, xnew), xnew, W.x_out)
                 W.best = torch.where(better, dist, W.best)
                 # an adversarial iterate is pulled back towards the original point
                 back = W.xn + (xnew - W.xn) * self.beta
-                W.x = torch.where(view_rows(adv, xnew), back, xnew)
+                # a point with non-finite logits is not stepped onto
+                W.x = torch.where(view_rows(adv, xnew), back, torch.where(view_rows(fin, xnew), xnew, W.x))
                 W.n_steps += 1
                 if self.early_stop and (i + 1) % every == 0:
                     done = group_any(W.best <= W.eps, W.group, n_groups)[W.group]
@@ -273,7 +280,8 @@ class FAB(Attack):
             d = l1_project_delta(x0, d, e, self.lower, self.upper)
         xp = (x0 + d).clamp(self.lower, self.upper)
         with torch.no_grad():
-            fooled = self.logits(xp).float().argmax(1) != y[rows]
+            zp = self.logits(xp).float()
+            fooled = (zp.argmax(1) != y[rows]) & finite_rows(zp)
         dist = lp_norm(xp - x0, self.norm)
         ok = fooled & (dist <= e)
         if bool(ok.any()):
@@ -289,6 +297,7 @@ class FAB(Attack):
         R["x"].index_copy_(0, ids, W.x_out.index_select(0, rows))
         R["norm"].index_copy_(0, ids, W.best.index_select(0, rows))
         R["steps"].index_copy_(0, ids, W.n_steps.index_select(0, rows))
+        R["nonfinite"].index_copy_(0, ids, W.bad.index_select(0, rows))
 
     # ------------------------------------------------------------- layout
     def _target_table(self, z: Tensor, target: Optional[Tensor]) -> Optional[Tensor]:
@@ -302,7 +311,7 @@ class FAB(Attack):
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
                     x_adv: Tensor, xf: Tensor) -> Tensor:
         # fooled (any class) within eps; the returned point is within eps (see run)
-        return z.argmax(1) != y
+        return (z.argmax(1) != y) & finite_rows(z)
 
     def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor],
                 gen: torch.Generator) -> AttackResult:
@@ -321,6 +330,7 @@ class FAB(Attack):
         success = done.clone()
         min_norm = torch.where(done, torch.zeros(b, device=dev), torch.full((b,), math.inf, device=dev))
         steps = torch.zeros(b, dtype=torch.long, device=dev)
+        nonfinite = torch.zeros(b, dtype=torch.bool, device=dev)
         todo = (~done).nonzero().squeeze(1)
         for E in entry_chunks(todo, x, y, tg, eps, self.n_restarts, self.max_rows):
             m, pts, xn, ye, ee = E.n_points, E.pts, E.x, E.y, E.eps
@@ -333,10 +343,12 @@ class FAB(Attack):
             success.index_copy_(0, pts, gs)
             min_norm.index_copy_(0, pts, R["norm"].index_select(0, idx))
             steps.index_copy_(0, pts, E.per_point_sum(R["steps"]))
+            nonfinite.index_copy_(0, pts, group_any(R["nonfinite"], E.group, m))
         if self.verbose:
             print(f"{self.attack}: robust accuracy {1 - success.float().mean().item():.2%} on {b} points")
         loss = -min_norm
-        return AttackResult(x_adv, success, loss, steps, extra={"min_norm": min_norm, "norm": self.norm})
+        return AttackResult(x_adv, success, loss, steps, extra={"min_norm": min_norm, "norm": self.norm,
+                                                                "nonfinite": nonfinite})
 
 
 class FABT(FAB):

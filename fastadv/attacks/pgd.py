@@ -150,6 +150,7 @@ class _IterativeAttack(Attack):
             res_succ = torch.zeros(b, dtype=torch.bool, device=dev)
         res_steps = torch.zeros(b, dtype=torch.long, device=dev)
         res_restart = torch.full((b,), -1, dtype=torch.long, device=dev)
+        res_bad = torch.zeros(b, dtype=torch.bool, device=dev)
         if self.cuda_graph and dev.type == "cuda" and not self.max_batch:
             # chunk sizes come from free memory, which each captured graph's pool lowers:
             # fix them per input shape so a second call replays instead of re-capturing
@@ -198,10 +199,13 @@ class _IterativeAttack(Attack):
                 cx, closs, csucc, cr = _engine.pick_restart(out.x, out.loss, out.success, nr)
                 took = _engine.merge_best(res_x, res_loss, res_succ, idx, cx, closs, csucc)
                 spent = out.steps.view(nr, m).sum(0)
+                bad = out.nonfinite.view(nr, m).any(0)
                 if idx is None:
+                    res_bad |= bad
                     res_steps += spent
                     res_restart = torch.where(took, cr + r, res_restart)
                 else:
+                    res_bad.index_copy_(0, idx, res_bad[idx] | bad)
                     res_steps.index_add_(0, idx, spent)
                     res_restart.index_copy_(0, idx, torch.where(took, cr + r, res_restart[idx]))
             r += nr
@@ -210,7 +214,7 @@ class _IterativeAttack(Attack):
             # the iterates were judged on low-precision logits: report exact figures
             res_loss, res_succ = self._exact(res_x, y, target)
         return AttackResult(res_x, res_succ, res_loss, res_steps,
-                            extra={"restart": res_restart, "target": target})
+                            extra={"restart": res_restart, "target": target, "nonfinite": res_bad})
 
 
 class PGD(_IterativeAttack):

@@ -14,8 +14,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from ._groups import (Working, channels_last, entry_chunks, group_any, lp_norm, norm_name,
-                      pick_per_group, view_rows)
+from ._groups import (Working, channels_last, entry_chunks, finite_rows, group_any, lp_norm,
+                      norm_name, pick_per_group, view_rows)
 from .base import int_arg
 from .base import Attack, AttackResult
 
@@ -95,17 +95,20 @@ class Square(Attack):
 
     # ------------------------------------------------------------- loss
     def _margin_and_loss(self, x: Tensor, y: Tensor, tgt: Optional[Tensor]):
-        """(margin, loss): margin ≤ 0 means success; the search minimises loss."""
+        """(margin, loss): margin ≤ 0 means success; the search minimises loss. Logits that
+        are not finite give +inf for both: never a success, worse than any finite query."""
         if self._use_channels_last(x):
             x = channels_last(x)  # a free view for one channel, a copy otherwise
         with torch.no_grad():
             z = self.logits(x).float()
         lab = y if tgt is None else tgt
         margin = self._margin(z, y, tgt)
+        bad = ~finite_rows(z)
+        margin = margin.masked_fill(bad, math.inf)
         if self.square_loss == "margin":
             return margin, margin
         ce = torch.nn.functional.cross_entropy(z, lab, reduction="none")
-        return margin, (-ce if tgt is None else ce)
+        return margin, (-ce if tgt is None else ce).masked_fill(bad, math.inf)
 
     @staticmethod
     def _margin(z: Tensor, y: Tensor, tgt: Optional[Tensor]) -> Tensor:
@@ -117,7 +120,7 @@ class Square(Attack):
 
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
                     x_adv: Tensor, xf: Tensor) -> Tensor:
-        return self._margin(z, y, target) <= 0
+        return (self._margin(z, y, target) <= 0) & finite_rows(z)
 
     # ------------------------------------------------------- random bits
     @staticmethod
@@ -280,6 +283,7 @@ class Square(Attack):
         margin, loss = self._margin_and_loss(x_new, W.y, W.tgt)
         active = W.margin > 0
         W.queries += active
+        W.bad |= (margin == math.inf) & active  # +inf only from non-finite logits
         improved = (loss < W.loss) & active
         W.loss = torch.where(improved, loss, W.loss)
         take = (improved | (margin <= 0)) & active
@@ -309,6 +313,7 @@ class Square(Attack):
         R["margin"].index_copy_(0, ids, W.margin.index_select(0, rows))
         R["loss"].index_copy_(0, ids, W.loss.index_select(0, rows))
         R["queries"].index_copy_(0, ids, W.queries.index_select(0, rows))
+        R["nonfinite"].index_copy_(0, ids, W.bad.index_select(0, rows))
 
     def _optimize(self, xn: Tensor, y: Tensor, tgt: Optional[Tensor], eps: Tensor, group: Tensor,
                   n_groups: int, gen: torch.Generator) -> Dict[str, Tensor]:
@@ -321,9 +326,10 @@ class Square(Attack):
             x0 = self._init_l2(xn, eps, gen)
         margin, loss = self._margin_and_loss(x0, y, tgt)
         W = Working(torch.arange(n, device=dev), xn=xn, y=y, tgt=tgt, eps=eps, group=group, x_best=x0,
-                    margin=margin, loss=loss, queries=torch.ones(n, dtype=torch.long, device=dev))
+                    margin=margin, loss=loss, queries=torch.ones(n, dtype=torch.long, device=dev),
+                    bad=margin == math.inf)
         R = {"x": x0.clone(), "margin": margin.clone(), "loss": loss.clone(),
-             "queries": torch.ones(n, dtype=torch.long, device=dev)}
+             "queries": torch.ones(n, dtype=torch.long, device=dev), "nonfinite": W.bad.clone()}
         if self.early_stop:
             self._compact(W, R, n_groups, force=True)
         if self.norm == "Linf":
@@ -350,17 +356,23 @@ class Square(Attack):
         success = done.clone()
         loss = loss0.clone()
         queries = torch.zeros(b, dtype=torch.long, device=dev)
+        nonfinite = torch.zeros(b, dtype=torch.bool, device=dev)
         todo = (~done).nonzero().squeeze(1)
         tg = None if target is None else target[:, None]
         for E in entry_chunks(todo, x, y, tg, eps, self.n_restarts, self.max_rows):
             m, pts = E.n_points, E.pts
             R = self._optimize(E.x, E.y, E.target, E.eps, E.group, m, gen)
             idx, gs = pick_per_group(E.group, m, R["margin"] <= 0, -R["loss"])
-            x_adv.index_copy_(0, pts, R["x"].index_select(0, idx))
+            # a point with no finite logits anywhere (loss +inf) keeps its clean point
+            found = R["loss"].index_select(0, idx) < math.inf
+            x_adv.index_copy_(0, pts, torch.where(view_rows(found, x), R["x"].index_select(0, idx),
+                                                  x.index_select(0, pts)))
             success.index_copy_(0, pts, gs)
-            loss.index_copy_(0, pts, R["loss"].index_select(0, idx))
+            loss.index_copy_(0, pts, torch.where(found, R["loss"].index_select(0, idx), loss.index_select(0, pts)))
             queries.index_copy_(0, pts, E.per_point_sum(R["queries"]))
+            nonfinite.index_copy_(0, pts, group_any(R["nonfinite"], E.group, m))
         if self.verbose:
             print(f"Square: robust accuracy {1 - success.float().mean().item():.2%} on {b} points")
         # steps: model queries (Square uses no gradients)
-        return AttackResult(x_adv, success, -loss, queries, extra={"queries": queries, "norm": self.norm})
+        return AttackResult(x_adv, success, -loss, queries, extra={"queries": queries, "norm": self.norm,
+                                                                   "nonfinite": nonfinite})

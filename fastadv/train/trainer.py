@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..attacks import _loss_scale
 from ..attacks.base import int_arg, preserved_model
 from . import checkpoint as _ckpt
 from . import distributed as _dist
@@ -183,8 +184,9 @@ class AdversarialTrainer:
             raise ValueError(f"attack_amp: expected 'same', 'fp32', 'bf16' or 'fp16', got {attack_amp!r}")
         self.attack_amp = attack_amp
         self._attack_dtype = _AMP.get(attack_amp)
-        # fp16 input gradients underflow unscaled; signs are all an L∞ step needs
-        self._attack_scale = 1024.0 if self._attack_dtype is torch.float16 else 1.0
+        # fp16 input gradients underflow unscaled: the attack path scales each sample's loss
+        # dynamically (fastadv.attacks._loss_scale), from one running target per device
+        self._attack_fp16_scale: Dict[torch.device, Tensor] = {}
         if attack_bn not in (None, "eval", "train"):
             raise ValueError(f"attack_bn: expected None, 'eval' or 'train', got {attack_bn!r}")
         self._attack_bn = attack_bn
@@ -258,14 +260,35 @@ class AdversarialTrainer:
         at the attack's precision; with ``create_graph`` (a regulariser on it) at the training's."""
         xa = x_adv.detach().requires_grad_(True)
         attack = not create_graph
+        net = model if model is not None else self.module
         with torch.enable_grad():
-            z = self.forward(xa, model if model is not None else self.module, attack=attack)
+            z = self.forward(xa, net, attack=attack)
+            if attack and self._attack_dtype is torch.float16:
+                return self._fp16_input_grad(xa, z, loss_fn, net), z
             loss = loss_fn(z)
-            scale = self._attack_scale if attack else (1024.0 if self._amp_dtype is torch.float16 else 1.0)
-            if scale != 1.0:
-                loss = loss * scale
+            if not attack and self._amp_dtype is torch.float16:
+                loss = loss * 1024.0
             (g,) = torch.autograd.grad(loss, xa, create_graph=create_graph)
         return g, z
+
+    def _fp16_input_grad(self, xa: Tensor, z: Tensor, loss_fn: Callable[[Tensor], Tensor],
+                         net: nn.Module) -> Tensor:
+        """The attack path's input gradient under fp16, loss-scaled per sample from a running
+        target (``fastadv.attacks._loss_scale``; rows share one scale while BatchNorm is in
+        training mode). Rows that overflow move nothing this step; on a CPU they are redone."""
+        shared = self._attack_fp16_scale.get(xa.device)
+        if shared is None:
+            shared = self._attack_fp16_scale[xa.device] = _loss_scale.new_state(1, xa.device)
+        rows = _loss_scale.rows_of(shared, xa.shape[0])
+        zf = z.float()
+        g = _loss_scale.scaled_input_grad(
+            z, zf, loss_fn(zf), xa, rows, independent=not any(m.training for m in net.modules()),
+            retries=3 if xa.device.type == "cpu" else 0)
+        # row blocks on CPU workers each fold their rows in: either write is a valid target
+        _loss_scale.fold_rows(shared, rows)
+        if g is None:
+            raise ValueError("model: its output does not depend on the input x")
+        return g
 
     @contextlib.contextmanager
     def attacking(self, bn: str):
