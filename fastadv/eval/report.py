@@ -200,7 +200,7 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
         _save_state(state_path, state)
 
     # --- AutoAttack: per-attack and worst-case robust accuracy, per class -----------------
-    aa = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed,
+    aa = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, verbose=False,
                     attacks_to_run=attacks_to_run, steps=steps, n_queries=n_queries,
                     checks=False, **attack_kwargs)
     cb, close = _progress_factory(progress)
