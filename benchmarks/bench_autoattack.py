@@ -147,11 +147,12 @@ def main(argv=None) -> int:
 
     # warm-up, both sides: one-time costs (loading the compiled ops, oneDNN primitives) are
     # not what is compared
-    AutoAttack(model, eps=args.eps, steps=2, n_queries=2, seed=0).run_standard_evaluation(x[:4], y[:4])
+    AutoAttack(model, eps=args.eps, steps=2, n_queries=2, seed=0, verbose=False).run_standard_evaluation(
+        x[:4], y[:4])
     import torchattacks
     torchattacks.APGD(model, eps=args.eps, steps=2)(x[:4], y[:4])
 
-    aa = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", seed=args.seed)
+    aa = AutoAttack(model, norm="Linf", eps=args.eps, version="standard", seed=args.seed, verbose=False)
     xa, wall, cpu = _timed(lambda: aa.run_standard_evaluation(x, y, bs=args.n), dev)
     r = aa.last_result
     work = r.extra["work"]

@@ -495,5 +495,6 @@ def test_autoattack_rescoring_in_another_dtype_keeps_to_bs():
     seen.clear()
     aa = fastadv.AutoAttack(model, eps=0.1, version="custom", attacks_to_run=["apgd-ce"], steps=2,
                             seed=0, checks=False)
+    aa.apgd.n_restarts = 1  # one row per point (custom keeps the reference's 5 restarts: 5 rows each)
     aa.run_standard_evaluation(x, y, bs=8)
     assert seen and max(seen) <= 16   # the 16-row clean probe is the largest

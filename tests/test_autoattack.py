@@ -78,7 +78,10 @@ def test_versions_and_custom(mnist):
     assert AutoAttack(model, version="plus").attacks_to_run == ["apgd-ce", "apgd-dlr", "fab", "square",
                                                                 "apgd-t", "fab-t"]
     assert AutoAttack(model, version="rand").attacks_to_run == ["apgd-ce", "apgd-dlr"]
-    assert AutoAttack(model, norm="L1", eps=10.0).attacks_to_run == ["apgd-ce", "apgd-t"]
+    # L1: the reference's list without Square (no L1 Square here), APGD-T with 5 targets
+    l1 = AutoAttack(model, norm="L1", eps=10.0)
+    assert l1.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t"]
+    assert l1.build_attack("apgd-t").n_target_classes == 5
     assert AutoAttack(model, version="rand").build_attack("apgd-ce").eot_iter == 20
     assert AutoAttack(model, version="plus").build_attack("apgd-dlr").n_restarts == 5
     t = AutoAttack(model).build_attack("apgd-t")
@@ -86,8 +89,11 @@ def test_versions_and_custom(mnist):
     f = AutoAttack(model).build_attack("fab-t")
     assert f.multi_targeted and f.n_target_classes == 9 and f.steps == 100
     assert AutoAttack(model).build_attack("square").n_queries == 5000
-    with pytest.raises(ValueError):
-        AutoAttack(model, version="custom")
+    # as in the reference, 'custom' may get its list after construction, but not run without one
+    empty = AutoAttack(model, version="custom", verbose=False)
+    assert empty.attacks_to_run == []
+    with pytest.raises(ValueError, match="attacks_to_run"):
+        empty.run_standard_evaluation(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError):
         AutoAttack(model, version="custom", attacks_to_run=["apgd-ce", "cw"])
     with pytest.raises(ValueError):

@@ -133,8 +133,13 @@ LossFn = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
 class APGD(Attack):
     """Auto-PGD (Croce & Hein 2020) with restarts batched and an early-stopping active set.
 
-    Defaults are the reference's: 100 steps, ρ = 0.75, momentum 0.75, initial step
-    2ε (L∞/L2) or ε with adaptive sparsity (L1). ``loss``: "ce", "dlr" or "cw".
+    Defaults are torchattacks' (``steps=10``; AutoAttack runs it with the reference's 100)
+    and the reference's: ρ = 0.75, momentum 0.75, initial step 2ε (L∞/L2) or ε with
+    adaptive sparsity (L1). ``loss``: "ce", "dlr" or "cw". ``eot_iter`` averages the
+    loss, logits and gradient of that many passes per step (EOT, for a randomised model);
+    then every point runs all its steps and the result is its highest-loss iterate when
+    that is adversarial on average.
+    The reference's attribute names work too: ``n_iter`` is ``steps``, ``thr_decr`` is ``rho``.
     ``early_stop`` drops a point once fooled (the robust accuracy is unchanged; the
     loss of fooled points is that of their first adversarial iterate);
     ``max_rows`` caps the rows (points × restarts) of one batch;
@@ -142,7 +147,7 @@ class APGD(Attack):
     a host sync each time (default 1 on CPU, 10 on CUDA).
     """
 
-    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100,
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 10,
                  n_restarts: int = 1, seed: Optional[int] = 0, loss: str = "ce", eot_iter: int = 1,
                  rho: float = 0.75, verbose: bool = False, *, early_stop: bool = True,
                  max_rows: Optional[int] = None, compact_every: Optional[int] = None,
@@ -166,6 +171,26 @@ class APGD(Attack):
         self.early_stop = self._flag("early_stop", early_stop)
         self.max_rows = None if max_rows is None else int_arg("max_rows", max_rows)
         self.compact_every = None if compact_every is None else int_arg("compact_every", compact_every)
+
+    # the reference's names (fra31/auto-attack's APGDAttack), e.g. ``adversary.apgd.n_iter = 20``
+    @property
+    def n_iter(self) -> int:
+        return self.steps
+
+    @n_iter.setter
+    def n_iter(self, v) -> None:
+        self.steps = int_arg("n_iter", v, 0)
+
+    @property
+    def thr_decr(self) -> float:
+        return self.rho
+
+    @thr_decr.setter
+    def thr_decr(self, v) -> None:
+        v = self._real("thr_decr", v)
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"thr_decr: expected a value in (0, 1], got {v}")
+        self.rho = v
 
     # ------------------------------------------------------------ pieces
     def _every(self, device: torch.device) -> int:
@@ -265,7 +290,7 @@ class APGD(Attack):
                 W.eps = W.eps_goal * factor
                 x_start = W.xn + l1_project_delta(W.xn, x_start - W.xn, W.eps, self.lower, self.upper)
             self._start_stage(W, x_start, alpha, n_fts, loss_fn, success_fn, factor > 1.0)
-            if self.early_stop and len(W):
+            if self._stops_early() and len(W):
                 self._compact(W, R, n_groups, force=True)
             self._run_stage(W, R, iters, alpha, n_fts, n_groups, every, loss_fn, success_fn,
                             factor > 1.0)
@@ -293,6 +318,7 @@ class APGD(Attack):
         W.fooled = W.fooled | succ
         W.x, W.x_old, W.grad = x0, x0, grad
         W.x_best, W.grad_best = x0.clone(), grad.clone()
+        W.succ_best = succ.clone()  # success (of the averaged logits) at x_best
         W.loss_best, W.loss_prev, W.loss_last = loss.clone(), loss, loss.clone()
         W.reduced = torch.ones(n, dtype=torch.bool, device=dev)
         W.n_incr = torch.zeros(n, dtype=torch.int32, device=dev)
@@ -332,10 +358,11 @@ class APGD(Attack):
             torch.where(vb, x_new, W.x_best, out=W.x_best)
             torch.where(vb, grad, W.grad_best, out=W.grad_best)
             W.loss_best = torch.where(better, loss, W.loss_best)
+            W.succ_best = torch.where(better, succ, W.succ_best)
             W.x_old, W.x, W.grad = W.x, x_new, grad
             if i + 1 in checks:
                 self._checkpoint(W, checks[i + 1], alpha, n_fts)
-            if self.early_stop and (i + 1) % every == 0 and i + 1 < iters:
+            if self._stops_early() and (i + 1) % every == 0 and i + 1 < iters:
                 self._compact(W, R, n_groups)
 
     def _checkpoint(self, W: Working, k: int, alpha: float, n_fts: int) -> None:
@@ -366,13 +393,21 @@ class APGD(Attack):
         fo = W.fooled.index_select(0, rows)
         xf = W.x_fool.index_select(0, rows)
         xb = W.x_best.index_select(0, rows)
-        R["x"].index_copy_(0, ids, torch.where(view_rows(fo, xf), xf, xb))
+        # the first adversarial iterate; under EOT the highest-loss one when it is adversarial
+        # too (a randomised model's first success is often a lucky draw)
+        first = fo if self.eot_iter == 1 else fo & ~W.succ_best.index_select(0, rows)
+        R["x"].index_copy_(0, ids, torch.where(view_rows(first, xf), xf, xb))
         R["success"].index_copy_(0, ids, fo)
-        R["loss"].index_copy_(0, ids, torch.where(fo, W.loss_fool.index_select(0, rows),
+        R["loss"].index_copy_(0, ids, torch.where(first, W.loss_fool.index_select(0, rows),
                                                   W.loss_best.index_select(0, rows)))
         R["steps"].index_copy_(0, ids, W.n_steps.index_select(0, rows))
         R["step_size"].index_copy_(0, ids, W.step.index_select(0, rows))
         R["nonfinite"].index_copy_(0, ids, W.bad.index_select(0, rows))
+
+    def _stops_early(self) -> bool:
+        """Fooled points leave the batch, except under EOT: a randomised model's success is
+        itself random, and the steps after it make it hold for more draws."""
+        return self.early_stop and self.eot_iter == 1
 
     def _compact(self, W: Working, R: Dict[str, Tensor], n_groups: int, force: bool = False) -> None:
         keep = ~group_any(W.fooled, W.group, n_groups)[W.group]
@@ -435,32 +470,45 @@ class APGDT(APGD):
 
     Each point runs one APGD per target class (the classes ranked 2nd, 3rd, ... by the
     clean logits) and restart, batched together; a point counts as fooled when it
-    is misclassified (any class), as in AutoAttack. ``n_classes`` is accepted for
-    torchattacks compatibility (the model's output decides; a value that differs warns)."""
+    is misclassified (any class), as in AutoAttack. ``n_classes`` is torchattacks'
+    argument: without ``n_target_classes`` it targets ``n_classes - 1`` classes, as
+    torchattacks does (9 when neither is given; the model's output decides the class
+    count, and a value that differs warns). ``loss`` may be spelled as in the reference
+    (``"dlr-targeted"``, ``"ce-targeted"``)."""
 
-    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100,
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 10,
                  n_restarts: int = 1, seed: Optional[int] = 0, eot_iter: int = 1, rho: float = 0.75,
                  verbose: bool = False, n_classes: Optional[int] = None, *,
-                 n_target_classes: int = 9, loss: str = "dlr", **kwargs):
+                 n_target_classes: Optional[int] = None, loss: str = "dlr", **kwargs):
+        loss = _TARGETED_LOSSES.get(loss, loss)
         if loss not in ("dlr", "ce"):
             raise ValueError(f"loss: expected 'dlr' (targeted DLR) or 'ce' (targeted CE), got {loss!r}")
         super().__init__(model, norm, eps, steps, n_restarts, seed, loss, eot_iter, rho, verbose,
                          name="APGDT", **kwargs)
         if n_classes is not None:
-            int_arg("n_classes", n_classes)
+            int_arg("n_classes", n_classes, 2)
         self.n_classes = n_classes
+        if n_target_classes is None:  # torchattacks: every class but the true one
+            n_target_classes = 9 if n_classes is None else n_classes - 1
         self.n_target_classes = int_arg("n_target_classes", n_target_classes)
 
     def _targets_and_loss(self, z: Tensor, y: Tensor, target: Optional[Tensor]):
         n_cls = z.shape[1]
-        if self.loss == "dlr" and n_cls < 4:
+        loss = _TARGETED_LOSSES.get(self.loss, self.loss)  # may be set after construction
+        if loss not in ("dlr", "ce"):
+            raise ValueError(f"loss: expected 'dlr' (targeted DLR) or 'ce' (targeted CE), got {self.loss!r}")
+        if loss == "dlr" and n_cls < 4:
             raise ValueError(f"APGDT: the targeted DLR loss needs at least 4 classes, the model has "
                              f"{n_cls} (use loss='ce')")
-        loss_fn = _targeted_dlr if self.loss == "dlr" else _targeted_ce
+        loss_fn = _targeted_dlr if loss == "dlr" else _targeted_ce
         if target is not None:
             return target[:, None], loss_fn, Attack.is_success
         t = min(self.n_target_classes, n_cls - 1)
         return z.argsort(1, descending=True)[:, 1:t + 1], loss_fn, untargeted_success
+
+
+# the reference's spellings of APGDAttack_targeted's losses
+_TARGETED_LOSSES = {"dlr-targeted": "dlr", "ce-targeted": "ce"}
 
 
 def _targeted_dlr(z: Tensor, y: Tensor, t: Optional[Tensor]) -> Tensor:

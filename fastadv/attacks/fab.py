@@ -125,17 +125,22 @@ class FAB(Attack):
     """FAB (Croce & Hein 2020): untargeted (closest linearised class) or, with
     ``multi_targeted=True``, FAB-T over the top ``n_target_classes`` classes.
 
-    Defaults follow the reference: 100 steps, α_max = 0.1, η = 1.05, β = 0.9,
-    restarts start at a random point at distance ``min(eps, best)/2``. A point
+    Defaults follow torchattacks (``steps=10``; AutoAttack runs it with the reference's
+    100) and the reference: α_max = 0.1, η = 1.05, β = 0.9, restarts start at a random
+    point at distance ``min(eps, best)/2``. ``norm``: "Linf", "L2" or "L1". A point
     counts as fooled when an adversarial example within ``eps`` (in ``norm``) is
-    found; ``extra["min_norm"]`` has the smallest adversarial norm found (inf if none).
+    found: misclassified, or, given a target (``run(x, y, target)``, the targeted modes),
+    classified as that target; ``extra["min_norm"]`` has the smallest adversarial norm
+    found (inf if none). ``n_iter`` is ``steps`` under the reference's name.
+    ``n_target_classes`` (FAB-T) defaults to ``n_classes - 1`` when ``n_classes`` is
+    given, as in torchattacks, else 9.
     ``early_stop`` stops a point at its first adversarial example within eps
     (set it to False to keep minimising the norm)."""
 
-    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100,
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 10,
                  n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
                  verbose: bool = False, seed: Optional[int] = 0, multi_targeted: bool = False,
-                 n_classes: Optional[int] = None, *, n_target_classes: int = 9,
+                 n_classes: Optional[int] = None, *, n_target_classes: Optional[int] = None,
                  early_stop: bool = True, max_rows: Optional[int] = None,
                  compact_every: Optional[int] = None, **kwargs):
         super().__init__(kwargs.pop("name", "FAB"), model, eps=eps, seed=seed, **kwargs)
@@ -153,20 +158,39 @@ class FAB(Attack):
             raise ValueError(f"beta: expected a value in (0, 1], got {beta}")
         self.verbose = self._flag("verbose", verbose)
         self.multi_targeted = self._flag("multi_targeted", multi_targeted)
-        self.n_classes = None if n_classes is None else int_arg("n_classes", n_classes)
+        self.n_classes = None if n_classes is None else int_arg("n_classes", n_classes, 2)
+        if n_target_classes is None:  # torchattacks: every class but the true one
+            n_target_classes = 9 if n_classes is None else n_classes - 1
         self.n_target_classes = int_arg("n_target_classes", n_target_classes)
         self.early_stop = self._flag("early_stop", early_stop)
         self.max_rows = None if max_rows is None else int_arg("max_rows", max_rows)
         self.compact_every = None if compact_every is None else int_arg("compact_every", compact_every)
 
+    @property
+    def n_iter(self) -> int:
+        """``steps`` under the reference's name (``adversary.fab.n_iter``)."""
+        return self.steps
+
+    @n_iter.setter
+    def n_iter(self, v) -> None:
+        self.steps = int_arg("n_iter", v, 0)
+
     # ------------------------------------------------------------ gradients
     def _diff_and_grad(self, x: Tensor, y: Tensor, tgt: Optional[Tensor]):
         """(f, g): f = z_s − z_y and its input gradient g for the class s to move to.
         Targeted: s = target; untargeted: the class whose
-        linearised boundary is closest (this needs the gradient of every class)."""
+        linearised boundary is closest (this needs the gradient of every class).
+        With a target to reach (not FAB-T's helper targets), the class to overtake is the
+        strongest other one, z_s − max_{k≠s} z_k: the boundary that stands between the
+        iterate and the target, whatever class holds it now."""
         if tgt is not None:
-            def fn(z, y_, t_):
-                return z.gather(1, t_[:, None]).squeeze(1) - z.gather(1, y_[:, None]).squeeze(1)
+            if self.__dict__.get("_reach_target"):
+                def fn(z, y_, t_):
+                    zt = z.gather(1, t_[:, None]).squeeze(1)
+                    return zt - z.scatter(1, t_[:, None], -math.inf).amax(1)
+            else:
+                def fn(z, y_, t_):
+                    return z.gather(1, t_[:, None]).squeeze(1) - z.gather(1, y_[:, None]).squeeze(1)
             f, _, g = chunked_loss_and_grad(self, x, y, tgt, fn, self.__dict__.get("_rows"))
             return f, g
         n_cls = self._n_cls
@@ -243,7 +267,7 @@ class FAB(Attack):
                 z = torch.cat([self.logits(xnew[r:r + rows]).float() for r in range(0, m, rows)])
                 fin = finite_rows(z)
                 W.bad = W.bad | ~fin | ~torch.isfinite(f)
-                adv = (z.argmax(1) != W.y) & fin
+                adv = self._fooled(z, W.y, W.tgt) & fin
                 dist = lp_norm(xnew - W.xn, self.norm)
                 better = adv & (dist < W.best)
                 W.x_out = torch.where(view_rows(better, xnew), xnew, W.x_out)
@@ -262,7 +286,15 @@ class FAB(Attack):
         self._retire(W, R, torch.arange(len(W), device=dev))
         return R
 
-    def _project_near_misses(self, R: Dict[str, Tensor], xn: Tensor, y: Tensor, eps: Tensor) -> None:
+    def _fooled(self, z: Tensor, y: Tensor, tgt: Optional[Tensor]) -> Tensor:
+        """Adversarial: classified as the target when there is one to reach, else anything but y
+        (FAB-T's targets only say which boundary to try)."""
+        if tgt is not None and self.__dict__.get("_reach_target"):
+            return z.argmax(1) == tgt
+        return z.argmax(1) != y
+
+    def _project_near_misses(self, R: Dict[str, Tensor], xn: Tensor, y: Tensor, eps: Tensor,
+                             tgt: Optional[Tensor] = None) -> None:
         """An adversarial example found just outside the eps-ball (up to 1.5·eps) is projected
         onto the ball and kept if it still fools the model: one forward pass for those
         rows, never a loss of strength."""
@@ -281,7 +313,7 @@ class FAB(Attack):
         xp = (x0 + d).clamp(self.lower, self.upper)
         with torch.no_grad():
             zp = self.logits(xp).float()
-            fooled = (zp.argmax(1) != y[rows]) & finite_rows(zp)
+            fooled = self._fooled(zp, y[rows], None if tgt is None else tgt[rows]) & finite_rows(zp)
         dist = lp_norm(xp - x0, self.norm)
         ok = fooled & (dist <= e)
         if bool(ok.any()):
@@ -310,8 +342,8 @@ class FAB(Attack):
 
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
                     x_adv: Tensor, xf: Tensor) -> Tensor:
-        # fooled (any class) within eps; the returned point is within eps (see run)
-        return (z.argmax(1) != y) & finite_rows(z)
+        # misclassified, or classified as the target given; the returned point is within eps
+        return self.is_success(z, y, target) & finite_rows(z)
 
     def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor],
                 gen: torch.Generator) -> AttackResult:
@@ -325,7 +357,9 @@ class FAB(Attack):
             z = self.logits(x).float()
         self._n_cls = z.shape[1]
         tg = self._target_table(z, target)
-        done = z.argmax(1) != y
+        # a target given is the goal (success: the model says it); FAB-T's own targets are not
+        self._reach_target = target is not None
+        done = self.is_success(z, y, target)
         x_adv = x.clone()
         success = done.clone()
         min_norm = torch.where(done, torch.zeros(b, device=dev), torch.full((b,), math.inf, device=dev))
@@ -335,7 +369,7 @@ class FAB(Attack):
         for E in entry_chunks(todo, x, y, tg, eps, self.n_restarts, self.max_rows):
             m, pts, xn, ye, ee = E.n_points, E.pts, E.x, E.y, E.eps
             R = self._optimize(xn, ye, E.target, ee, E.restart > 0, E.group, m, gen)
-            self._project_near_misses(R, xn, ye, ee)
+            self._project_near_misses(R, xn, ye, ee, E.target)
             ok = R["norm"] <= ee
             idx, gs = pick_per_group(E.group, m, ok, -R["norm"])
             xa = torch.where(view_rows(gs, xn[:m]), R["x"].index_select(0, idx), x.index_select(0, pts))
@@ -354,7 +388,7 @@ class FAB(Attack):
 class FABT(FAB):
     """FAB-T: FAB targeted at each of the top ``n_target_classes`` classes (AutoAttack's fab-t)."""
 
-    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100,
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 10,
                  n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
                  verbose: bool = False, seed: Optional[int] = 0, n_classes: Optional[int] = None,
                  **kwargs):

@@ -42,7 +42,7 @@ def _autoattack(model, x, y, eps, version, seed):
         from fastadv.attacks import AutoAttack
     except ImportError as exc:
         return None, f"skipped (AutoAttack is not in this build: {exc})"
-    aa = AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed)
+    aa = AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, verbose=False)
     aa.run_standard_evaluation(x, y, bs=250)
     return aa.robust_accuracy, None
 

@@ -230,7 +230,7 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
         _save_state(state_path, state)
 
     # --- AutoAttack: per-attack and worst-case robust accuracy, per class -----------------
-    aa = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed,
+    aa = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, verbose=False,
                     attacks_to_run=attacks_to_run, steps=steps, n_queries=n_queries,
                     checks=False, **attack_kwargs)
     resuming_aa = bool(aa_state) and os.path.exists(aa_state)
