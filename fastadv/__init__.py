@@ -20,6 +20,10 @@ _LAZY = {
     "APGD": "fastadv.attacks", "APGDT": "fastadv.attacks", "FABT": "fastadv.attacks",
     "FAB": "fastadv.attacks", "Square": "fastadv.attacks", "AutoAttack": "fastadv.attacks",
     "CW": "fastadv.attacks", "DeepFool": "fastadv.attacks",
+    **{name: "fastadv.attacks" for name in (
+        "BIM", "RFGSM", "FFGSM", "EOTPGD", "UPGD", "TPGD", "Jitter", "MIFGSM", "NIFGSM",
+        "SINIFGSM", "VMIFGSM", "VNIFGSM", "DIFGSM", "TIFGSM", "PGDRS", "PGDRSL2", "PGDL2RS",
+        "GN", "VANILA")},
     # training (fastadv.train)
     "AdversarialTrainer": "fastadv.train",
 }

@@ -8,7 +8,14 @@ from .square import Square
 from .autoattack import AutoAttack
 from .cw import CW
 from .deepfool import DeepFool
+from .ifgsm import BIM, RFGSM, FFGSM, EOTPGD, UPGD, TPGD, Jitter
+from .transfer import MIFGSM, NIFGSM, SINIFGSM, VMIFGSM, VNIFGSM, DIFGSM, TIFGSM
+from .pgdrs import PGDRS, PGDRSL2, PGDL2RS
+from .noise import GN, VANILA
 
 __all__ = ["Attack", "AttackResult", "InputIndependentError", "preserved_model", "FGSM", "PGD", "PGDL2", "fgsm", "pgd", "pgd_l2",
            "APGD", "APGDT", "FAB", "FABT", "Square", "AutoAttack", "CW",
-           "DeepFool"]
+           "DeepFool",
+           "BIM", "RFGSM", "FFGSM", "EOTPGD", "UPGD", "TPGD", "Jitter",
+           "MIFGSM", "NIFGSM", "SINIFGSM", "VMIFGSM", "VNIFGSM", "DIFGSM", "TIFGSM",
+           "PGDRS", "PGDRSL2", "PGDL2RS", "GN", "VANILA"]
