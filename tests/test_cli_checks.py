@@ -204,6 +204,24 @@ def test_checkpoint_metadata_rebuilds_the_model_and_foreign_files_say_what_was_e
         runs.find_checkpoint(str(tmp_path))
 
 
+def test_weights_alone_are_a_checkpoint(tmp_path, capsys):
+    """`fastadv eval --weights final.pt` (no --model): the checkpoint names its model."""
+    from fastadv.train import checkpoint as ckpt
+    desc = runs.run_description("small_cnn", _spec(width=16)["kwargs"], data="digits", eps=0.1, n_test=500)
+    ckpt.save_weights(zoo.digits_cnn().state_dict(), str(tmp_path / "final.pt"), runs.weights_metadata(desc))
+    rc = cli.main(["eval", "--weights", str(tmp_path / "final.pt"), "--n", "6", "--version", "custom",
+                   "--attacks", "apgd-ce", "--steps", "1", "--no-checks", "--no-calibration", "--no-progress",
+                   "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "final.pt: a fastadv weights file" in out
+    rep = json.load(open(tmp_path / "rep" / "report.json"))
+    assert rep["config"]["data"] == "digits" and rep["config"]["eps"] == pytest.approx(0.1)
+    assert rep["autoattack"]["clean_accuracy"] > 0.5     # the trained digits model, rebuilt
+    torch.save({"w": torch.zeros(3)}, tmp_path / "plain.pt")
+    assert cli.main(["eval", "--weights", str(tmp_path / "plain.pt"), "--out", str(tmp_path / "r2")]) == 2
+    assert "says nothing of the architecture" in _one_line(capsys, "fastadv eval: --weights:")
+
+
 def test_model_flag_with_a_fastadv_checkpoint_builds_the_recorded_size(tmp_path, capsys, monkeypatch):
     from fastadv.commands.eval import load_model
     from fastadv.train import checkpoint as ckpt
