@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import fastadv
 from fastadv import budget, cli, data, models, runs
 from fastadv.commands import _args
 

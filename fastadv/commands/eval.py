@@ -13,7 +13,6 @@ ranks (one GPU each with NCCL, CPU processes with gloo) and rank 0 writes the re
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import sys
@@ -263,7 +262,7 @@ def check_args(args) -> dict:
     check_out("--out", args.out)
     if args.state is not None:
         from .._files import check_output_file
-        check_output_file("--state", args.state)
+        check_output_file("--state", args.state, create_dir=True)
     return out
 
 
