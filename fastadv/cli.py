@@ -136,7 +136,7 @@ def _interrupted(args) -> str:
         hint = "; run the same command again to resume from its state file"
     elif cmd == "train":
         hint = "; run the same command again to resume from the last checkpoint"
-    return f"fastadv {cmd}: interrupted{hint}".replace("  ", " ")
+    return f"fastadv {cmd}: interrupted{hint}"
 
 
 def main(argv=None) -> int:
