@@ -94,15 +94,18 @@ def check_output_dir(flag: str, path: str) -> str:
     return path
 
 
-def check_output_file(flag: str, path: str) -> str:
-    """Check ``path`` can be written as a file (its directory exists and takes a file; it is
-    not a directory); a ValueError naming ``flag`` otherwise. Nothing is left behind."""
+def check_output_file(flag: str, path: str, create_dir: bool = False) -> str:
+    """Check ``path`` can be written as a file (its directory exists, or is created with
+    ``create_dir``, and takes a file; it is not a directory); a ValueError naming ``flag``
+    otherwise. Nothing but that directory is left behind."""
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(f"{flag}: expected a file path, got {path!r}")
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"{flag}: expected a file, but {path!r} is a directory")
     directory = os.path.dirname(os.path.abspath(path))
+    if create_dir and not os.path.isdir(directory):
+        check_output_dir(flag, directory)
     if not os.path.isdir(directory):
         raise ValueError(f"{flag}: cannot write {path!r}: its directory {directory!r} does not exist")
     try:

@@ -257,8 +257,7 @@ def run(args) -> int:
     if args.only:
         specs = [s for s in SPECS if s[0] in args.only]
         if not specs:
-            print(f"fastadv bench train: --only: no rows named {args.only}; rows: {[s[0] for s in SPECS]}",
-                  file=sys.stderr)
+            print(f"fastadv bench train: --only: no rows named {args.only}; rows: {[s[0] for s in SPECS]}")
             return 2
     rows = train_table(specs, epochs=args.epochs, eps=args.eps, width=args.width,
                        batch_size=args.batch_size, lr=args.lr, n_train=args.n_train, n_test=args.n_test,

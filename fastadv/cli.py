@@ -100,15 +100,24 @@ def _unrecognized(top, used, extra) -> int:
         for o in _options(p):
             elsewhere.setdefault(o, []).append(p.prog)
     msgs = []
+    after_flag = False
     for item in extra:
         if not item.startswith("-") or item == "-":
-            msgs.append(f"unexpected argument {item!r}")
+            if not after_flag:   # not the value of the unknown flag just before it
+                msgs.append(f"unexpected argument {item!r}")
+            after_flag = False
             continue
+        after_flag = "=" not in item
         flag = item.split("=", 1)[0]
         msg = f"unrecognized argument {flag}"
         if flag in elsewhere:
-            msg += f" (it is a flag of {', '.join(f'`{p}`' for p in elsewhere[flag])}, not of `{used.prog}`)"
-        close = difflib.get_close_matches(flag, flags, n=2, cutoff=0.6)
+            progs = sorted(elsewhere[flag], key=lambda p: len(p.split()))   # top-level commands first
+            msg += f" (it is a flag of {', '.join(f'`{p}`' for p in progs)}, not of `{used.prog}`)"
+        # a known flag the typed one starts with (--eps in --epsilon) is the likeliest meaning
+        close = sorted((f for f in flags if flag.startswith(f) or f.startswith(flag)),
+                       key=lambda f: abs(len(f) - len(flag)))[:1]
+        close += [f for f in difflib.get_close_matches(flag, flags, n=2, cutoff=0.6) if f not in close]
+        close = close[:2]
         if close:
             msg += f"; did you mean {' or '.join(close)}?"
         msgs.append(msg)
@@ -127,7 +136,7 @@ def _interrupted(args) -> str:
         hint = "; run the same command again to resume from its state file"
     elif cmd == "train":
         hint = "; run the same command again to resume from the last checkpoint"
-    return f"fastadv {cmd}: interrupted{hint}".replace("  ", " ")
+    return f"fastadv {cmd}: interrupted{hint}"
 
 
 def main(argv=None) -> int:

@@ -14,12 +14,15 @@ def test_train_cli_runs_resumes_and_writes_outputs(tmp_path, capsys):
             "--guard-size", "64", "--guard-steps", "2", "--out", out, "--schedule", "cyclic",
             "--safetensors"]
     assert cli.main(args) == 0
-    for name in ("last.pt", "history.json", "final.safetensors", "best.safetensors"):
+    for name in ("last.pt", "history.json", "final.safetensors", "best.safetensors", "run.json"):
         assert os.path.exists(os.path.join(out, name)), name
     hist = json.load(open(os.path.join(out, "history.json")))
     assert len(hist["history"]) == 1 and 0 <= hist["final"]["robust_acc"] <= 1
+    assert hist["run"]["model"] == {"name": "small_cnn", "kwargs": {"in_channels": 1, "num_classes": 10,
+                                                                    "width": 4, "input_size": 8}}
     text = capsys.readouterr().out
     assert "| fgsm_rs |" in text
+    assert f"evaluate it (AutoAttack, report in fastadv-report/):\n  fastadv eval {out}" in text
     # a second call with more epochs continues from the checkpoint
     args[args.index("--epochs") + 1] = "2"
     assert cli.main(args) == 0
@@ -58,12 +61,18 @@ def test_demo_quick(tmp_path, capsys):
                    "--n-test", "100", "--pgd-steps", "5", "--aa-samples", "8", "--out", out])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "| atta |" in text and "AutoAttack" in text
+    assert "| atta |" in text and "AutoAttack" in text and "median epoch (s)" in text
+    assert "train-adv" in text and f"fastadv eval {out}" in text
     assert os.path.getsize(os.path.join(out, "curve.png")) > 1000
     res = json.load(open(os.path.join(out, "results.json")))
     row = res["rows"][0]
     assert row["method"] == "atta" and 0 <= row["clean_acc"] <= 1
     assert "autoattack_acc" in row
+    assert row["median_epoch_s"] == pytest.approx(sorted(row["epoch_times_s"])[0], abs=0.01)
+    # the demo's weights say what they are: `fastadv eval OUT` rebuilds the model
+    from fastadv import runs
+    model, ck = runs.load_trained(out)
+    assert ck.spec["kwargs"]["width"] == 8 and ck.run["eps"] == pytest.approx(0.3)
 
 
 def test_recommended_method_gets_the_free_step_unless_told_otherwise():

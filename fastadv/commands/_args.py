@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from fractions import Fraction
 
 __all__ = ["budget", "at_least", "check_threads", "add_progress", "progress_on", "check_out",
            "check_device"]
@@ -16,14 +15,14 @@ def budget(text: str) -> float:
     s = str(text).strip()
     try:
         if "/" in s:
-            num, den = s.split("/", 1)
-            den_v = float(Fraction(den.strip())) if den.strip() else 0.0
+            num, den = s.split("/")   # exactly one '/': anything else is a ValueError
+            den_v = float(den)
             if den_v == 0:
                 raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, "
                                                  f"got {text!r} (division by zero)")
-            return float(Fraction(num.strip())) / den_v
+            return float(num) / den_v
         return float(s)
-    except (ValueError, ZeroDivisionError):
+    except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
 
 

@@ -13,7 +13,6 @@ ranks (one GPU each with NCCL, CPU processes with gloo) and rank 0 writes the re
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import sys
@@ -252,8 +251,10 @@ def check_args(args) -> dict:
     if ckpt and not os.path.exists(ckpt):
         raise ValueError(f"{'--checkpoint' if args.checkpoint else 'RUN_DIR'}: no such file or directory {ckpt!r}")
     if args.weights and not args.model:
-        raise ValueError("--weights: only used with --model (the zoo model is trained here; a fastadv "
-                         "checkpoint goes to --checkpoint)")
+        if ckpt:
+            raise ValueError("--weights: not used with a checkpoint, which holds the weights; give one of them")
+        if not os.path.isfile(args.weights):
+            raise ValueError(f"--weights: no such file {args.weights!r}")
     if args.transfer and args.data is not None and args.data not in _EMBEDDED:
         raise ValueError(f"--transfer: its surrogate is a zoo model trained on the embedded data "
                          f"({' or '.join(_EMBEDDED)}), not on {args.data!r}")
@@ -261,7 +262,7 @@ def check_args(args) -> dict:
     check_out("--out", args.out)
     if args.state is not None:
         from .._files import check_output_file
-        check_output_file("--state", args.state)
+        check_output_file("--state", args.state, create_dir=True)
     return out
 
 
@@ -272,8 +273,11 @@ def _resolve_model(args, log):
     """(model, name, run description or {}) from RUN_DIR/--checkpoint, --model or the zoo."""
     from .. import runs
     ckpt = args.checkpoint or args.run
+    flag = "--checkpoint" if args.checkpoint else "RUN_DIR"
+    if not ckpt and args.weights and not args.model:
+        # weights alone: a fastadv checkpoint names its model (anything else needs --model)
+        ckpt, flag = args.weights, "--weights"
     if ckpt:
-        flag = "--checkpoint" if args.checkpoint else "RUN_DIR"
         try:
             path = runs.find_checkpoint(ckpt) if os.path.isdir(ckpt) else ckpt
             model, ck = runs.load_trained(path)
