@@ -3,11 +3,12 @@
 Ranks end with identical weights, per-epoch metrics are reduced across ranks (so
 every rank reports the same record), ATTA keeps a per-rank cache of the shard the
 rank sees, and a DDP run resumes from its checkpoint (rank 0's index + per-rank parts)
-to the same weights as an uninterrupted run.
+to the same weights as an uninterrupted run, also from previous.pt when last.pt is corrupted.
 """
 import datetime
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -67,6 +68,20 @@ def _worker(rank, init_file, out_dir, method):
         out["resumed"] = model2.state_dict()
         out["resumed_hist"] = [dict(r) for r in hist2]
         out["files"] = sorted(os.listdir(part))
+        # a corrupted index: every rank falls back to previous.pt and its still-kept parts
+        dist.barrier()
+        if rank == 0:
+            with open(os.path.join(part, "last.pt"), "r+b") as f:
+                f.seek(100)
+                byte = f.read(1)
+                f.seek(100)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        dist.barrier()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, model3, hist3, _ = _run(rank, method, 2, part)
+        out["fallback"] = model3.state_dict()
+        out["fallback_warnings"] = [str(w.message) for w in caught if "previous good" in str(w.message)]
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         fdist.shutdown()  # every rank done before any tears down
         # Python's own finalization after a gloo group aborted a rank now and then under CI
@@ -119,6 +134,11 @@ def test_ddp_two_gloo_ranks(tmp_path, method):
     for r in (r0, r1):
         for k, v in r["state"].items():
             assert torch.equal(v, r["resumed"][k]), f"resumed weights differ at {k}"
-    assert "last.pt" in r0["files"]
-    assert any(f.startswith("last.rank0.") for f in r0["files"])
-    assert any(f.startswith("last.rank1.") for f in r0["files"])
+        for k, v in r["state"].items():
+            assert torch.equal(v, r["fallback"][k]), f"weights after the fallback differ at {k}"
+    assert len(r0["fallback_warnings"]) == 1 and "last.pt: checksum mismatch" in r0["fallback_warnings"][0]
+    assert r1["fallback_warnings"] == []          # said once, by rank 0
+    # last.pt (step 8), previous.pt (step 4) and each rank's parts of both
+    assert {"last.pt", "previous.pt", "last.rank0.s4.pt", "last.rank0.s8.pt", "last.rank1.s4.pt",
+            "last.rank1.s8.pt"} <= set(r0["files"])
+    assert not [f for f in r0["files"] if f.startswith("last.rank") and f.split(".")[2] not in ("s4", "s8")]

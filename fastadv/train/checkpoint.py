@@ -48,8 +48,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(data: bytes, path: str, keep_previous: Optional[str] = None) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a torn one.
+def atomic_write_bytes(data, path: str, keep_previous: Optional[str] = None) -> None:
+    """Write ``data`` (bytes, or a list of byte chunks) to ``path`` so that a reader sees the
+    old file or the new one, never a torn one.
 
     ``keep_previous``: move the file ``path`` held to this name first, so that the
     previous good version survives a corruption of the new one."""
@@ -58,7 +59,8 @@ def atomic_write_bytes(data: bytes, path: str, keep_previous: Optional[str] = No
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in (data if isinstance(data, list) else [data]):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous is not None and os.path.exists(path):
@@ -97,19 +99,16 @@ def check_writable_dir(path, name: str = "checkpoint_dir") -> str:
 
 
 # ------------------------------------------------------------------ the checksum
-def _with_checksum(data: bytes) -> bytes:
-    """torch's zip archive ``data`` with a SHA-256 of all bytes before the comment as its comment."""
-    end = data.rfind(_EOCD)
-    if end < 0 or len(data) - end != _EOCD_SIZE:
+def _with_checksum(data: memoryview) -> list:
+    """torch's zip archive ``data`` with a SHA-256 of all bytes before the comment as its
+    comment, as chunks to write (no copy of a checkpoint that may be gigabytes)."""
+    end = len(data) - _EOCD_SIZE
+    if end < 0 or bytes(data[end:end + 4]) != _EOCD:
         raise RuntimeError("torch.save wrote no zip archive (or one with a comment)")
-    comment_len = len(_TAG) + 64
-    head = data[:end + 20] + struct.pack("<H", comment_len)
-    return head + _TAG + hashlib.sha256(head).hexdigest().encode()
-
-
-def _read_all(f) -> bytes:
-    f.seek(0)
-    return f.read()
+    head, comment_len = data[:end + 20], struct.pack("<H", len(_TAG) + 64)
+    h = hashlib.sha256(head)
+    h.update(comment_len)
+    return [head, comment_len, _TAG + h.hexdigest().encode()]
 
 
 def _legacy_note(path: str) -> None:
@@ -129,7 +128,7 @@ def _verify_bytes(data: bytes, path: str) -> None:
     end = len(data) - _EOCD_SIZE - tail
     if end >= 0 and data[end:end + 4] == _EOCD and data[end + _EOCD_SIZE:].startswith(_TAG):
         want = data[end + _EOCD_SIZE + len(_TAG):]
-        if hashlib.sha256(data[:end + _EOCD_SIZE]).hexdigest().encode() != want:
+        if hashlib.sha256(memoryview(data)[:end + _EOCD_SIZE]).hexdigest().encode() != want:
             raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted")
         return
     if data.rfind(_TAG, max(0, len(data) - 4096)) >= 0:
@@ -166,7 +165,8 @@ def save_checkpoint(obj: Dict[str, object], path: str, keep_previous: Optional[s
     of tensors and numbers. ``keep_previous``: see ``atomic_write_bytes``."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(_with_checksum(buf.getvalue()), path, keep_previous)
+    with buf.getbuffer() as view:
+        atomic_write_bytes(_with_checksum(view), path, keep_previous)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, object]:

@@ -934,10 +934,11 @@ class AdversarialTrainer:
                     grob, guard_error = None, str(exc)
                 else:
                     guard_error = None
-                failed = torch.tensor([0.0 if grob is None else 1.0], dtype=torch.float64)
-                cnt = _dist.all_reduce_sum_(torch.cat([
-                    torch.stack([gclean.double().cpu(), (grob if grob is not None else gclean).double().cpu(),
-                                 torch.tensor(float(gx.shape[0]), dtype=torch.float64)]), 1.0 - failed]))
+                # [clean, robust, count, ranks whose attack failed]: every rank learns of a failure
+                cnt = _dist.all_reduce_sum_(torch.stack([
+                    gclean.double().cpu(), (grob if grob is not None else gclean).double().cpu(),
+                    torch.tensor(float(gx.shape[0]), dtype=torch.float64),
+                    torch.tensor(1.0 if grob is None else 0.0, dtype=torch.float64)]))
                 rec["guard_clean_acc"] = cnt[0].item() / cnt[2].item()
                 if cnt[3].item() > 0:
                     rec["robust_acc"] = float("nan")
