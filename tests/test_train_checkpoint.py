@@ -306,3 +306,18 @@ def test_checksum_sits_in_the_zip_comment(tmp_path):
     open(p, "ab").write(b"x")
     with pytest.raises(ckpt.CheckpointError, match="added or lost at its end"):
         ckpt.load_checkpoint(p)
+
+
+def test_read_only_file_system_is_refused_before_training(tmp_path, monkeypatch):
+    """As root a chmod'ed directory stays writable: a read-only file system is simulated
+    where the probe writes (EROFS from creating its file)."""
+    import errno
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", read_only)
+    tr, _, loader = _setup()
+    with pytest.raises(ValueError) as ei:
+        _fit(tr, loader, str(tmp_path / "ck"), 1, on_batch_end=_no_training)
+    _one_line_error(ei, "checkpoint_dir: cannot write files in", "Read-only file system")
