@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -30,11 +31,12 @@ RUN_FORMAT = "fastadv.run/1"
 # what `fastadv eval RUN` evaluates, first found first: the weights `fastadv train` reported
 # on (final), the demo's model, the best guard epoch, then the training checkpoint itself
 CHECKPOINT_ORDER = ("final.safetensors", "final.pt", "model.safetensors", "model.pt",
-                    "best.safetensors", "best.pt", "last.pt")
+                    "best.safetensors", "best.pt", "last.pt", "previous.pt")
 _WHAT = {"final": "the weights at the end of training, which its final table reports",
          "model": "the weights `fastadv demo` trained",
          "best": "the weights of the epoch with the best held-out PGD accuracy",
-         "last": "the training checkpoint (weights, optimizer, RNG state) that a run resumes from"}
+         "last": "the training checkpoint (weights, optimizer, RNG state) that a run resumes from",
+         "previous": "the training checkpoint before last.pt, kept in case last.pt is damaged"}
 _TRAINER_FORMAT_PREFIX = "fastadv.train/"
 
 
@@ -197,32 +199,32 @@ def _expected(path: str) -> str:
 
 
 def _read_safetensors(path: str, map_location) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+    from .train import checkpoint as _ckpt
     try:
-        from safetensors import safe_open
+        import safetensors  # noqa: F401
     except ImportError as exc:
         raise ValueError(f"{path!r}: reading .safetensors needs the 'safetensors' package: "
                          "pip install safetensors") from exc
     try:
-        sd = {}
-        with safe_open(path, framework="pt", device=str(map_location or "cpu")) as fh:
-            meta = dict(fh.metadata() or {})
-            for k in fh.keys():
-                sd[k] = fh.get_tensor(k)
-    except Exception as exc:  # a foreign or corrupt file: one line, not a traceback
-        raise ValueError(f"{_expected(path)} is not a readable safetensors file "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    return sd, meta
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*before checkpoints carried a checksum")
+            sd, meta = _ckpt.load_weights_and_metadata(path, map_location=map_location)
+    except Exception as exc:  # a foreign, corrupt or tampered file: one line, not a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{_expected(path)} is not a readable safetensors file ({first})") from None
+    return sd, dict(meta)
 
 
 def _read_torch(path: str, map_location):
     from .train import checkpoint as _ckpt
     try:
-        return _ckpt.load_checkpoint(path, map_location=map_location)
+        # a state dict from another tool has no fastadv checksum: no "written before checksums" note
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*before checkpoints carried a checksum")
+            return _ckpt.load_checkpoint(path, map_location=map_location)
     except Exception as exc:  # a foreign pickle, a corrupt file, a failed checksum
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            first = "it holds Python objects that a safe (weights_only) load refuses to run"
-        raise ValueError(f"{_expected(path)} cannot be read as one ({type(exc).__name__}: {first})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{_expected(path)} cannot be read as one ({first})") from None
 
 
 def _run_beside(path: str) -> Optional[Dict[str, object]]:

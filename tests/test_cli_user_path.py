@@ -113,8 +113,10 @@ def test_ctrl_c_prints_one_line(run_dir):
     home, _ = run_dir
     # a run long enough to be interrupted in the middle of AutoAttack, on two threads: the model
     # passes then run as row blocks on worker threads, which must not print tracebacks either
+    # (PYTHONFAULTHANDLER: a hang is dumped, every thread's stack, by the SIGABRT below)
     p = subprocess.Popen([sys.executable, "-m", "fastadv", "eval", "run", "--steps", "100000", "--n", "100",
-                          "--threads", "2", "--no-checks", "--out", "rep-int"], cwd=str(home), env={**os.environ, **ENV},
+                          "--threads", "2", "--no-checks", "--out", "rep-int"], cwd=str(home),
+                         env={**os.environ, **ENV, "PYTHONFAULTHANDLER": "1"},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -127,7 +129,12 @@ def test_ctrl_c_prints_one_line(run_dir):
         assert "AutoAttack (" in seen, seen + p.stderr.read()
         time.sleep(1.0)
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=120)
+        try:
+            out, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGABRT)
+            out, err = p.communicate(timeout=60)
+            pytest.fail(f"still running 120 s after Ctrl-C; its stacks:\n{err[-6000:]}")
     finally:
         if p.poll() is None:
             p.kill()
