@@ -352,3 +352,22 @@ def test_a_device_other_than_the_models_is_reported_not_obeyed(mnist, capsys):
     x_adv = aa.run_standard_evaluation(x[:4], y[:4])
     assert x_adv.device.type == "cpu"
     assert "device: running on cpu, where the model's parameters are (device='meta'" in capsys.readouterr().out
+
+
+def test_checks_warn_and_are_logged(mnist, tmp_path, capsys):
+    # the reference's check on the output: probabilities instead of logits
+    from fastadv.eval.masking import GradientMaskingWarning
+    model, x, y = mnist
+    probs = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
+    path = tmp_path / "log.txt"
+    aa = AutoAttack(probs, eps=.1, version="custom", attacks_to_run=["apgd-ce"], steps=2, log_path=path)
+    with pytest.warns(GradientMaskingWarning, match="softmax"):
+        aa.run_standard_evaluation(x[:6], y[:6])
+    line = [s for s in path.read_text().splitlines() if s.startswith("Warning: [softmax_output]")]
+    assert len(line) == 1 and line[0] in capsys.readouterr().out
+    quiet = AutoAttack(probs, eps=.1, version="custom", attacks_to_run=["apgd-ce"], steps=2, checks=False,
+                       verbose=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientMaskingWarning)
+        quiet.run_standard_evaluation(x[:6], y[:6])
