@@ -321,3 +321,53 @@ def test_standard_not_weaker_than_torchattacks_autoattack(mnist):
     assert torch.equal(robust, aa.last_result.extra["robust"])
     assert robust.sum() <= ref_robust.sum()
     assert robust.sum() < (model(x).argmax(1) == y).sum()
+
+
+def test_model_and_rng_come_back_as_found_and_the_call_form_works(mnist):
+    model, x, y = zoo.mnist_cnn_bn(), *mnist[1:]
+    model.train()
+    model.features[0].weight.grad = torch.ones_like(model.features[0].weight)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    aa = AutoAttack(model, eps=.1, version="custom", attacks_to_run=["apgd-ce", "square"], seed=0, verbose=False)
+    aa.apgd.n_iter, aa.square.n_queries = 3, 10
+    with torch.no_grad():
+        x_adv = aa.run_standard_evaluation(x[:8], y[:8], bs=4)
+    x_call = aa(x[:8], y[:8])                      # torchattacks' call form: the whole batch at once
+    assert x_call.shape == x_adv.shape
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(model.features[0].weight.grad, torch.ones_like(model.features[0].weight))
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="untargeted"):
+        aa.run(x[:2], y[:2], target=y[:2])
+
+
+def test_a_device_other_than_the_models_is_reported_not_obeyed(mnist, capsys):
+    # 'meta' exists on every machine: a device that is there but holds none of the weights
+    model, x, y = mnist
+    aa = AutoAttack(model, eps=.3, version="custom", attacks_to_run=["apgd-ce"], device="meta", steps=2)
+    x_adv = aa.run_standard_evaluation(x[:4], y[:4])
+    assert x_adv.device.type == "cpu"
+    assert "device: running on cpu, where the model's parameters are (device='meta'" in capsys.readouterr().out
+
+
+def test_checks_warn_and_are_logged(mnist, tmp_path, capsys):
+    # the reference's check on the output: probabilities instead of logits
+    from fastadv.eval.masking import GradientMaskingWarning
+    model, x, y = mnist
+    probs = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
+    path = tmp_path / "log.txt"
+    aa = AutoAttack(probs, eps=.1, version="custom", attacks_to_run=["apgd-ce"], steps=2, log_path=path)
+    with pytest.warns(GradientMaskingWarning, match="softmax"):
+        aa.run_standard_evaluation(x[:6], y[:6])
+    line = [s for s in path.read_text().splitlines() if s.startswith("Warning: [softmax_output]")]
+    assert len(line) == 1 and line[0] in capsys.readouterr().out
+    quiet = AutoAttack(probs, eps=.1, version="custom", attacks_to_run=["apgd-ce"], steps=2, checks=False,
+                       verbose=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientMaskingWarning)
+        quiet.run_standard_evaluation(x[:6], y[:6])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
-import math
 import os
 import time
 import warnings
