@@ -20,6 +20,7 @@ _LAZY = {
     "APGD": "fastadv.attacks", "APGDT": "fastadv.attacks", "FABT": "fastadv.attacks",
     "FAB": "fastadv.attacks", "Square": "fastadv.attacks", "AutoAttack": "fastadv.attacks",
     "CW": "fastadv.attacks", "DeepFool": "fastadv.attacks",
+    "MultiAttack": "fastadv.attacks",
     # training (fastadv.train)
     "AdversarialTrainer": "fastadv.train",
 }

@@ -8,7 +8,8 @@ from .square import Square
 from .autoattack import AutoAttack
 from .cw import CW
 from .deepfool import DeepFool
+from .multi import MultiAttack
 
 __all__ = ["Attack", "AttackResult", "InputIndependentError", "preserved_model", "FGSM", "PGD", "PGDL2", "fgsm", "pgd", "pgd_l2",
            "APGD", "APGDT", "FAB", "FABT", "Square", "AutoAttack", "CW",
-           "DeepFool"]
+           "DeepFool", "MultiAttack"]
