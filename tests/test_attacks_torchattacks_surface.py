@@ -381,6 +381,17 @@ def test_multiattack_settings_reach_its_attacks(mnist):
     for atk in atks:
         assert atk.normalization_used is not None and atk.model_mode == "train_bn_dropout_eval"
         assert atk.device == torch.device("cpu")
+    # normalized in and out, as torchattacks' MultiAttack after set_normalization_used
+    wrapped = torch.nn.Sequential(_Denormalize(0.5, 0.25), model).eval()
+    multi = fastadv.MultiAttack([fastadv.PGD(wrapped, eps=0.1, steps=3), fastadv.FGSM(wrapped, eps=0.1)])
+    multi.set_normalization_used([0.5], [0.25])
+    res = multi.run((x - 0.5) / 0.25, y)
+    assert (res.x_adv * 0.25 + 0.5 - x).abs().max().item() <= 0.1 + 1e-5
+    assert torch.equal(res.success, _pred(wrapped, res.x_adv) != y) and bool(res.success.any())
+    # a torchattacks attack among them runs as it is, judged by a forward
+    mixed = fastadv.MultiAttack([ta.PGD(model, eps=0.05, steps=3), fastadv.FGSM(model, eps=0.1)]).run(x, y)
+    assert torch.equal(mixed.success, _pred(model, mixed.x_adv) != y)
+    assert mixed.extra["records"][1] < N and bool((mixed.steps[mixed.extra["attack"] == 0] == 0).all())
     with pytest.raises(ValueError, match="attacks: expected at least two attacks, got 1"):
         fastadv.MultiAttack(atks[:1])
     with pytest.raises(ValueError, match="references a different model"):
