@@ -318,8 +318,9 @@ def test_a_repeated_draw_warns_once(mnist, recwarn):
 
 # ------------------------------------------------------------------ MultiAttack
 def _multi_pair(model, steps=5, **kw):
-    return ([ta.PGD(model, eps=0.05, alpha=0.01, steps=steps, **kw), ta.PGD(model, eps=0.08, alpha=0.02, steps=steps, **kw),
-             ta.FGSM(model, eps=0.1)],
+    """The same three attacks from each library (fastadv's in NCHW, for float agreement)."""
+    return ([ta.PGD(model, eps=0.05, alpha=0.01, steps=steps, **kw),
+             ta.PGD(model, eps=0.08, alpha=0.02, steps=steps, **kw), ta.FGSM(model, eps=0.1)],
             [fastadv.PGD(model, eps=0.05, alpha=0.01, steps=steps, channels_last=False, **kw),
              fastadv.PGD(model, eps=0.08, alpha=0.02, steps=steps, channels_last=False, **kw),
              fastadv.FGSM(model, eps=0.1, channels_last=False)])
@@ -350,20 +351,26 @@ def test_multiattack_matches_torchattacks(mnist, capsys):
 
 def test_multiattack_fooled_points_leave(mnist):
     model, x, y = mnist
-    seen = []
+    seen, outs = [], []
 
     class Spy(fastadv.PGD):
         def run(self, xs, ys, target=None):
             seen.append(xs.shape[0])
-            return super().run(xs, ys, target)
+            res = super().run(xs, ys, target)
+            outs.append(res.x_adv)
+            return res
 
     first = Spy(model, eps=0.1, alpha=0.025, steps=5)
     second = Spy(model, eps=0.1, alpha=0.025, steps=5)
     res = fastadv.MultiAttack([first, second]).run(x, y)
     assert seen[0] == N and seen[1] == res.extra["records"][1] < N
     assert int(res.success.sum()) == N - res.extra["records"][-1]
-    # two identical random-start PGDs are two restarts (different starts), as in torchattacks
-    assert int((res.extra["attack"] == 1).sum()) > 0
+    # two identical random-start PGDs are two restarts (different starts), as in torchattacks:
+    # on the points left to it, the second one's iterates are not the first one's
+    again = outs[0][res.extra["attack"] != 0]
+    assert again.shape == outs[1].shape
+    assert bool(((again - outs[1]).flatten(1).abs().amax(1) > 0).all())
+    outs.clear()
     # every point is fooled already: the second attack never runs
     seen.clear()
     huge = Spy(model, eps=1.0, alpha=0.5, steps=2)
