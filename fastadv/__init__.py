@@ -24,6 +24,7 @@ _LAZY = {
         "BIM", "RFGSM", "FFGSM", "EOTPGD", "UPGD", "TPGD", "Jitter", "MIFGSM", "NIFGSM",
         "SINIFGSM", "VMIFGSM", "VNIFGSM", "DIFGSM", "TIFGSM", "PGDRS", "PGDRSL2", "PGDL2RS",
         "GN", "VANILA")},
+    "MultiAttack": "fastadv.attacks",
     # training (fastadv.train)
     "AdversarialTrainer": "fastadv.train",
 }

@@ -75,7 +75,7 @@ def test_fgsm_matches_torchattacks(mnist):
     res = fastadv.FGSM(model, eps=0.1, keep="last", channels_last=False).run(x, y)
     # the same step: identical pixels but for sign flips of gradients within rounding of 0
     assert (res.x_adv == ta_x).float().mean().item() > 0.999
-    best = fastadv.FGSM(model, eps=0.1).run(x, y)
+    best = fastadv.FGSM(model, eps=0.1, keep="best").run(x, y)
     # robust_accuracy is float32 arithmetic, robust_acc float64: compare to well below 1/N
     assert best.robust_accuracy <= robust_acc(model, ta_x, y) + 1e-6
     assert torch.equal(fastadv.fgsm(model, x, y, eps=0.1, keep="last", channels_last=False),
@@ -121,7 +121,7 @@ def test_fgsm_takes_the_clean_logits_from_its_gradient_pass(mnist, kw):
 def test_restarts_and_early_stop_never_weaker(mnist):
     model, x, y = mnist
     x, y = x[:200], y[:200]
-    kw = dict(eps=0.1, alpha=0.025, steps=10, seed=3)
+    kw = dict(eps=0.1, alpha=0.025, steps=10, seed=3, keep="best")  # the evaluation setting
     one = fastadv.PGD(model, **kw).run(x, y)
     ten = fastadv.PGD(model, restarts=10, **kw).run(x, y)
     stop = fastadv.PGD(model, early_stop=True, **kw).run(x, y)
@@ -158,7 +158,7 @@ def test_early_stop_is_the_same_attack_without_rounding(mnist):
     x = x[:200]
     with torch.no_grad():
         y = lin(x).argmax(1)
-    kw = dict(eps=0.01, alpha=0.0025, steps=10, seed=1)
+    kw = dict(eps=0.01, alpha=0.0025, steps=10, seed=1, keep="best")  # early stop's own
     full = fastadv.PGD(lin, **kw).run(x, y)
     stop = fastadv.PGD(lin, early_stop=True, **kw).run(x, y)
     assert torch.equal(full.success, stop.success)
@@ -201,8 +201,9 @@ def test_early_stop_cpu_passes_are_the_same_attack(mnist, monkeypatch):
 def test_best_iterate_not_last(mnist):
     model, x, y = mnist
     kw = dict(eps=0.1, alpha=0.05, steps=10, random_start=False)  # big steps oscillate
-    best = fastadv.PGD(model, **kw).run(x, y)
-    last = fastadv.PGD(model, keep="last", **kw).run(x, y)
+    best = fastadv.PGD(model, keep="best", **kw).run(x, y)
+    last = fastadv.PGD(model, **kw).run(x, y)                   # the default: torchattacks'
+    assert last.x_adv.equal(fastadv.PGD(model, keep="last", **kw)(x, y))
     assert bool((best.success | ~last.success).all())          # every success kept
     fail = ~best.success
     assert bool((best.loss[fail] >= last.loss[fail] - 1e-5).all())
@@ -333,25 +334,26 @@ def test_targeted_modes_reach_targets(mnist):
     res = fastadv.PGD(model, **kw).run(x, y, target=tgt)            # target= argument
     _check_targets(model, res, tgt, 0.85)
     atk = fastadv.PGD(model, **kw)
-    atk.set_mode_targeted_by_label()                                 # labels are the targets
+    atk.set_mode_targeted_by_label(quiet=True)                       # labels are the targets
     res = atk.run(x, tgt)
     _check_targets(model, res, tgt, 0.85)
     atk = fastadv.PGD(model, **kw)
-    atk.set_mode_targeted_random()
+    atk.set_mode_targeted_random(quiet=True)
     res = atk.run(x, y)
     t = res.extra["target"]
     assert bool((t != y).all()) and t.unique().numel() == 10
     _check_targets(model, res, t, 0.85)
     atk = fastadv.PGD(model, **kw)
-    atk.set_mode_targeted_least_likely()
+    atk.set_mode_targeted_least_likely(quiet=True)
     res = atk.run(x, y)
-    with torch.no_grad():
-        ll = model(x).argmin(1)
+    with torch.no_grad():   # the least likely class other than the label (torchattacks')
+        ll = model(x).scatter(1, y[:, None], float("inf")).argmin(1)
     assert torch.equal(res.extra["target"], ll)
     _check_targets(model, res, ll, 0.6)
     l2res = fastadv.PGDL2(model, eps=4.0, alpha=1.0, steps=10, seed=0).run(x, y, target=tgt)
     _check_targets(model, l2res, tgt, 0.8)
-    atk = fastadv.PGD(model, **kw).set_mode_targeted_random()
+    atk = fastadv.PGD(model, **kw)
+    atk.set_mode_targeted_random(quiet=True)
     atk.set_mode_default()
     assert atk.run(x, y).extra["target"] is None
 

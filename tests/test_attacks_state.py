@@ -49,6 +49,11 @@ def _prepared_model():
     return model
 
 
+def _targeted_random(atk):
+    atk.set_mode_targeted_random(quiet=True)   # returns None, as torchattacks' setter
+    return atk
+
+
 @pytest.mark.parametrize("make", [
     lambda m: fastadv.PGD(m, eps=0.1, steps=3, seed=0),
     lambda m: fastadv.PGD(m, eps=0.1, steps=3, restarts=3, early_stop=True),
@@ -56,7 +61,8 @@ def _prepared_model():
     lambda m: fastadv.PGD(m, eps=0.1, steps=3, model_mode="train"),    # BN stats + dropout RNG
     lambda m: fastadv.PGDL2(m, eps=1.0, steps=3, model_mode="keep", loss="cw"),
     lambda m: fastadv.FGSM(m, eps=0.1),
-    lambda m: fastadv.PGD(m, eps=0.1, steps=3).set_mode_targeted_random(),
+    lambda m: _targeted_random(fastadv.PGD(m, eps=0.1, steps=3)),
+    lambda m: fastadv.MultiAttack([fastadv.PGD(m, eps=0.05, steps=2), fastadv.FGSM(m, eps=0.1)]),
 ])
 def test_model_and_rng_left_exactly_as_found(data, make):
     x, y = data

@@ -12,10 +12,11 @@ from .ifgsm import BIM, RFGSM, FFGSM, EOTPGD, UPGD, TPGD, Jitter
 from .transfer import MIFGSM, NIFGSM, SINIFGSM, VMIFGSM, VNIFGSM, DIFGSM, TIFGSM
 from .pgdrs import PGDRS, PGDRSL2, PGDL2RS
 from .noise import GN, VANILA
+from .multi import MultiAttack
 
 __all__ = ["Attack", "AttackResult", "InputIndependentError", "preserved_model", "FGSM", "PGD", "PGDL2", "fgsm", "pgd", "pgd_l2",
            "APGD", "APGDT", "FAB", "FABT", "Square", "AutoAttack", "CW",
-           "DeepFool",
+           "DeepFool", "MultiAttack",
            "BIM", "RFGSM", "FFGSM", "EOTPGD", "UPGD", "TPGD", "Jitter",
            "MIFGSM", "NIFGSM", "SINIFGSM", "VMIFGSM", "VNIFGSM", "DIFGSM", "TIFGSM",
            "PGDRS", "PGDRSL2", "PGDL2RS", "GN", "VANILA"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import inspect
 import itertools
 import math
 import numbers
@@ -34,7 +36,7 @@ _AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16,
 class AttackResult:
     """What an attack returns from ``run``.
 
-    x_adv    the adversarial batch (the best iterate per sample), like the input
+    x_adv    the adversarial batch (per sample the iterate the attack keeps), like the input
     success  [B] bool: misclassified (untargeted) or classified as the target
     loss     [B] float32: the attack loss at x_adv
     steps    [B] int64: gradient steps spent on each sample
@@ -272,6 +274,34 @@ def check_channels(x: Tensor, c: int) -> None:
                          f"mean/std, got shape {tuple(x.shape)}")
 
 
+def _model_device(model) -> Optional[torch.device]:
+    """The device of the model's first parameter (else buffer); None for a model without
+    either and for a callable that is not a module."""
+    module = module_of(model)
+    if module is None:
+        return None
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return None if first is None else first.device
+
+
+def global_rng_seed(device: torch.device) -> int:
+    """A 63-bit seed read from the global RNG's state (the CPU one, plus the CUDA device's
+    for a CUDA device), without drawing from it: after ``torch.manual_seed(s)`` it is the
+    same every time, and anything that draws from the global RNG changes it."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(torch.get_rng_state().numpy().tobytes())
+    if device.type == "cuda":
+        h.update(torch.cuda.get_rng_state(device).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+# torchattacks' names for the target modes (``attack_mode`` / ``get_mode()``)
+_MODE_NAMES = {"default": "default", "by_label": "targeted(label)", "by_function": "targeted(custom)",
+               "random": "targeted(random)", "least_likely": "targeted(least-likely)"}
+# constructor options a repr leaves out: said by another field, or not a value worth printing
+_REPR_SKIP = {"name", "model", "targeted", "normalization", "generator"}
+
+
 # ---------------------------------------------------------------- the base
 class Attack:
     """Base of every fastadv attack (torchattacks-compatible call and target modes).
@@ -290,6 +320,9 @@ class Attack:
     fitted back into the ball and the box in that dtype, and its success flags are those
     of the tensor returned (``_result_to_user``).
     """
+
+    # Whether the target modes apply (torchattacks' ``supported_mode``); DeepFool says no.
+    targets_supported = True
 
     def __init__(self, name: str, model: nn.Module, *, eps: float = 0.0, lower: float = 0.0,
                  upper: float = 1.0, loss: str = "ce", targeted: bool = False, amp=None,
@@ -338,11 +371,16 @@ class Attack:
                 raise TypeError("normalization: expected a pair (mean, std)")
             self._set_model_normalization(*normalization)
         # torchattacks-style targeting
+        self.supported_mode = ["default", "targeted"] if self.targets_supported else ["default"]
         self.targeted = self._flag("targeted", targeted)
+        if self.targeted and not self.targets_supported:
+            raise ValueError(f"targeted: {name} is untargeted (Targeted mode is not supported.)")
         self._target_mode = "by_label" if targeted else "default"
         self._target_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None
         self._kth_min = 1
         self.clean_logits: Optional[Tensor] = None
+        # torchattacks' device: where the model's parameters are; inputs are moved there
+        self.device: Optional[torch.device] = _model_device(model)
 
     # ------------------------------------------------------------- helpers
     @staticmethod
@@ -369,10 +407,88 @@ class Attack:
             return bool(v)
         raise TypeError(f"{name}: expected True or False, got {type(v).__name__} {v!r}")
 
+    # ------------------------------------------------------ torchattacks' surface
+    @property
+    def model_name(self) -> str:
+        """The model's class name (torchattacks' ``model_name``)."""
+        return type(self.model).__name__
+
+    @property
+    def attack_mode(self) -> str:
+        """torchattacks' name of the target mode: "default", "targeted(label)",
+        "targeted(custom)", "targeted(random)" or "targeted(least-likely)"."""
+        return _MODE_NAMES[self._target_mode]
+
+    def get_mode(self) -> str:
+        """torchattacks' ``get_mode()``: ``attack_mode``."""
+        return self.attack_mode
+
+    def set_device(self, device) -> None:
+        """torchattacks' ``set_device``: inputs on another device are moved to ``device``
+        before the attack (the result is on it too); None: attack where the input is."""
+        self.device = None if device is None else torch.device(device)
+
+    def set_model(self, model) -> None:
+        """torchattacks' ``set_model``: attack ``model`` from now on (``device`` is kept, as
+        there)."""
+        if not isinstance(model, nn.Module) and not callable(model):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        for key in ("_saved_bytes", "_graph_rows", "_in_dtype"):  # facts about the old model
+            self.__dict__.pop(key, None)
+        if self.__dict__.get("_graphs"):
+            self._graphs.clear()
+
+    @classmethod
+    def _options(cls) -> Dict[str, Tuple[object, bool]]:
+        """The constructor options of this class and its bases: name -> (default, whether it
+        is a positional argument of the class's own constructor, i.e. a torchattacks one)."""
+        out: Dict[str, Tuple[object, bool]] = {}
+        own = True
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.name == "self" or p.name in out or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    continue
+                out[p.name] = (p.default, own and p.kind == p.POSITIONAL_OR_KEYWORD)
+            own = False
+        return out
+
+    def _option_default(self, name: str, default):
+        """The value an option takes when not given (a subclass resolving a None default says
+        what it resolves to, so that the repr leaves it out)."""
+        return default
+
     def __repr__(self) -> str:
-        keys = ("eps", "loss", "amp", "backend", "model_mode")
-        inner = ", ".join(f"{k}={getattr(self, k)!r}" for k in keys if hasattr(self, k))
-        return f"{type(self).__name__}({inner}, mode={self._target_mode})"
+        """torchattacks' fields, formatted as there (``model_name``, ``device``,
+        ``attack_mode``, ``targeted``, ``normalization_used``, then the attack's own
+        positional arguments), then fastadv's keyword options that differ from their
+        defaults, as Python literals."""
+        fields = [f"model_name={self.model_name}", f"device={self.device}",
+                  f"attack_mode={self.attack_mode}", f"targeted={self.targeted}",
+                  f"normalization_used={self._mean is not None}"]
+        extra = []
+        for name, (default, positional) in self._options().items():
+            if name in _REPR_SKIP or name not in self.__dict__:
+                continue
+            value = self.__dict__[name]
+            if positional:
+                if isinstance(default, int) and not isinstance(default, bool) and \
+                        isinstance(value, float) and value == int(value):
+                    value = int(value)   # torchattacks prints the int default as given
+                fields.append(f"{name}={value}")
+                continue
+            if default is inspect.Parameter.empty:
+                continue   # a base's argument that the subclass fixes (FGSM's alpha)
+            try:
+                same = bool(value == self._option_default(name, default))
+            except Exception:  # a value that does not compare to a plain default
+                same = False
+            if not same:
+                extra.append(f"{name}={value!r}")
+        return f"{self.attack}({', '.join(fields + extra)})"
 
     # -------------------------------------------------------- normalization
     def set_normalization_used(self, mean: Sequence[float], std: Sequence[float]) -> "Attack":
@@ -446,31 +562,140 @@ class Attack:
         return self
 
     # -------------------------------------------------------- target modes
-    def set_mode_default(self) -> "Attack":
+    # As in torchattacks: the setters print what they did (unless ``quiet``) and return None;
+    # an untargeted attack refuses the targeted ones.
+    def set_mode_default(self) -> None:
+        """Untargeted (torchattacks prints the message below whatever the mode was)."""
         self.targeted, self._target_mode, self._target_fn = False, "default", None
-        return self
+        print("Attack mode is changed to 'default.'")
 
-    def set_mode_targeted_by_label(self, quiet: bool = True) -> "Attack":
+    def _set_mode_targeted(self, mode: str, quiet) -> None:
+        if not self.targets_supported:
+            raise ValueError("Targeted mode is not supported.")
+        quiet = self._flag("quiet", quiet)
+        self.targeted, self._target_mode = True, mode
+        if not quiet:
+            print(f"Attack mode is changed to '{_MODE_NAMES[mode]}'.")
+
+    def set_mode_targeted_by_label(self, quiet: bool = False) -> None:
         """Labels passed to the call are the targets (torchattacks semantics)."""
-        self.targeted, self._target_mode = True, "by_label"
-        return self
+        self._set_mode_targeted("by_label", quiet)
 
-    def set_mode_targeted_by_function(self, target_map_function: Callable, quiet: bool = True) -> "Attack":
+    def set_mode_targeted_by_function(self, target_map_function: Callable, quiet: bool = False) -> None:
+        """Targets are ``target_map_function(images, labels)``."""
         if not callable(target_map_function):
             raise TypeError(f"target_map_function: expected a callable (images, labels) -> targets, "
                             f"got {type(target_map_function).__name__}")
-        self.targeted, self._target_mode, self._target_fn = True, "by_function", target_map_function
-        return self
+        self._set_mode_targeted("by_function", quiet)
+        self._target_fn = target_map_function
 
-    def set_mode_targeted_random(self, quiet: bool = True) -> "Attack":
-        self.targeted, self._target_mode = True, "random"
-        return self
+    def set_mode_targeted_random(self, quiet: bool = False) -> None:
+        """Targets drawn uniformly from the classes other than the label (the attack's own
+        generator: see ``make_generator``)."""
+        self._set_mode_targeted("random", quiet)
 
-    def set_mode_targeted_least_likely(self, kth_min: int = 1, quiet: bool = True) -> "Attack":
+    def set_mode_targeted_least_likely(self, kth_min: int = 1, quiet: bool = False) -> None:
+        """Targets: the class of the ``kth_min``-th smallest clean logit (model in eval mode)
+        among the classes other than the label."""
         if isinstance(kth_min, bool) or not isinstance(kth_min, numbers.Integral) or kth_min < 1:
             raise ValueError(f"kth_min: expected an int >= 1, got {kth_min!r}")
-        self.targeted, self._target_mode, self._kth_min = True, "least_likely", int(kth_min)
-        return self
+        self._set_mode_targeted("least_likely", quiet)
+        self._kth_min = int(kth_min)
+
+    def get_target_label(self, inputs: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """torchattacks' ``get_target_label``: the targets the current mode gives for
+        ``inputs`` (as you pass them to the attack) and their true ``labels``."""
+        mode = self._target_mode
+        if mode == "default":
+            raise ValueError("target_map_function is not initialized by set_mode_targeted.")
+        if mode == "by_label":
+            return labels
+        if mode == "by_function":
+            return self._target_fn(inputs, labels)
+        if mode == "random":
+            return self.get_random_target_label(inputs, labels)
+        return self.get_least_likely_label(inputs, labels)
+
+    def get_least_likely_label(self, inputs: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """The ``kth_min``-th least likely class of each input other than its label (the
+        prediction when ``labels`` is None), from the model in eval mode."""
+        z = self.get_output_with_eval_nograd(inputs).float()
+        y = z.argmax(1) if labels is None else self._label_tensor(labels, z.argmax(1), "labels")
+        return self._least_likely(z, y)
+
+    def get_random_target_label(self, inputs: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """A class drawn uniformly from those other than each input's label (the prediction
+        when ``labels`` is None), from the attack's own generator."""
+        z = self.get_output_with_eval_nograd(inputs).float()
+        y = z.argmax(1) if labels is None else self._label_tensor(labels, z.argmax(1), "labels")
+        return self._random_targets(z.shape[1], y, self.make_generator(y.device))
+
+    def _least_likely(self, z: Tensor, y: Tensor) -> Tensor:
+        n = z.shape[1]
+        if self._kth_min > n - 1:
+            raise ValueError(f"kth_min: expected at most the number of classes other than the "
+                             f"label ({n - 1}), got {self._kth_min}")
+        # the true class is never a target (it would ask the attack to keep the label)
+        others = z.float().scatter(1, y[:, None], math.inf)
+        return others.topk(self._kth_min, dim=1, largest=False).indices[:, -1]
+
+    @staticmethod
+    def _random_targets(n: int, y: Tensor, gen: torch.Generator) -> Tensor:
+        if n < 2:
+            raise ValueError(f"set_mode_targeted_random: needs a model with at least 2 classes, "
+                             f"got {n}")
+        r = torch.randint(0, n - 1, y.shape, generator=gen, device=gen.device).to(y.device)
+        return r + (r >= y).long()  # uniform over classes other than y
+
+    # ---------------------------------------------------- torchattacks' model I/O
+    def get_logits(self, inputs: Tensor, labels: Optional[Tensor] = None, *args, **kwargs) -> Tensor:
+        """torchattacks' ``get_logits``: the model's output for ``inputs`` as you pass them to
+        the attack (normalized ones under ``set_normalization_used``; pixel-space ones,
+        normalized here, with ``normalization=``). Differentiable; the model's mode is left
+        as it is."""
+        if self._mean is not None and not self._io_normalized:
+            inputs = self._normalize(inputs)
+        return self.model(inputs)
+
+    def get_output_with_eval_nograd(self, inputs: Tensor) -> Tensor:
+        """``get_logits`` with the model in eval mode and no grad; the model comes back as found."""
+        with torch.no_grad(), model_context(self.model, "eval", inputs.device):
+            return self.get_logits(inputs)
+
+    @property
+    def normalization_used(self) -> Optional[Dict[str, Tensor]]:
+        """torchattacks' ``normalization_used``: ``{"mean", "std"}`` shaped [1, C, 1, 1], or None."""
+        if self._mean is None:
+            return None
+        c = self._mean.numel()
+        return {"mean": self._mean.reshape(1, c, 1, 1), "std": self._std.reshape(1, c, 1, 1)}
+
+    def _stats_for(self, name: str, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if self._mean is None:
+            raise ValueError(f"{name}: no normalization is set (set_normalization_used(mean, std) "
+                             f"or normalization=(mean, std))")
+        self._check_channels(x)
+        return self._channel_stats(x)
+
+    def normalize(self, inputs: Tensor) -> Tensor:
+        """torchattacks' ``normalize``: ``(inputs - mean) / std``."""
+        m, s = self._stats_for("normalize", inputs)
+        return (inputs - m) / s
+
+    def inverse_normalize(self, inputs: Tensor) -> Tensor:
+        """torchattacks' ``inverse_normalize``: ``inputs * std + mean``."""
+        m, s = self._stats_for("inverse_normalize", inputs)
+        return inputs * s + m
+
+    @staticmethod
+    def to_type(inputs: Tensor, type: str) -> Tensor:  # noqa: A002 (torchattacks' name)
+        """torchattacks' ``to_type``: float in [0, 1] -> uint8 (``"int"``: ×255, truncated, as
+        there) or uint8 -> float (``"float"``: ÷255); other dtypes come back as they are."""
+        if type == "int":
+            return (inputs * 255).to(torch.uint8) if inputs.dtype == torch.float32 else inputs
+        if type == "float":
+            return inputs.float() / 255 if inputs.dtype == torch.uint8 else inputs
+        raise ValueError(f"type: expected 'float' or 'int', got {type!r}")
 
     # ------------------------------------------------------------- model I/O
     def _normalize(self, x: Tensor) -> Tensor:
@@ -721,17 +946,51 @@ class Attack:
                 "without gradients")
 
     def make_generator(self, device: torch.device) -> torch.Generator:
-        """The attack's own RNG (the global one is never touched)."""
+        """The attack's own RNG; the global one is never drawn from nor reseeded.
+
+        ``generator=`` given: that one (it advances across calls). ``seed=s``: a fresh one
+        seeded with s each call — the numbers torchattacks draws after ``torch.manual_seed(s)``
+        (the same generator type, seeded alike). Neither: a fresh one seeded from the global
+        RNG's *state* (``global_rng_seed``), so that after ``torch.manual_seed(s)`` a run is
+        reproducible while the global RNG stays where it was; a second call with the global
+        RNG unmoved draws the same numbers again. A ``MultiAttack`` lends its attacks one
+        shared generator for a call (``_shared_generator``), as they all draw from torch's
+        global RNG in torchattacks."""
+        shared = self.__dict__.get("_shared_generator")
+        if shared is not None and shared.device.type == device.type:
+            return shared
         if self.generator is not None:
             if self.generator.device.type != device.type:
                 raise ValueError(f"generator: expected one on {device.type}, got {self.generator.device}")
             return self.generator
         g = torch.Generator(device=device)
-        if self.seed is not None:
-            g.manual_seed(int(self.seed))
-        else:
-            g.seed()
+        g.manual_seed(int(self.seed) if self.seed is not None else global_rng_seed(device))
         return g
+
+    def _seeded_from_global(self, device: torch.device) -> bool:
+        """Whether ``make_generator`` seeds from the global RNG's state for this call."""
+        shared = self.__dict__.get("_shared_generator")
+        return self.generator is None and self.seed is None and (
+            shared is None or shared.device.type != device.type)
+
+    def _note_repeat(self, gen: torch.Generator, start: Tuple[Tensor, int], xf: Tensor, y: Tensor) -> None:
+        """Warn (once per attack) when a call drew the very random numbers of the previous
+        call on the same inputs: the global RNG did not move in between, so the run repeated
+        (a loop of calls meant as restarts would add nothing)."""
+        if torch.equal(gen.get_state(), start[0]):
+            return   # nothing random was drawn: a repeat is expected
+        key = (start[1], tuple(xf.shape), str(xf.device),
+               float(xf.double().sum()) if xf.numel() else 0.0, int(y.sum()) if y.numel() else 0)
+        if self.__dict__.get("_last_draw") == key and not self.__dict__.get("_repeat_warned"):
+            self._repeat_warned = True
+            warnings.warn(
+                f"fastadv: {self.attack} drew the same random numbers as its previous call on these "
+                f"inputs, so it returned the same result: without seed= or generator=, an attack "
+                f"seeds its own generator from the global RNG's state and never advances the "
+                f"global RNG (after torch.manual_seed(s) a run repeats). For new random starts "
+                f"use restarts=R, or pass generator=torch.Generator().manual_seed(s), which "
+                f"advances across calls.", RuntimeWarning, stacklevel=3)
+        self._last_draw = key
 
     @staticmethod
     def _label_tensor(t, y: Tensor, name: str) -> Tensor:
@@ -761,28 +1020,28 @@ class Attack:
             return self._label_tensor(self._target_fn(x, y), y,
                                       "target (returned by the target_map_function)")
         if mode == "random":
-            if n < 2:
-                raise ValueError(f"set_mode_targeted_random: needs a model with at least 2 classes, "
-                                 f"got {n}")
-            r = torch.randint(0, n - 1, y.shape, generator=gen, device=gen.device).to(y.device)
-            return r + (r >= y).long()  # uniform over classes other than y
+            return self._random_targets(n, y, gen)
         if mode == "least_likely":
-            if self._kth_min > n:
-                raise ValueError(f"kth_min: expected at most the number of classes ({n}), "
-                                 f"got {self._kth_min}")
-            return z_clean.topk(self._kth_min, dim=1, largest=False).indices[:, -1]
+            if self.model_mode != "eval" and module_of(self.model) is not None:
+                # torchattacks ranks the classes with the model in eval mode (no dropout noise)
+                with torch.no_grad(), model_context(self.model, "eval", x.device):
+                    z_clean = self.exact_logits(x, y)
+            return self._least_likely(z_clean, y)
         raise RuntimeError(f"unknown target mode {mode!r}")
 
     # ----------------------------------------------------------------- call
     def run(self, x: Tensor, y: Tensor, target: Optional[Tensor] = None) -> AttackResult:
         """Attack ``(x, y)`` and return an ``AttackResult`` (x_adv like x: dtype, layout)."""
         self._refuse_inference_mode()
+        x, y = self._to_device(x, y)
         x_user = x
         x = self._from_user(x)
         xf, y = self._prepare(x, y)
         dev = xf.device
         with model_context(self.model, self.model_mode, dev):
+            from_global = self._seeded_from_global(dev)
             gen = self.make_generator(dev)
+            start_state = (gen.get_state(), global_rng_seed(dev)) if from_global else None
             z = self._clean_logits(xf, y, target)
             # "by_label": the labels given are the targets; the true labels are the prediction
             if self.targeted and self._target_mode == "by_label" and target is None:
@@ -799,9 +1058,22 @@ class Attack:
                 res = self._attack(xf, y, target, gen)
             finally:
                 self.clean_logits = None
+            if start_state is not None:
+                self._note_repeat(gen, start_state, xf, y)
             res.x_adv = self._result_to_user(res, xf, x_user, y, target)
         warn_nonfinite(self, res)
         return res
+
+    def _to_device(self, x, y):
+        """``x`` and ``y`` on ``self.device`` when one is set (torchattacks moves its inputs
+        to the model's device; the result is returned there)."""
+        dev = self.device
+        if dev is not None:
+            if isinstance(x, Tensor) and x.device != dev:
+                x = x.to(dev)
+            if isinstance(y, Tensor) and y.device != dev:
+                y = y.to(dev)
+        return x, y
 
     def _clean_logits(self, xf: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
         """The float32 logits of the clean batch, whatever amp says: the input checks and
@@ -871,8 +1143,7 @@ class Attack:
             elapsed = time.time() - start
             if verbose:
                 progress = f"{100.0 * (step + 1) / n_batches:.2f} %" if n_batches else f"batch {step + 1}"
-                print(f"- Save progress: {progress} / Robust accuracy: {rob:.2f} % / L2: {l2:.5f} "
-                      f"({elapsed:.3f} s/batch)", end="\r")
+                print(self._save_line(progress, rob, l2, elapsed), end="\r")
             if save_path is not None:
                 kept["adv_inputs"].append(px_adv.detach().cpu())
                 kept["labels"].append(labels.detach().cpu())
@@ -898,6 +1169,10 @@ class Attack:
         if return_verbose:
             return rob, l2, elapsed
         return None
+
+    def _save_line(self, progress: str, rob: float, l2: float, elapsed: float) -> str:
+        """``save``'s progress line."""
+        return f"- Save progress: {progress} / Robust accuracy: {rob:.2f} % / L2: {l2:.5f} ({elapsed:.3f} s/batch)"
 
     @staticmethod
     def load(load_path: str, batch_size: int = 128, shuffle: bool = False, normalize=None,
@@ -937,6 +1212,9 @@ class Attack:
     # ------------------------------------------------------ the result
     # Attacks that follow input gradients (Square overrides: it only queries).
     uses_gradients = True
+    # Whether ``success`` of an untargeted run means "misclassified at x_adv" and nothing
+    # more (MultiAttack then takes it as it is instead of a forward of its own).
+    _success_is_misclassified = False
     # Whether x_adv is held to the eps-ball of ``self.norm`` (False: CW and DeepFool, whose
     # eps, if any, only decides success).
     eps_ball = True

@@ -29,7 +29,7 @@ class CW(Attack):
     L2 distance (inf if none). Points not fooled come back unchanged. Targeted modes
     of the base class are supported (then z_t must win by κ)."""
 
-    def __init__(self, model, c: float = 1.0, kappa: float = 0.0, steps: int = 50, lr: float = 0.01, *,
+    def __init__(self, model, c: float = 1, kappa: float = 0, steps: int = 50, lr: float = 0.01, *,
                  binary_search_steps: int = 9, abort_early: bool = True, **kwargs):
         super().__init__(kwargs.pop("name", "CW"), model, **kwargs)
         self.c = self._nonneg("c", c)
@@ -40,6 +40,8 @@ class CW(Attack):
         self.abort_early = self._flag("abort_early", abort_early)
 
     eps_ball = False  # minimum-norm: no ball, only the box
+    # a point not fooled comes back clean, so success is misclassification at x_adv
+    _success_is_misclassified = True
 
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
                     x_adv: Tensor, xf: Tensor) -> Tensor:

@@ -39,6 +39,11 @@ class DeepFool(Attack):
         self.candidates = None if candidates is None else int_arg("candidates", candidates)
 
     eps_ball = False  # eps (if any) decides success; x_adv is not held to it
+    targets_supported = False  # as in torchattacks: its target-mode setters refuse
+
+    @property
+    def _success_is_misclassified(self) -> bool:
+        return self.eps == 0  # with a budget, success also needs the perturbation within it
 
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
                     x_adv: Tensor, xf: Tensor) -> Tensor:

@@ -16,11 +16,11 @@ __all__ = ["FGSM", "fgsm"]
 
 class FGSM(_IterativeAttack):
     """``FGSM(model, eps=8/255, *, loss="ce", targeted=False, amp=None, channels_last="auto",
-    backend=None, normalization=None, lower=0., upper=1., keep="best"|"last", ...)``.
+    backend=None, normalization=None, lower=0., upper=1., keep=None|"last"|"best", ...)``.
 
-    With ``keep="best"`` (default) a sample already misclassified when clean keeps its clean
-    point if the step would undo that; ``keep="last"`` always returns the stepped point,
-    exactly as torchattacks does."""
+    By default (``keep="last"``) the stepped point, exactly as torchattacks returns it;
+    with ``keep="best"`` a sample already misclassified when clean keeps its clean point
+    if the step would undo that."""
 
     norm = "linf"
 

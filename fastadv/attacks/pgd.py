@@ -2,8 +2,8 @@
 
 Same constructor names, order and defaults as ``torchattacks.PGD`` / ``PGDL2``; the extra
 options are keywords. The step is one fused op (``fastadv.ops.linf_step_`` /
-``l2_step_``); the loop is ``fastadv.attacks._engine``: restarts as one batch, best
-iterate per sample, early stop, amp, CUDA graphs.
+``l2_step_``); the loop is ``fastadv.attacks._engine``: restarts as one batch, the
+last (torchattacks') or best iterate per sample, early stop, amp, CUDA graphs.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class _IterativeAttack(Attack):
     """The shared machinery of FGSM, PGD and PGD-L2 (``norm`` says which step)."""
 
     norm = "linf"
+    _success_is_misclassified = True
 
     def __init__(self, name: str, model: nn.Module, eps: float, alpha: float, steps: int,
                  random_start: bool, *, restarts: int = 1, loss: str = "ce",
@@ -32,7 +33,7 @@ class _IterativeAttack(Attack):
                  backend: Optional[str] = None, generator: Optional[torch.Generator] = None,
                  seed: Optional[int] = None,
                  normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
-                 lower: float = 0.0, upper: float = 1.0, keep: str = "best",
+                 lower: float = 0.0, upper: float = 1.0, keep: Optional[str] = None,
                  max_batch: Optional[int] = None, model_mode: str = "eval",
                  check_inputs: bool = True):
         super().__init__(name, model, eps=eps, lower=lower, upper=upper, loss=loss,
@@ -47,10 +48,11 @@ class _IterativeAttack(Attack):
         if self.restarts > 1 and not self.random_start:
             raise ValueError("restarts: more than one restart needs random_start=True "
                              "(without it every restart is the same run)")
-        if keep not in ("best", "last"):
-            raise ValueError(f"keep: expected 'best' or 'last', got {keep!r}")
-        self.keep = keep
+        if keep not in (None, "best", "last"):
+            raise ValueError(f"keep: expected 'best', 'last' or None, got {keep!r}")
         self.early_stop = self._flag("early_stop", early_stop)
+        # torchattacks returns the last iterate; early stop needs the best (see PGD's docstring)
+        self.keep = keep if keep is not None else self._option_default("keep", None)
         if self.early_stop and keep == "last":
             raise ValueError("early_stop: needs keep='best' (a stopped sample keeps its "
                              "successful iterate, not the last one)")
@@ -60,12 +62,10 @@ class _IterativeAttack(Attack):
         self.max_batch = max_batch
         self._graphs: dict = {}
 
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(eps={self.eps:.6g}, alpha={self.alpha:.6g}, "
-                f"steps={self.steps}, random_start={self.random_start}, restarts={self.restarts}, "
-                f"loss={self.loss!r}, amp={self.amp!r}, early_stop={self.early_stop}, "
-                f"mode={self._target_mode}"
-                + (f", model_mode={self.model_mode!r}" if self.model_mode != "eval" else "") + ")")
+    def _option_default(self, name: str, default):
+        if name == "keep":
+            return "best" if self.early_stop else "last"
+        return default
 
     # ---------------------------------------------------------------- step
     def _step(self, x: Tensor, x_nat: Tensor, g: Tensor) -> None:
@@ -74,10 +74,15 @@ class _IterativeAttack(Attack):
            _check_values=False)
 
     def _start(self, x_nat: Tensor, gen: torch.Generator) -> Tensor:
+        """torchattacks' start: ``x + U(-eps, eps)`` per element, clamped to the box. The noise
+        is drawn in NCHW order whatever the attack's layout, as torchattacks draws it, so a
+        generator seeded like torch's global one gives torchattacks' very start."""
         if not self.random_start or self.eps == 0.0:
             return x_nat.clone()
-        return ops.random_init(x_nat, self.eps, self.norm, self.lower, self.upper,
-                               generator=gen, backend=self.backend)
+        noise = torch.empty(x_nat.shape, dtype=torch.float32, device=x_nat.device)
+        noise.uniform_(-self.eps, self.eps, generator=gen)
+        x0 = (x_nat + noise).clamp_(self.lower, self.upper)
+        return x0.contiguous(memory_format=_engine.memory_format(x_nat))
 
     def _clean_logits(self, xf: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
         """Without a random start the first step's gradient pass is at x itself: in exact
@@ -88,7 +93,14 @@ class _IterativeAttack(Attack):
         if (target is None and not self.targeted and self.amp is None and self.steps >= 1
                 and self.restarts == 1 and (not self.random_start or self.eps == 0.0)
                 and not self.cuda_graph and xf.shape[0] > 0):
-            loss, z, g = chunked_loss_and_grad(self, xf, y, None, None, forward_rows(self, xf, y, None))
+            try:
+                loss, z, g = chunked_loss_and_grad(self, xf, y, None, None, forward_rows(self, xf, y, None))
+            except (IndexError, RuntimeError):
+                # a label out of range fails inside the loss before run() could check it:
+                # give the clear error the other paths give (else the loss's own error stands)
+                z = super()._clean_logits(xf, y, target)
+                self._check_logits(z, y, None)
+                raise
             self._first_pass = (loss, z, g)
             return z
         return super()._clean_logits(xf, y, target)
@@ -181,6 +193,11 @@ class _IterativeAttack(Attack):
             if n == 0:
                 break
             nr, per_chunk = _engine.restart_blocks(n, self.restarts - r, max_rows)
+            # One restart in chunks: draw the whole batch's start at once, so the chunking (a
+            # CPU cache size) does not change which numbers each sample gets.
+            starts = None
+            if nr == 1 and per_chunk < n:
+                starts = self._start(x if todo is None else x[todo], gen)
             for s in range(0, n, per_chunk):
                 if todo is None and per_chunk >= n:
                     idx = None
@@ -195,7 +212,11 @@ class _IterativeAttack(Attack):
                 first = first_pass  # set only for one restart, untargeted (see _clean_logits)
                 if first is not None and idx is not None:
                     first = tuple(v.index_select(0, idx) for v in first_pass)
-                out = self._loop(loop, xn, yn, tn, self._start(xn, gen), m, first)
+                if starts is None:
+                    x0 = self._start(xn, gen)
+                else:
+                    x0 = starts[s:s + per_chunk]
+                out = self._loop(loop, xn, yn, tn, x0, m, first)
                 cx, closs, csucc, cr = _engine.pick_restart(out.x, out.loss, out.success, nr)
                 took = _engine.merge_best(res_x, res_loss, res_succ, idx, cx, closs, csucc)
                 spent = out.steps.view(nr, m).sum(0)
@@ -223,12 +244,16 @@ class PGD(_IterativeAttack):
     ``PGD(model, eps=8/255, alpha=2/255, steps=10, random_start=True, *, restarts=1,
     loss="ce"|"cw"|"dlr", targeted=False, early_stop=False, amp=None|"bf16"|"fp16",
     channels_last="auto", cuda_graph=False, backend=None, generator=None, seed=None,
-    normalization=None, lower=0., upper=1., keep="best"|"last", max_batch=None,
+    normalization=None, lower=0., upper=1., keep=None|"last"|"best", max_batch=None,
     model_mode="eval")``
 
     ``atk(x, y)`` returns the adversarial batch; ``atk.run(x, y)`` an ``AttackResult``.
-    Each sample gets its best iterate (the first that fools the model, else the one of
-    highest loss, the clean point included), and its worst case over ``restarts``.
+    ``keep="last"`` (the default) returns each sample's last iterate, as torchattacks'
+    PGD does: with the same start the two give the same batch, up to float rounding.
+    ``keep="best"`` returns the best iterate instead (the first that fools the model, else
+    the one of highest loss, the clean point included): never weaker, and what an
+    evaluation wants; ``early_stop=True`` implies it (``keep=None`` resolves to it then).
+    Over ``restarts`` each sample keeps its worst case.
     ``max_batch`` caps the rows per forward. By default restarts run as one ``restarts·B``
     batch where memory allows (CUDA), and on CPU the batch runs in chunks whose saved
     activations fit the last-level cache (same math per sample, up to 2x faster there);
@@ -259,10 +284,11 @@ class PGDL2(_IterativeAttack):
         if not self.random_start or self.eps == 0.0:
             return x_nat.clone()
         n = x_nat.shape[0]
-        d = torch.randn(x_nat.shape, generator=gen, device=x_nat.device, dtype=torch.float32)
+        # torchattacks' draws and arithmetic, in its order (NCHW noise, then the radii)
+        d = torch.empty(x_nat.shape, dtype=torch.float32, device=x_nat.device).normal_(generator=gen)
         norm = d.flatten(1).norm(dim=1).clamp_min(1e-12)
-        r = torch.rand(n, generator=gen, device=x_nat.device, dtype=torch.float32)
-        d.mul_(_engine.per_sample(r * self.eps / norm, d.dim()))
+        r = torch.empty(n, dtype=torch.float32, device=x_nat.device).uniform_(0, 1, generator=gen)
+        d.mul_(_engine.per_sample(r / norm * self.eps, d.dim()))
         x0 = (x_nat + d).clamp_(self.lower, self.upper)
         return x0.contiguous(memory_format=_engine.memory_format(x_nat))
 

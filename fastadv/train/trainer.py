@@ -90,7 +90,7 @@ def _library_pgd_mask(model, x, y, eps, steps, lower, upper, seed) -> Optional[T
         return None
     try:
         atk = PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True,
-                  lower=lower, upper=upper, seed=seed)
+                  lower=lower, upper=upper, seed=seed, keep="best")  # every iterate counts
     except TypeError:
         return None
     return ~atk.run(x, y).success
