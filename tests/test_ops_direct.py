@@ -295,3 +295,21 @@ def test_fake_tensors_and_jit_trace_take_the_custom_op():
     assert "fastadv::linf_step" in str(traced.graph)
     assert torch.equal(traced(x_adv, x_nat, grad).nan_to_num(-7.0),
                        ref.linf_step(x_adv, x_nat, grad, 0.05, 0.1).nan_to_num(-7.0))
+
+
+def test_host_time_table_runs_and_restores_the_torch_backend():
+    """The host-time benchmark's rows (tiny run: no timing claim here) and its no-op
+    substitute, which must leave the real torch backend in place afterwards."""
+    from fastadv import bench_ops
+    from fastadv.ops import _registry
+    backends = ["torch", bench_ops.NOOP] + (["cpp"] if ops.backends()["cpp"] is True else [])
+    rows = bench_ops.host_table(backends=backends, ops=("linf_step_", "l2_project"), calls=3, repeats=2)
+    assert [(r["op"], r["backend"]) for r in rows] == [(o, b) for b in backends
+                                                      for o in ("linf_step_", "l2_project")]
+    for r in rows:
+        assert r["kind"] == "host" and r["direct_us"] > 0 and r["custom_us"] > 0
+    assert "custom op" in bench_ops.format_table(rows) and "l2_project" in bench_ops.format_host_table(rows)
+    assert type(_registry.resolve("torch", torch.device("cpu"))).__name__ == "TorchBackend"
+    x_adv, x_nat, grad = _data((2, 3))
+    assert torch.equal(ops.linf_step(x_adv, x_nat, grad, 0.1, 0.2, backend="torch").nan_to_num(-7.0),
+                       ref.linf_step(x_adv, x_nat, grad, 0.1, 0.2).nan_to_num(-7.0))

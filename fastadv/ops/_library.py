@@ -80,8 +80,8 @@ def partial_overlap(target: Tensor, t: Tensor) -> bool:
     """``t`` may share memory with ``target`` other than element for element (the same start,
     dtype and strides): writing ``target`` would then change inputs not yet read.
     Conservative: interleaved views that touch no common element count as overlapping."""
-    if t.numel() == 0:
-        return False
+    if t.numel() == 0 or t.untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
+        return False   # (memory of another storage is another allocation)
     if (t.data_ptr() == target.data_ptr() and t.dtype == target.dtype
             and all(a == b for n, a, b in zip(t.shape, t.stride(), target.stride()) if n != 1)):
         return False

@@ -21,6 +21,7 @@ the same device; ``lower <= upper``; arithmetic is float32.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -156,3 +157,21 @@ def resolve_cached(backend, device: torch.device):
         obj = resolve(backend, device)
         _resolved[key] = obj
     return obj
+
+
+@contextlib.contextmanager
+def substitute(name: str, obj):
+    """Within it, backend ``name`` is ``obj`` (the host-time benchmark times the torch
+    path with no-op kernels this way)."""
+    _backend_object(name)
+    before = _loaded.get(name)
+    _loaded[name] = obj
+    _resolved.clear()
+    try:
+        yield obj
+    finally:
+        if before is None:
+            _loaded.pop(name, None)
+        else:
+            _loaded[name] = before
+        _resolved.clear()
