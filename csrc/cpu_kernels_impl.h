@@ -218,13 +218,21 @@ void l2_write(X* out, const X* x, const X* xn, const G* g, int64_t n, float a, f
   }
 }
 
+// The norm of a sum of squares that is totalled in double but stands for the reference's
+// float32 sum: one beyond float32's range is inf there (|g| ~ 1e19 and up), so it is here.
+// Otherwise a gradient moved or not depending on which of a chunk's lanes held its entry.
+inline float norm_of(double sum_sq) {
+  if (std::isinf(static_cast<float>(sum_sq))) return std::numeric_limits<float>::infinity();
+  return static_cast<float>(std::sqrt(sum_sq));
+}
+
 inline float grad_norm(double sum_g2) {
-  return std::max(static_cast<float>(std::sqrt(sum_g2)), kGradNormFloor);
+  return std::max(norm_of(sum_g2), kGradNormFloor);
 }
 
 // min(1, eps/||δ||), and 1 where ||δ|| <= eps (so eps = ||δ|| = 0 gives 1, not NaN).
 inline float ball_scale(double sum_d2, float e) {
-  const float n = static_cast<float>(std::sqrt(sum_d2));
+  const float n = norm_of(sum_d2);
   return n > e ? e / n : 1.f;
 }
 

@@ -14,6 +14,7 @@ the minimum is reported beside them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -158,8 +159,10 @@ def make_call(op: str, backend: str, inputs) -> Callable[[], object]:
 
 def ops_table(sizes: Optional[Iterable[Sequence[int]]] = None, backends: Optional[Sequence[str]] = None,
               threads: Optional[int] = None, ops: Sequence[str] = OPS, device: Optional[str] = None,
-              dtype: torch.dtype = torch.float32, repeats: int = 7, target_s: float = 0.05) -> List[dict]:
-    """Time every op of ``ops`` on every backend and the eager baseline; one row each.
+              dtype: torch.dtype = torch.float32, repeats: int = 7, target_s: float = 0.05,
+              host: bool = True) -> List[dict]:
+    """Time every op of ``ops`` on every backend and the eager baseline; one row each;
+    with ``host``, then the host-time rows of ``host_table`` (kind "host").
 
     Rows: size, op, backend ("eager" is the baseline), dtype, device, threads,
     ms (median), ms_min, speedup (eager median / this median), gb_s, and on a GPU
@@ -167,6 +170,7 @@ def ops_table(sizes: Optional[Iterable[Sequence[int]]] = None, backends: Optiona
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sizes = [tuple(s) for s in (sizes or default_sizes(device))]
+    backends_arg = backends
     backends = [b for b in (backends if backends is not None else ready_backends(device)) if b != "eager"]
     old_threads = torch.get_num_threads()
     if threads and device == "cpu":
@@ -202,15 +206,140 @@ def ops_table(sizes: Optional[Iterable[Sequence[int]]] = None, backends: Optiona
                         row["copy_gb_s"] = copy_bw
                         row["frac_of_copy"] = row["gb_s"] / copy_bw
                     rows.append(row)
+        if host:
+            rows += host_table(backends=None if backends_arg is None else backends, device=device)
     finally:
         torch.set_num_threads(old_threads)
     return rows
 
 
-def format_table(rows: List[dict]) -> str:
-    """A plain-text table of ops_table rows."""
+# ------------------------------------------------------------- host time
+HOST_SHAPE = (4, 3, 8, 8)
+HOST_OPS = ("linf_step_", "l2_step_", "linf_project_", "l2_project_",
+            "linf_step", "l2_step", "linf_project", "l2_project")
+NOOP = "torch (no-op kernels)"
+
+
+class _NoopBackend:
+    """The torch backend's interface with kernels that do nothing: what is left of a call
+    is the Python and dispatch cost of the path to a backend."""
+
+    name = "torch"
+
+    def status(self):
+        return True
+
+    def supports(self, device):
+        return True
+
+    def linf_step(self, *args):
+        pass
+
+    l2_step = linf_project = l2_project = linf_step
+
+
+def host_call(op: str, backend: str, inputs) -> Callable[[], object]:
+    """A no-argument public call of ``op`` (``linf_step_`` in place, ``linf_step`` out of
+    place, ...) with float alpha/eps, as an attack step makes it."""
+    from fastadv import ops as fops
+
+    x_adv, x_nat, grad = inputs
+    alpha, eps = _params(op)
+    f = getattr(fops, op)
+    be = "torch" if backend == NOOP else backend
+    if op.rstrip("_").endswith("step"):
+        return lambda: f(x_adv, x_nat, grad, alpha, eps, backend=be, _check_values=False)
+    return lambda: f(x_adv, x_nat, eps, backend=be, _check_values=False)
+
+
+def _host_times(fn, calls: int) -> Tuple[float, float]:
+    """(thread CPU µs, wall µs) per call over ``calls`` calls. CPU time is what a busy
+    machine's preemption does not inflate; the kernels' own time is included."""
+    c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+    for _ in range(calls):
+        fn()
+    t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
+    return (c1 - c0) / calls / 1e3, (t1 - t0) / calls / 1e3
+
+
+def host_table(backends: Optional[Sequence[str]] = None, ops: Sequence[str] = HOST_OPS,
+               device: Optional[str] = None, shape: Sequence[int] = HOST_SHAPE, calls: int = 200,
+               repeats: int = 25) -> List[dict]:
+    """Host time per call of each op on each backend, on a tiny batch: the direct eager
+    path against the same call forced through the registered custom op (what every call
+    took before the direct path; tracing, compiling and capture still take it).
+
+    Rows: kind "host", op, backend (also "torch (no-op kernels)" on CPU: the torch path's
+    Python/dispatch cost alone), size, device, direct_us / custom_us (median thread CPU µs
+    per call over ``repeats`` windows of ``calls`` calls, the two interleaved), their
+    *_wall_min (the fastest window's wall µs), and saving (custom_us / direct_us).
+    """
+    from fastadv import ops as fops
+    from fastadv.ops import _registry
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    names = list(backends if backends is not None else ready_backends(device))
+    if device == "cpu" and backends is None:
+        names.append(NOOP)
+    inputs = make_inputs(shape, device)
+    rows: List[dict] = []
+    for backend in names:
+        ctx = _registry.substitute("torch", _NoopBackend()) if backend == NOOP else contextlib.nullcontext()
+        with ctx:
+            for op in ops:
+                fn = host_call(op, backend, inputs)
+                for _ in range(20):
+                    fn()
+                    with fops.custom_op_path():
+                        fn()
+                direct, custom = [], []
+                for _ in range(repeats):
+                    direct.append(_host_times(fn, calls))
+                    with fops.custom_op_path():
+                        custom.append(_host_times(fn, calls))
+                d = statistics.median(c for c, _ in direct)
+                c = statistics.median(c for c, _ in custom)
+                rows.append({"kind": "host", "op": op, "backend": backend,
+                             "size": "x".join(map(str, shape)), "device": device,
+                             "threads": torch.get_num_threads() if device == "cpu" else None,
+                             "direct_us": d, "custom_us": c,
+                             "direct_us_wall_min": min(w for _, w in direct),
+                             "custom_us_wall_min": min(w for _, w in custom),
+                             "saving": c / d})
+    return rows
+
+
+def format_host_table(rows: List[dict]) -> str:
+    """A plain-text table of host_table rows."""
+    rows = [r for r in rows if r.get("kind") == "host"]
     if not rows:
-        return "(no rows)"
+        return "(no host-time rows)"
+    head = ["op", "backend", "direct µs", "wall min", "custom op µs", "wall min", "custom/direct"]
+    lines = [head]
+    for r in rows:
+        lines.append([r["op"], r["backend"], f"{r['direct_us']:.1f}", f"{r['direct_us_wall_min']:.1f}",
+                      f"{r['custom_us']:.1f}", f"{r['custom_us_wall_min']:.1f}", f"{r['saving']:.1f}x"])
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    thr = f", {rows[0]['threads']} threads" if rows[0].get("threads") else ""
+    out.append(f"(host time per call, {rows[0]['size']} {rows[0]['device']}{thr}: median thread CPU µs "
+               f"per call, kernel included; 'wall min' = the fastest window's wall µs; 'custom op' = "
+               f"the same call through torch.ops.fastadv.*, as under tracing/compile/capture)")
+    return "\n".join(out)
+
+
+def format_table(rows: List[dict]) -> str:
+    """A plain-text table of ops_table rows (and, below it, the host-time rows)."""
+    host = [r for r in rows if r.get("kind") == "host"]
+    rows = [r for r in rows if r.get("kind") != "host"]
+    if not rows:
+        return format_host_table(host) if host else "(no rows)"
+    text = _format_speed_table(rows)
+    return text + ("\n\n" + format_host_table(host) if host else "")
+
+
+def _format_speed_table(rows: List[dict]) -> str:
     gpu = any("frac_of_copy" in r for r in rows)
     head = ["size", "op", "backend", "dtype", "ms", "ms min", "vs eager", "GB/s"]
     if gpu:
@@ -232,5 +361,10 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":  # python -m fastadv.bench_ops
-    print(format_table(ops_table(threads=2 if not torch.cuda.is_available() else None)))
+if __name__ == "__main__":  # python -m fastadv.bench_ops [--host]
+    import sys
+    if "--host" in sys.argv:
+        torch.set_num_threads(1)
+        print(format_host_table(host_table()))
+    else:
+        print(format_table(ops_table(threads=2 if not torch.cuda.is_available() else None)))

@@ -305,6 +305,7 @@ def test_unavailable_backend_warns_and_falls_back(monkeypatch):
     x_adv, x_nat, grad = _inputs((2, 4), torch.float32)
     monkeypatch.setattr(_registry, "status", lambda name: "not built in this test")
     monkeypatch.setattr(_registry, "_warned", set())
+    monkeypatch.setattr(_registry, "_resolved", {})   # resolutions are cached
     with pytest.warns(RuntimeWarning, match="not available"):
         out = ops.linf_step(x_adv, x_nat, grad, 0.1, 0.1, backend="cpp")
     assert torch.equal(out, ref.linf_step(x_adv, x_nat, grad, 0.1, 0.1))

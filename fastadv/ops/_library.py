@@ -8,7 +8,7 @@ when the op runs, on the device it runs on.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -69,10 +69,33 @@ def _run(op: str, backend: str, out: Tensor, *tensors: Tensor, scalars=(), bound
     getattr(be, op)(out, *args, *scalars, *bounds)
 
 
+def _span(t: Tensor) -> Tuple[int, int]:
+    """The bytes ``[first, end)`` that a non-empty strided tensor can touch."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    first = t.data_ptr()
+    return first, first + (last + 1) * t.element_size()
+
+
+def partial_overlap(target: Tensor, t: Tensor) -> bool:
+    """``t`` may share memory with ``target`` other than element for element (the same start,
+    dtype and strides): writing ``target`` would then change inputs not yet read.
+    Conservative: interleaved views that touch no common element count as overlapping."""
+    if t.numel() == 0 or t.untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
+        return False   # (memory of another storage is another allocation)
+    if (t.data_ptr() == target.data_ptr() and t.dtype == target.dtype
+            and all(a == b for n, a, b in zip(t.shape, t.stride(), target.stride()) if n != 1)):
+        return False
+    a0, a1 = _span(target)
+    b0, b1 = _span(t)
+    return a0 < b1 and b0 < a1
+
+
 def _inplace(op: str, backend: str, target: Tensor, *tensors: Tensor, scalars=(), bounds=()):
     if target.numel() == 0:
         return
-    if batch_outer_dense(target):
+    # Straight into target when the kernels may: dense, and no input overlapping it in
+    # part (x_nat = buf[1:] with x_adv = buf[:-1]); else through a temporary.
+    if batch_outer_dense(target) and not any(partial_overlap(target, t) for t in tensors):
         _run(op, backend, target, target, *tensors, scalars=scalars, bounds=bounds)
     else:
         out = new_out(target)
@@ -81,102 +104,100 @@ def _inplace(op: str, backend: str, target: Tensor, *tensors: Tensor, scalars=()
 
 
 # --------------------------------------------------------------------- steps
-@torch.library.custom_op("fastadv::linf_step", mutates_args=())
-def linf_step(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha_t: Optional[Tensor], alpha: float,
-              eps_t: Optional[Tensor], eps: float, lower: float, upper: float, backend: str) -> Tensor:
+# Each op is a plain function (``_linf_step``, ``_linf_step_``, ...) registered as a custom
+# op (``linf_step``, ``linf_step_``, ...). fastadv.ops calls the custom op where something
+# may be watching (tracing, compiling, capture, a mode, a tensor subclass) and the plain
+# function, or the compiled kernel itself, otherwise: the custom op's dispatch costs tens
+# of microseconds a call, more than a small step's kernel.
+def _linf_step(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha_t: Optional[Tensor], alpha: float,
+               eps_t: Optional[Tensor], eps: float, lower: float, upper: float, backend: str) -> Tensor:
     out = new_out(x_adv)
     _run("linf_step", backend, out, x_adv, x_nat, grad,
          scalars=(_scalar(alpha_t, alpha), _scalar(eps_t, eps)), bounds=(lower, upper))
     return out
 
 
-@linf_step.register_fake
-def _(x_adv, x_nat, grad, alpha_t, alpha, eps_t, eps, lower, upper, backend):
-    return new_out(x_adv)
-
-
-@torch.library.custom_op("fastadv::linf_step_", mutates_args=("x_adv",))
-def linf_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha_t: Optional[Tensor], alpha: float,
-               eps_t: Optional[Tensor], eps: float, lower: float, upper: float, backend: str) -> None:
+def _linf_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha_t: Optional[Tensor], alpha: float,
+                eps_t: Optional[Tensor], eps: float, lower: float, upper: float, backend: str) -> None:
     _inplace("linf_step", backend, x_adv, x_nat, grad,
              scalars=(_scalar(alpha_t, alpha), _scalar(eps_t, eps)), bounds=(lower, upper))
 
 
-@linf_step_.register_fake
-def _(x_adv, x_nat, grad, alpha_t, alpha, eps_t, eps, lower, upper, backend):
-    return None
-
-
-@torch.library.custom_op("fastadv::l2_step", mutates_args=())
-def l2_step(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha_t: Optional[Tensor], alpha: float,
-            eps_t: Optional[Tensor], eps: float, lower: float, upper: float, backend: str) -> Tensor:
+def _l2_step(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha_t: Optional[Tensor], alpha: float,
+             eps_t: Optional[Tensor], eps: float, lower: float, upper: float, backend: str) -> Tensor:
     out = new_out(x_adv)
     _run("l2_step", backend, out, x_adv, x_nat, grad,
          scalars=(_scalar(alpha_t, alpha), _scalar(eps_t, eps)), bounds=(lower, upper))
     return out
 
 
-@l2_step.register_fake
-def _(x_adv, x_nat, grad, alpha_t, alpha, eps_t, eps, lower, upper, backend):
-    return new_out(x_adv)
-
-
-@torch.library.custom_op("fastadv::l2_step_", mutates_args=("x_adv",))
-def l2_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha_t: Optional[Tensor], alpha: float,
-             eps_t: Optional[Tensor], eps: float, lower: float, upper: float, backend: str) -> None:
+def _l2_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha_t: Optional[Tensor], alpha: float,
+              eps_t: Optional[Tensor], eps: float, lower: float, upper: float, backend: str) -> None:
     _inplace("l2_step", backend, x_adv, x_nat, grad,
              scalars=(_scalar(alpha_t, alpha), _scalar(eps_t, eps)), bounds=(lower, upper))
 
 
-@l2_step_.register_fake
-def _(x_adv, x_nat, grad, alpha_t, alpha, eps_t, eps, lower, upper, backend):
+def _step_fake(x_adv, x_nat, grad, alpha_t, alpha, eps_t, eps, lower, upper, backend):
+    return new_out(x_adv)
+
+
+def _step_fake_(x_adv, x_nat, grad, alpha_t, alpha, eps_t, eps, lower, upper, backend):
     return None
 
 
+linf_step = torch.library.custom_op("fastadv::linf_step", _linf_step, mutates_args=())
+linf_step_ = torch.library.custom_op("fastadv::linf_step_", _linf_step_, mutates_args=("x_adv",))
+l2_step = torch.library.custom_op("fastadv::l2_step", _l2_step, mutates_args=())
+l2_step_ = torch.library.custom_op("fastadv::l2_step_", _l2_step_, mutates_args=("x_adv",))
+for _op in (linf_step, l2_step):
+    _op.register_fake(_step_fake)
+for _op in (linf_step_, l2_step_):
+    _op.register_fake(_step_fake_)
+
+
 # --------------------------------------------------------------- projections
-@torch.library.custom_op("fastadv::linf_project", mutates_args=())
-def linf_project(x: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
-                 lower: float, upper: float, backend: str) -> Tensor:
+def _linf_project(x: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
+                  lower: float, upper: float, backend: str) -> Tensor:
     out = new_out(x)
     _run("linf_project", backend, out, x, x_nat, scalars=(_scalar(eps_t, eps),), bounds=(lower, upper))
     return out
 
 
-@linf_project.register_fake
-def _(x, x_nat, eps_t, eps, lower, upper, backend):
-    return new_out(x)
-
-
-@torch.library.custom_op("fastadv::linf_project_", mutates_args=("x",))
-def linf_project_(x: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
-                  lower: float, upper: float, backend: str) -> None:
+def _linf_project_(x: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
+                   lower: float, upper: float, backend: str) -> None:
     _inplace("linf_project", backend, x, x_nat, scalars=(_scalar(eps_t, eps),), bounds=(lower, upper))
 
 
-@linf_project_.register_fake
-def _(x, x_nat, eps_t, eps, lower, upper, backend):
-    return None
-
-
-@torch.library.custom_op("fastadv::l2_project", mutates_args=())
-def l2_project(x: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
-               lower: float, upper: float, backend: str) -> Tensor:
+def _l2_project(x: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
+                lower: float, upper: float, backend: str) -> Tensor:
     out = new_out(x)
     _run("l2_project", backend, out, x, x_nat, scalars=(_scalar(eps_t, eps),), bounds=(lower, upper))
     return out
 
 
-@l2_project.register_fake
-def _(x, x_nat, eps_t, eps, lower, upper, backend):
-    return new_out(x)
-
-
-@torch.library.custom_op("fastadv::l2_project_", mutates_args=("x",))
-def l2_project_(x: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
-                lower: float, upper: float, backend: str) -> None:
+def _l2_project_(x: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
+                 lower: float, upper: float, backend: str) -> None:
     _inplace("l2_project", backend, x, x_nat, scalars=(_scalar(eps_t, eps),), bounds=(lower, upper))
 
 
-@l2_project_.register_fake
-def _(x, x_nat, eps_t, eps, lower, upper, backend):
+def _project_fake(x, x_nat, eps_t, eps, lower, upper, backend):
+    return new_out(x)
+
+
+def _project_fake_(x, x_nat, eps_t, eps, lower, upper, backend):
     return None
+
+
+linf_project = torch.library.custom_op("fastadv::linf_project", _linf_project, mutates_args=())
+linf_project_ = torch.library.custom_op("fastadv::linf_project_", _linf_project_, mutates_args=("x",))
+l2_project = torch.library.custom_op("fastadv::l2_project", _l2_project, mutates_args=())
+l2_project_ = torch.library.custom_op("fastadv::l2_project_", _l2_project_, mutates_args=("x",))
+for _op in (linf_project, l2_project):
+    _op.register_fake(_project_fake)
+for _op in (linf_project_, l2_project_):
+    _op.register_fake(_project_fake_)
+
+# The plain functions by op name, for the direct path.
+IMPLS = {"linf_step": _linf_step, "linf_step_": _linf_step_, "l2_step": _l2_step, "l2_step_": _l2_step_,
+         "linf_project": _linf_project, "linf_project_": _linf_project_,
+         "l2_project": _l2_project, "l2_project_": _l2_project_}

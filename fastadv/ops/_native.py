@@ -36,6 +36,9 @@ class _NativeBackend:
     def __init__(self) -> None:
         self._status: Union[None, bool, str] = None
         self._ops = None
+        # Once ready: {op name: torch.ops.fastadv_ext.<op>.default}, which fastadv.ops calls
+        # straight (the kernel checks its arguments) when no custom op is needed.
+        self.kernels = None
 
     def status(self) -> Union[bool, str]:
         if self._status is None:
@@ -44,6 +47,8 @@ class _NativeBackend:
                 ns = torch.ops.fastadv_ext
                 self._ops = (ns.linf_step.default, ns.l2_step.default,
                              ns.linf_project.default, ns.l2_project.default)
+                self.kernels = dict(zip(("linf_step", "l2_step", "linf_project", "l2_project"),
+                                        self._ops))
         return self._status
 
     def _check(self) -> Union[bool, str]:

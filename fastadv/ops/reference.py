@@ -7,6 +7,7 @@ inputs' device. Arithmetic is float32; results are cast to ``x_adv``'s dtype.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Union
 
 import torch
@@ -16,12 +17,39 @@ Scalar = Union[float, torch.Tensor]
 # The floor on a gradient's L2 norm before dividing by it (see l2_step).
 GRAD_NORM_FLOOR = 1e-12
 
+# float32's largest finite value. A float alpha/eps beyond it saturates there: the
+# arithmetic is float32, where 1e300 would be inf (and inf·sign(0) NaN), and torch refuses
+# to turn such a Python float into a float32 scalar at all.
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def saturate(v: float) -> float:
+    """A finite alpha/eps clipped to [-F32_MAX, F32_MAX]; ±inf passes (random_init
+    projects onto the unbounded ball, eps = inf)."""
+    f = float(v)
+    return f if math.isinf(f) else min(max(f, -F32_MAX), F32_MAX)
+
+
+def bound(v: float) -> float:
+    """A lower/upper bound as float32 rounds it (±inf beyond its range), so that every
+    backend clamps to the same value."""
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond float64's range
+        return math.inf if v > 0 else -math.inf
+    if -F32_MAX <= f <= F32_MAX or math.isnan(f) or math.isinf(f):
+        return f
+    try:
+        return struct.unpack("f", struct.pack("f", f))[0]   # rounds to F32_MAX or overflows
+    except OverflowError:
+        return math.copysign(math.inf, f)
+
 
 def _per_sample(v: Scalar, ndim: int) -> Scalar:
     """Broadcast a per-sample ``[B]`` tensor against a ``[B, ...]`` tensor."""
     if isinstance(v, torch.Tensor):
         return v.to(torch.float32).reshape((-1,) + (1,) * (ndim - 1))
-    return float(v)
+    return saturate(v)
 
 
 def finite_sign(grad: torch.Tensor) -> torch.Tensor:
@@ -43,7 +71,7 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
 def _l2_scale(delta: torch.Tensor, eps: Scalar) -> torch.Tensor:
     """Per-sample factor min(1, eps/||delta||), 1 where ||delta|| <= eps (no 0/0)."""
     norm = _per_sample_norm(delta)
-    eps_t = eps if isinstance(eps, torch.Tensor) else torch.full_like(norm, float(eps))
+    eps_t = eps if isinstance(eps, torch.Tensor) else torch.full_like(norm, saturate(eps))
     eps_t = eps_t.to(torch.float32)
     # Divide only where it matters so that eps = ||delta|| = 0 gives 1, not NaN.
     safe = torch.where(norm > eps_t, norm, torch.ones_like(norm))
@@ -55,7 +83,7 @@ def linf_project(x: torch.Tensor, x_nat: torch.Tensor, eps: Scalar,
     xf, xn = x.to(torch.float32), x_nat.to(torch.float32)
     e = _per_sample(eps, x.dim())
     out = torch.minimum(torch.maximum(xf, xn - e), xn + e)
-    return out.clamp(lower, upper).to(x.dtype)
+    return out.clamp(bound(lower), bound(upper)).to(x.dtype)
 
 
 def l2_project(x: torch.Tensor, x_nat: torch.Tensor, eps: Scalar,
@@ -63,7 +91,7 @@ def l2_project(x: torch.Tensor, x_nat: torch.Tensor, eps: Scalar,
     xf, xn = x.to(torch.float32), x_nat.to(torch.float32)
     delta = xf - xn
     scale = _l2_scale(delta, eps).reshape((-1,) + (1,) * (x.dim() - 1))
-    return (xn + delta * scale).clamp(lower, upper).to(x.dtype)
+    return (xn + delta * scale).clamp(bound(lower), bound(upper)).to(x.dtype)
 
 
 def linf_step(x_adv: torch.Tensor, x_nat: torch.Tensor, grad: torch.Tensor,
@@ -106,4 +134,4 @@ def random_noise(x_nat: torch.Tensor, eps: Scalar, norm: str,
 def random_init(x_nat: torch.Tensor, eps: Scalar, norm: str, lower: float = 0.0,
                 upper: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     noise = random_noise(x_nat, eps, norm, generator)
-    return (x_nat.to(torch.float32) + noise).clamp(lower, upper).to(x_nat.dtype)
+    return (x_nat.to(torch.float32) + noise).clamp(bound(lower), bound(upper)).to(x_nat.dtype)
