@@ -12,13 +12,16 @@ The extension registers the ``torch.ops.fastadv_ext`` ops behind the ``cpp`` and
    stays in the cache) and the backends report not ready, so ops fall back to torch.
 
 A JIT build includes CUDA when this torch has CUDA, a GPU is visible and a CUDA
-toolkit is found; otherwise it is CPU-only. ``FASTADV_NO_EXT=1`` disables the
+toolkit of the same major version is found; otherwise it is CPU-only (a version
+mismatch is said in one line, with what to do). The JIT cache key includes the host
+compiler's and nvcc's versions, so a new toolchain builds anew. ``FASTADV_NO_EXT=1`` disables the
 extension; ``FASTADV_SOURCE_DIR`` points at another source tree (tests use it).
 The source list lives in one file, ``csrc/sources.txt``, read here, by setup.py
 and by CMakeLists.txt.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -31,7 +34,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -139,7 +142,60 @@ def cuda_skip_reason() -> Optional[str]:
         return "no CUDA device"
     if cuda_toolkit() is None:
         return "no CUDA toolkit found to compile the kernels (set CUDA_HOME to one with bin/nvcc)"
-    return None
+    return cuda_version_mismatch()
+
+
+# ---------------------------------------------------------------- toolchain
+@functools.lru_cache(maxsize=None)
+def _version_line(cmd: str) -> str:
+    """The line of ``cmd --version`` that names the version ('' if it does not run)."""
+    try:
+        out = subprocess.run([cmd, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    for ln in lines:
+        if "release" in ln:  # nvcc: "Cuda compilation tools, release 13.0, V13.0.88"
+            return ln
+    return lines[0] if lines else ""
+
+
+def host_compiler() -> str:
+    """The C++ compiler torch.utils.cpp_extension builds with (and nvcc hands host code to)."""
+    return os.environ.get("CXX") or ("cl" if os.name == "nt" else "c++")
+
+
+def nvcc_version(nvcc: Optional[str] = None) -> Optional[Tuple[int, int]]:
+    """(major, minor) of nvcc (default: the toolkit a build would use), or None."""
+    if nvcc is None:
+        home = cuda_toolkit()
+        nvcc = str(Path(home, "bin", "nvcc")) if home else None
+    m = re.search(r"release (\d+)\.(\d+)", _version_line(nvcc)) if nvcc else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def cuda_version_mismatch() -> Optional[str]:
+    """One line saying what to do when nvcc and this torch's CUDA differ in major version
+    (the extension would not load, or torch's build refuses it), else None."""
+    if torch.version.cuda is None:
+        return None
+    home = cuda_toolkit()
+    got = nvcc_version(str(Path(home, "bin", "nvcc"))) if home else None
+    want = tuple(int(v) for v in torch.version.cuda.split(".")[:2])
+    if got is None or got[0] == want[0]:
+        return None
+    return (f"nvcc in {home} is CUDA {got[0]}.{got[1]} but this torch is built for CUDA {torch.version.cuda}: "
+            f"set CUDA_HOME to a CUDA {want[0]}.x toolkit, or install a torch built for CUDA {got[0]}")
+
+
+def toolchain(cuda: bool) -> Dict[str, str]:
+    """The compilers' versions, part of the JIT cache key: a new compiler builds anew."""
+    tools = {"cxx": f"{host_compiler()}: {_version_line(host_compiler())}"}
+    if cuda:
+        home = cuda_toolkit()
+        nvcc = str(Path(home, "bin", "nvcc")) if home else "nvcc"
+        tools["nvcc"] = f"{nvcc}: {_version_line(nvcc)}"
+    return tools
 
 
 def visible_arch_list() -> str:
@@ -294,7 +350,7 @@ def _variant(root: Path, cuda: bool, archs: str) -> Dict[str, object]:
     return {
         "torch": torch.__version__, "python": python_tag(), "cuda": cuda,
         "archs": archs if cuda else "", "sources_hash": sources_hash(root, cuda),
-        "flags": compile_flags(cuda), "platform": platform.machine(),
+        "flags": compile_flags(cuda), "platform": platform.machine(), "toolchain": toolchain(cuda),
     }
 
 
@@ -338,9 +394,14 @@ def _compile(name: str, root: Path, build_dir: Path, cuda: bool, archs: str, ver
     return mod
 
 
+def variant_key(variant: Dict[str, object]) -> str:
+    """The JIT cache directory's key: everything the build depends on, toolchain included."""
+    return hashlib.sha256(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _jit_variant(root: Path, cuda: bool, archs: str, cuda_skip: Optional[str]):
     variant = _variant(root, cuda, archs)
-    key = hashlib.sha256(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:12]
+    key = variant_key(variant)
     build_dir = cache_root() / f"{torch.__version__}-{key}"
     name = "fastadv_ext_cuda" if cuda else "fastadv_ext_cpu"
     so = build_dir / (f"{name}.pyd" if os.name == "nt" else f"{name}.so")
@@ -461,6 +522,8 @@ def build(arch_list: Optional[str] = None, verbose: bool = False, cpu_only: bool
         cuda, why_not = False, f"this torch ({torch.__version__}) has no CUDA"
     elif cuda and cuda_toolkit() is None:
         cuda, why_not = False, "no CUDA toolkit found (set CUDA_HOME to one with bin/nvcc)"
+    elif cuda and cuda_version_mismatch():
+        cuda, why_not = False, cuda_version_mismatch()
     archs = ""
     if cuda:
         wanted = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or (

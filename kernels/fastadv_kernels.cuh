@@ -59,15 +59,27 @@ typedef struct fastadv_project_params {
 cudaError_t fastadv_linf_step_launch(const fastadv_step_params* p, cudaStream_t stream);
 cudaError_t fastadv_linf_project_launch(const fastadv_project_params* p, cudaStream_t stream);
 
-// The L2 ops reduce per sample. A sample small enough for one block is done by one
-// kernel; bigger samples with few of them are split over several blocks that write
-// per-block partial sums into `workspace` (no atomics: the result is deterministic).
-// Ask for the workspace size first (it may be 0, then workspace may be NULL); it
-// depends on the current device's multiprocessor count.
+// The L2 ops reduce per sample. One block per sample does a sample in one sweep
+// when the samples in flight fit in L2 ("fused"); otherwise samples are split over
+// several blocks that write per-block partial sums into `workspace` and are added in
+// a fixed order (deterministic), in waves sized to L2 so that a big sample is read
+// from memory once (kernels/l2.cu). Ask for the workspace size first (it may be 0,
+// then workspace may be NULL); it depends on the current device (multiprocessors, L2)
+// and is zeroed in part by the launch itself (on the stream).
 size_t fastadv_l2_workspace_bytes(int64_t numel, int64_t per_sample);
 cudaError_t fastadv_l2_step_launch(const fastadv_step_params* p, float* workspace, cudaStream_t stream);
 cudaError_t fastadv_l2_project_launch(const fastadv_project_params* p, float* workspace,
                                       cudaStream_t stream);
+
+// The schedule an L2 op would run with on the current device, for tests and benchmarks.
+typedef struct fastadv_l2_schedule {
+  int blocks_per_sample;      // 1: fused (one block per sample), else split
+  int64_t samples_per_group;  // samples per wave (split); the batch when fused
+  int64_t blocks;             // blocks launched
+  int64_t workspace_bytes;    // = fastadv_l2_workspace_bytes
+} fastadv_l2_schedule;
+fastadv_l2_schedule fastadv_l2_schedule_for(int64_t numel, int64_t per_sample, fastadv_dtype x_dtype,
+                                            fastadv_dtype grad_dtype, int step);
 
 // What this object code was compiled for: "800,900" (__CUDA_ARCH_LIST__), and CUDART_VERSION.
 const char* fastadv_cuda_arch_list(void);
@@ -149,16 +161,34 @@ inline bool aligned_to(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
-// Multiprocessors of the current device, asked once per device.
-inline int multiprocessor_count() {
-  static int cache[64] = {0};
+struct DeviceInfo {
+  int sms;       // multiprocessors
+  int l2_bytes;  // L2 cache size; 0 if unknown
+};
+
+// The current device's multiprocessor count and L2 size, asked once per device.
+inline const DeviceInfo& device_info() {
+  static DeviceInfo cache[64] = {};
+  static const DeviceInfo fallback{1, 0};
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
-  int n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return fallback;
+  DeviceInfo& d = cache[dev];
+  if (d.sms > 0) return d;
+  int n = 0, l2 = 0;
   if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 1;
-  if (dev >= 0 && dev < 64) cache[dev] = n;
-  return n;
+  if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev) != cudaSuccess || l2 < 0) l2 = 0;
+  d.l2_bytes = l2;
+  d.sms = n;
+  return d;
+}
+
+inline int multiprocessor_count() { return device_info().sms; }
+
+// Lets the other warps run while a thread waits for another block (sm_70 and up).
+__device__ __forceinline__ void backoff() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
+  __nanosleep(100);
+#endif
 }
 
 // The L∞ element update: linf_step when STEP, else linf_project (g unused).

@@ -104,23 +104,28 @@ def _build_cases():
             c.grad[2] = 0.0
             c.x_nat.view(-1)[5] = float("nan")
             add(f"{op}-nonfinite-{dt}", c)
-    # L2 split over several blocks per sample: few, big samples on a 1-SM device.
-    split = dict(sms=1)
+    # L2 split over several blocks per sample. Few, big samples on a 1-SM device split
+    # whatever the cache; small ones split when the fused blocks' samples would not fit
+    # in L2, which a 64 KiB L2 forces at a few thousand elements (cheap to emulate).
+    big = dict(sms=1)
+    tiny_l2 = dict(sms=1, l2_bytes=64 << 10)
     for op in ("l2_step", "l2_project"):
-        add(f"{op}-split-2x40000", _case(op, (2, 40000), F32, seed, **split))
-        add(f"{op}-split-3x33333-odd", _case(op, (3, 33333), F32, seed, **split))
-        add(f"{op}-split-bf16", _case(op, (2, 3, 128, 128), BF16, seed, **split))
-        add(f"{op}-split-per-sample", _case(op, (3, 40000), F32, seed, alpha=torch.tensor([0.0, 0.1, 0.5]),
-                                          eps=torch.tensor([0.0, 0.3, 50.0]), **split))
-        add(f"{op}-split-in-place", _case(op, (2, 40000), F16, seed, in_place=True, **split))
-        add(f"{op}-split-misaligned", _case(op, (2, 40000), F32, seed, offsets=(0, 0, 1, 0), **split))
-    c = _case("l2_step", (2, 40000), F32, seed, **split)
+        add(f"{op}-split-2x40000", _case(op, (2, 40000), F32, seed, **big))
+        add(f"{op}-split-3x9999-odd", _case(op, (3, 9999), F32, seed, **tiny_l2))
+        add(f"{op}-split-bf16", _case(op, (2, 3, 40, 40), BF16, seed, **tiny_l2))
+        add(f"{op}-split-per-sample", _case(op, (3, 8000), F32, seed, alpha=torch.tensor([0.0, 0.1, 0.5]),
+                                          eps=torch.tensor([0.0, 0.3, 50.0]), **tiny_l2))
+        add(f"{op}-split-in-place", _case(op, (2, 8000), F16, seed, in_place=True, **tiny_l2))
+        add(f"{op}-split-misaligned", _case(op, (2, 8000), F32, seed, offsets=(0, 0, 1, 0), **tiny_l2))
+        add(f"{op}-split-1x3x64x64", _case(op, (1, 3, 64, 64), F32, seed, **tiny_l2))
+    add("l2_step-split-small-samples", _case("l2_step", (4, 5000), F32, seed, **tiny_l2))
+    add("l2_project-split-small-samples", _case("l2_project", (5, 4099), BF16, seed, **tiny_l2))
+    c = _case("l2_step", (2, 8000), F32, seed, **tiny_l2)
     c.grad.view(-1)[::5] = float("nan")
     c.grad[1] = 0.0
     add("l2_step-split-nonfinite", c)
-    # B = 1 at ImageNet size (L2 splits; L∞ caps its grid), and single elements.
-    for op in ("linf_step", "l2_step"):
-        add(f"{op}-1x3x224x224", _case(op, (1, 3, 224, 224), F32, seed))
+    # B = 1 at ImageNet size (L∞ caps its grid) and single elements.
+    add("linf_step-1x3x224x224", _case("linf_step", (1, 3, 224, 224), F32, seed))
     for op in ops:
         add(f"{op}-1x1", _case(op, (1, 1), F32, seed))
         add(f"{op}-empty", _case(op, (0, 5), F32, seed))
@@ -185,24 +190,42 @@ def _kernels(res):
     return [name for name, _, _ in res.launches]
 
 
+SPLIT = "l2_split_kernel<X, G, VEC, STEP>"
+FUSED = "l2_fused_kernel<X, G, VEC, STEP>"
+
+
 def test_schedules_and_paths_are_the_ones_meant(plain_results):
-    """The cases exercise what their names say: the split L2 schedule, the scalar path
-    for misaligned pointers and the vector path otherwise, no launch for an empty batch."""
+    """The cases exercise what their names say: the split L2 schedule (in several waves),
+    the scalar path for misaligned pointers and the vector path otherwise, no launch for
+    an empty batch."""
     r = plain_results
-    assert _kernels(r["l2_step-split-2x40000"]) == [
-        "l2_split_kernel<X, G, VEC, STEP, 0>", "l2_split_kernel<X, G, VEC, STEP, 1>",
-        "l2_split_kernel<X, G, VEC, STEP, 2>"]
-    assert _kernels(r["l2_project-split-2x40000"]) == [
-        "l2_split_kernel<X, G, VEC, STEP, 1>", "l2_split_kernel<X, G, VEC, STEP, 2>"]
-    assert r["l2_step-split-2x40000"].workspace_bytes > 0
-    assert _kernels(r["l2_step-4x3x32x32-torch.float32"]) == ["l2_fused_kernel<X, G, VEC, STEP>"]
-    assert r["l2_step-4x3x32x32-torch.float32"].workspace_bytes == 0
-    assert _kernels(r["linf_step-4x3x32x32-torch.float32"]) == ["linf_kernel<X, G, VEC, STEP>"]
     for name in CASES:
+        res = r[name]
+        if name.startswith("l2") and res.launches:
+            split = res.schedule.blocks_per_sample > 1
+            assert _kernels(res) == [SPLIT if split else FUSED], name
+            assert (res.workspace_bytes > 0) == split, name
+            assert res.launches[0][1][0] == res.schedule.blocks, name
+            # the split cases split; the ops tests' small shapes (and 3x1x28x28 etc.) do not
+            assert split == ("-split-" in name), name
         if "misaligned" in name and name.startswith("linf"):
-            assert _kernels(r[name]) == ["linf_kernel<X, G, 1, STEP>"], name
+            assert _kernels(res) == ["linf_kernel<X, G, 1, STEP>"], name
         if name.endswith("-empty"):
-            assert r[name].launches == [], name
+            assert res.launches == [], name
+    assert _kernels(r["linf_step-4x3x32x32-torch.float32"]) == ["linf_kernel<X, G, VEC, STEP>"]
+    # more than one wave: the step's 3 and the projection's 2 phases overlap across groups
+    sched = r["l2_step-split-small-samples"].schedule
+    assert sched.samples_per_group == 1 and sched.blocks == 3 * 4 * sched.blocks_per_sample
+    assert r["l2_project-split-3x9999-odd"].schedule.samples_per_group < 3
+
+
+def test_split_schedule_is_independent_of_block_order(plain_results):
+    """Blocks take their work from a ticket, not from blockIdx: run in reverse order, every
+    split case gives the same bits (its sums are added in a fixed order)."""
+    names = [n for n in CASES if "-split-" in n]
+    results = H.run([CASES[n] for n in names], "plain", env={"CUDA_EMU_BLOCK_ORDER": "reverse"})
+    for name, res in zip(names, results):
+        assert _same(res.out, plain_results[name].out), name
 
 
 # ---------------------------------------------------------------- sanitizers
@@ -262,6 +285,20 @@ def test_comparison_catches_a_tail_underrun(tmp_path):
     with pytest.raises(AssertionError):
         _check(case, res)
     assert torch.isnan(res.out.view(-1)[-1]) and not torch.isnan(res.out.view(-1)[:-1]).any()
+
+
+def test_emulator_catches_a_wait_on_a_later_block(tmp_path):
+    """A split kernel that takes its place from blockIdx instead of the ticket waits, when
+    blocks start in another order, on blocks that have not started: a GPU may hang there.
+    In order it happens to work; in reverse the emulator must report the endless wait."""
+    src = _planted(tmp_path, "l2.cu", "static_cast<int64_t>(atomicAdd(p.ticket, 1u))",
+                   "static_cast<int64_t>(blockIdx.x)")
+    case = CASES["l2_step-split-2x40000"]
+    (res,) = H.run([case], "plain", kernels=src)
+    _check(case, res)
+    with pytest.raises(H.RunFailed) as info:
+        H.run([case], "plain", kernels=src, env={"CUDA_EMU_BLOCK_ORDER": "reverse"})
+    assert "keeps waiting" in info.value.log
 
 
 def test_rewrite_of_launch_syntax():

@@ -7,7 +7,7 @@
 // access past its end is an AddressSanitizer error), places it at the requested byte
 // offset (misaligned pointers), fills the output and the L2 workspace with NaN bytes
 // (so a missed write shows), runs the launcher and appends the output's bytes to OUT
-// and one JSON line (error code, workspace size, launches) to META.
+// and one JSON line (error code, workspace size, launches, the L2 schedule) to META.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -27,8 +27,18 @@ struct CaseHeader {
   int64_t off_out, off_x, off_xn, off_g;  // byte offset of each buffer in its heap block
   int64_t out_is_x;                       // out aliases x (the in-place forms)
   int64_t has_alpha_t, has_eps_t;
+  int64_t plan_only;                      // no arrays follow: report the L2 schedule only
   double alpha, eps, lower, upper;
 };
+
+void write_schedule(std::FILE* meta, const CaseHeader& h) {
+  const fastadv_l2_schedule s = fastadv_l2_schedule_for(
+      h.numel, h.per_sample, static_cast<fastadv_dtype>(h.x_dtype), static_cast<fastadv_dtype>(h.grad_dtype),
+      h.op == 2);
+  std::fprintf(meta, "\"schedule\": [%d, %lld, %lld, %lld], ", s.blocks_per_sample,
+               static_cast<long long>(s.samples_per_group), static_cast<long long>(s.blocks),
+               static_cast<long long>(s.workspace_bytes));
+}
 
 size_t elem_size(int64_t d) { return d == FASTADV_FLOAT32 ? 4 : 2; }
 
@@ -68,6 +78,13 @@ int main(int argc, char** argv) {
   }
   CaseHeader h;
   while (read_exact(in, &h, sizeof h)) {
+    if (h.plan_only) {
+      cuda_emu_use_device(static_cast<int>(h.sms), static_cast<int>(h.l2_bytes));
+      std::fprintf(meta, "{");
+      write_schedule(meta, h);
+      std::fprintf(meta, "\"err\": 0, \"workspace_bytes\": 0, \"launches\": []}\n");
+      continue;
+    }
     const size_t xs = elem_size(h.x_dtype), gs = elem_size(h.grad_dtype);
     const bool step = h.op == 0 || h.op == 2;
     const int64_t batch = h.per_sample > 0 ? h.numel / h.per_sample : 0;
@@ -140,7 +157,9 @@ int main(int argc, char** argv) {
       err = h.op == 1 ? fastadv_linf_project_launch(&p, nullptr) : fastadv_l2_project_launch(&p, wsp, nullptr);
     }
     std::fwrite(o, 1, h.numel * xs, out);
-    std::fprintf(meta, "{\"err\": %d, \"workspace_bytes\": %zu, \"launches\": [", static_cast<int>(err), ws_bytes);
+    std::fprintf(meta, "{");
+    if (h.op >= 2) write_schedule(meta, h);
+    std::fprintf(meta, "\"err\": %d, \"workspace_bytes\": %zu, \"launches\": [", static_cast<int>(err), ws_bytes);
     for (int i = 0; i < cuda_emu_launch_count(); ++i) {
       const cuda_emu_launch_record* r = cuda_emu_launch(i);
       std::fprintf(meta, "%s[\"%s\", [%u, %u, %u], [%u, %u, %u]]", i ? ", " : "", r->name, r->grid[0],

@@ -34,9 +34,12 @@ DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _COMMON = ["-std=c++17", "-pthread", "-ffp-contract=off", "-fno-strict-aliasing",
            "-Wall", "-Wextra", "-Wno-unknown-pragmas"]
+# Low optimisation: compiling the kernels' many instantiations costs more than the runs
+# (l2.cu: 4 s at -O1 vs 6 s at -O2; under ASan+UBSan 7 s at -O0 vs 26 s at -O1). TSan keeps
+# -O1: 6 s to compile, and its runs take half as long as at -O0.
 VARIANTS: Dict[str, List[str]] = {
-    "plain": ["-O2"],
-    "asan": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+    "plain": ["-O1"],
+    "asan": ["-O0", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
              "-fno-sanitize-recover=all"],
     "tsan": ["-O1", "-g", "-fsanitize=thread"],
 }
@@ -239,6 +242,7 @@ class Case:
     offsets: Tuple[int, int, int, int] = (0, 0, 0, 0)  # elements: out, x, x_nat, grad
     in_place: bool = False                # out aliases x
     per_sample: Optional[int] = None      # overrides numel // B (to test the launchers' checks)
+    plan_only: bool = False               # only ask for the L2 schedule (x, x_nat may be meta tensors)
 
     def header(self) -> bytes:
         b = self.x.shape[0]
@@ -248,15 +252,17 @@ class Case:
         at = isinstance(self.alpha, torch.Tensor)
         et = isinstance(self.eps, torch.Tensor)
         return struct.pack(
-            "<14q4d", OPS[self.op], DTYPES[self.x.dtype],
+            "<15q4d", OPS[self.op], DTYPES[self.x.dtype],
             DTYPES[self.grad.dtype] if self.grad is not None else DTYPES[self.x.dtype],
             self.x.numel(), self.per_sample if self.per_sample is not None else (self.x.numel() // b if b else 1),
             self.sms, self.l2_bytes, *off,
-            int(self.in_place), int(at), int(et),
+            int(self.in_place), int(at), int(et), int(self.plan_only),
             0.0 if at else float(self.alpha), 0.0 if et else float(self.eps),
             float(self.lower), float(self.upper))
 
     def payload(self) -> bytes:
+        if self.plan_only:
+            return b""
         parts = [_bytes(self.x), _bytes(self.x_nat)]
         if self.op.endswith("step"):
             parts.append(_bytes(self.grad))
@@ -283,6 +289,15 @@ class Result:
     err: int
     workspace_bytes: int
     launches: List[Tuple[str, Tuple[int, int, int], Tuple[int, int, int]]] = field(default_factory=list)
+    schedule: Optional["Schedule"] = None  # the L2 ops' schedule, as fastadv_l2_schedule_for says
+
+
+@dataclass
+class Schedule:
+    blocks_per_sample: int   # 1: fused
+    samples_per_group: int
+    blocks: int
+    workspace_bytes: int
 
 
 class RunFailed(RuntimeError):
@@ -313,11 +328,13 @@ def run(cases: Sequence[Case], variant: str = "plain", kernels: Optional[Path] =
         raise RunFailed(variant, 0, f"{len(metas)} results for {len(cases)} cases")
     results, pos = [], 0
     for c, m in zip(cases, metas):
-        n = c.x.numel() * c.x.element_size()
-        out = torch.empty(c.x.shape, dtype=c.x.dtype)
+        n = 0 if c.plan_only else c.x.numel() * c.x.element_size()
+        out = None if c.plan_only else torch.empty(c.x.shape, dtype=c.x.dtype)
         if n:
             out = torch.frombuffer(bytearray(raw[pos:pos + n]), dtype=torch.uint8).view(c.x.dtype)
         pos += n
         launches = [(name, tuple(g), tuple(b)) for name, g, b in m["launches"]]
-        results.append(Result(out.reshape(c.x.shape), m["err"], m["workspace_bytes"], launches))
+        sched = Schedule(*m["schedule"]) if "schedule" in m else None
+        results.append(Result(out if out is None else out.reshape(c.x.shape), m["err"], m["workspace_bytes"],
+                              launches, sched))
     return results
