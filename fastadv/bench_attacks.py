@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Case", "default_cases", "attacks_table", "format_table", "floor_time", "bench_model"]
+__all__ = ["Case", "default_cases", "catalogue_cases", "attacks_table", "format_table", "floor_time", "bench_model"]
 
 CACHE = os.environ.get("FASTADV_BENCH_CACHE", os.path.expanduser("~/.cache/fastadv/bench"))
 
@@ -212,6 +212,27 @@ def _sequential(cls: str, runs: int, **kw) -> Maker:
     return make
 
 
+def catalogue_cases(model: str, batch: int, device: str) -> List[Case]:
+    """Rows for the rest of torchattacks' catalogue (BIM ... PGDRSL2) against torchattacks, at
+    its defaults (fastadv's: the best iterate for the white-box attacks, the last for the
+    transfer ones). ``steps`` counts the forward+backward passes per point (SI's scale
+    copies, VMI/VNI's neighbours, EOT's samples, PGDRS's noise draws included)."""
+    linf = dict(eps=8 / 255, alpha=2 / 255, steps=10)
+    rows = [
+        ("BIM-10", "BIM", linf, 10), ("RFGSM-10", "RFGSM", linf, 10),
+        ("FFGSM", "FFGSM", dict(eps=8 / 255), 1), ("TPGD-10", "TPGD", linf, 10),
+        ("EOTPGD-10 eot_iter=2", "EOTPGD", linf, 20), ("UPGD-10", "UPGD", linf, 10),
+        ("Jitter-10", "Jitter", linf, 10), ("MIFGSM-10", "MIFGSM", linf, 10),
+        ("NIFGSM-10", "NIFGSM", linf, 10), ("SINIFGSM-10 m=5", "SINIFGSM", linf, 50),
+        ("VMIFGSM-10 N=5", "VMIFGSM", linf, 60), ("VNIFGSM-10 N=5", "VNIFGSM", linf, 60),
+        ("DIFGSM-10", "DIFGSM", linf, 10), ("TIFGSM-10", "TIFGSM", linf, 10),
+        ("PGDRS-10 x5 noise", "PGDRS", linf, 50),
+        ("PGDRSL2-10 x5 noise", "PGDRSL2", dict(eps=0.5, alpha=0.1, steps=10), 50),
+    ]
+    return [Case(name, model, batch, k, _fa(cls, **kw), f"torchattacks.{cls}", _ta(cls, **kw), device)
+            for name, cls, kw, k in rows]
+
+
 def default_cases(device: str, quick: bool = False) -> List[Case]:
     """The rows of ``fastadv bench attacks`` for ``device`` ("cpu" or "cuda")."""
     linf = dict(eps=8 / 255, alpha=2 / 255, steps=10)
@@ -248,6 +269,7 @@ def default_cases(device: str, quick: bool = False) -> List[Case]:
                 Case("DeepFool L2", "mnist_cnn", 32, 50, _fa("DeepFool", **df),
                      "torchattacks.DeepFool", _ta("DeepFool", **df), "cpu", min_norm=True),
             ]
+            cases += catalogue_cases("cnn32", 128, "cpu")
     else:
         cases += [
             Case("PGD-10 Linf fp32", "preact_resnet18", 512, 10, _fa("PGD", **linf),
@@ -280,6 +302,7 @@ def default_cases(device: str, quick: bool = False) -> List[Case]:
                 Case("DeepFool L2", "preact_resnet18", 32, 50, _fa("DeepFool", **df),
                      "torchattacks.DeepFool", _ta("DeepFool", **df), "cuda", min_norm=True),
             ]
+            cases += catalogue_cases("preact_resnet18", 256, "cuda")
     return cases
 
 
