@@ -212,25 +212,26 @@ def _sequential(cls: str, runs: int, **kw) -> Maker:
     return make
 
 
-def catalogue_cases(model: str, batch: int, device: str) -> List[Case]:
+def catalogue_cases(model: str, batch: int, device: str, steps: int = 10) -> List[Case]:
     """Rows for the rest of torchattacks' catalogue (BIM ... PGDRSL2) against torchattacks, at
     its defaults (fastadv's: the best iterate for the white-box attacks, the last for the
-    transfer ones). ``steps`` counts the forward+backward passes per point (SI's scale
-    copies, VMI/VNI's neighbours, EOT's samples, PGDRS's noise draws included)."""
-    linf = dict(eps=8 / 255, alpha=2 / 255, steps=10)
+    transfer ones). A row's ``steps`` counts the forward+backward passes per point (SI's
+    scale copies, VMI/VNI's neighbours, EOT's samples, PGDRS's noise draws included)."""
+    linf = dict(eps=8 / 255, alpha=2 / 255, steps=steps)
+    k = steps
     rows = [
-        ("BIM-10", "BIM", linf, 10), ("RFGSM-10", "RFGSM", linf, 10),
-        ("FFGSM", "FFGSM", dict(eps=8 / 255), 1), ("TPGD-10", "TPGD", linf, 10),
-        ("EOTPGD-10 eot_iter=2", "EOTPGD", linf, 20), ("UPGD-10", "UPGD", linf, 10),
-        ("Jitter-10", "Jitter", linf, 10), ("MIFGSM-10", "MIFGSM", linf, 10),
-        ("NIFGSM-10", "NIFGSM", linf, 10), ("SINIFGSM-10 m=5", "SINIFGSM", linf, 50),
-        ("VMIFGSM-10 N=5", "VMIFGSM", linf, 60), ("VNIFGSM-10 N=5", "VNIFGSM", linf, 60),
-        ("DIFGSM-10", "DIFGSM", linf, 10), ("TIFGSM-10", "TIFGSM", linf, 10),
-        ("PGDRS-10 x5 noise", "PGDRS", linf, 50),
-        ("PGDRSL2-10 x5 noise", "PGDRSL2", dict(eps=0.5, alpha=0.1, steps=10), 50),
+        (f"BIM-{k}", "BIM", linf, k), (f"RFGSM-{k}", "RFGSM", linf, k),
+        ("FFGSM", "FFGSM", dict(eps=8 / 255), 1), (f"TPGD-{k}", "TPGD", linf, k),
+        (f"EOTPGD-{k} eot_iter=2", "EOTPGD", linf, 2 * k), (f"UPGD-{k}", "UPGD", linf, k),
+        (f"Jitter-{k}", "Jitter", linf, k), (f"MIFGSM-{k}", "MIFGSM", linf, k),
+        (f"NIFGSM-{k}", "NIFGSM", linf, k), (f"SINIFGSM-{k} m=5", "SINIFGSM", linf, 5 * k),
+        (f"VMIFGSM-{k} N=5", "VMIFGSM", linf, 6 * k), (f"VNIFGSM-{k} N=5", "VNIFGSM", linf, 6 * k),
+        (f"DIFGSM-{k}", "DIFGSM", linf, k), (f"TIFGSM-{k}", "TIFGSM", linf, k),
+        (f"PGDRS-{k} x5 noise", "PGDRS", linf, 5 * k),
+        (f"PGDRSL2-{k} x5 noise", "PGDRSL2", dict(eps=0.5, alpha=0.1, steps=steps), 5 * k),
     ]
-    return [Case(name, model, batch, k, _fa(cls, **kw), f"torchattacks.{cls}", _ta(cls, **kw), device)
-            for name, cls, kw, k in rows]
+    return [Case(name, model, batch, passes, _fa(cls, **kw), f"torchattacks.{cls}", _ta(cls, **kw), device)
+            for name, cls, kw, passes in rows]
 
 
 def default_cases(device: str, quick: bool = False) -> List[Case]:

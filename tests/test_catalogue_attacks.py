@@ -274,3 +274,23 @@ def test_input_diversity_needs_images_and_room(mnist):
 def test_bim_steps_zero_is_the_papers_count(mnist):
     assert fastadv.BIM(mnist[0], eps=8 / 255, steps=0).steps == 10      # min(8 + 4, 1.25·8)
     assert fastadv.BIM(mnist[0], eps=16 / 255, steps=0).steps == 20
+
+
+# -------------------------------------------------------------------- benchmark
+def test_bench_rows_for_the_catalogue(tmp_path, monkeypatch):
+    """Every catalogue row of ``fastadv bench attacks`` builds and runs both sides (an
+    untrained tiny 3-channel model: torchattacks' TIFGSM needs 3 channels)."""
+    pytest.importorskip("torchattacks")
+    from fastadv import bench_attacks, models
+    monkeypatch.setattr(bench_attacks, "CACHE", str(tmp_path))
+    monkeypatch.setitem(bench_attacks._MODELS, "tiny3",
+                        (lambda: models.SmallCNN(in_channels=3, input_size=32, width=4), "cifar", 0))
+    cases = bench_attacks.catalogue_cases("tiny3", 8, "cpu", steps=2)
+    assert {c.baseline_name for c in cases} >= {f"torchattacks.{n}" for n in (
+        "BIM", "RFGSM", "FFGSM", "TPGD", "EOTPGD", "UPGD", "Jitter", "MIFGSM", "NIFGSM",
+        "SINIFGSM", "VMIFGSM", "VNIFGSM", "DIFGSM", "TIFGSM", "PGDRS", "PGDRSL2")}
+    rows = bench_attacks.attacks_table(device="cpu", threads=1, repeats=1, cases=cases)
+    assert len(rows) == len(cases)
+    for r in rows:
+        assert r["fastadv_s"] > 0 and r["baseline_s"] > 0 and 0 <= r["robust_fastadv"] <= 1
+    assert "SINIFGSM-2 m=5" in bench_attacks.format_table(rows)

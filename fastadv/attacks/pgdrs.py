@@ -50,6 +50,7 @@ class _SmoothedPGD(CatalogueAttack):
         self.noise_type = noise_type
         self.noise_sd = Attack._nonneg("noise_sd", noise_sd)
         self.noise_batch_size = int_arg("noise_batch_size", noise_batch_size, 1)
+        self.copies = self.noise_batch_size
         self.batch_max = int_arg("batch_max", batch_max, 1)
         self._mask_box = True
         super().__init__(name, model, eps, alpha, steps, False, keep="last", **options)
