@@ -294,3 +294,21 @@ def test_bench_rows_for_the_catalogue(tmp_path, monkeypatch):
     for r in rows:
         assert r["fastadv_s"] > 0 and r["baseline_s"] > 0 and 0 <= r["robust_fastadv"] <= 1
     assert "SINIFGSM-2 m=5" in bench_attacks.format_table(rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_on_cuda(mnist, name):
+    """On a GPU: inside the ball and the box, success as the model says, about the same
+    points fooled by a run repeated with the same seed (DI/TI draw their sizes on the host
+    from a generator seeded by the attack's CUDA one; cuDNN's backward may flip a sign)."""
+    model, x, y = mnist
+    model, x, y = zoo.mnist_cnn().cuda(), x.cuda(), y.cuda()
+    a = MAKERS[name](model, seed=0).run(x, y)
+    b = MAKERS[name](model, seed=0).run(x, y)
+    assert abs(int(a.success.sum()) - int(b.success.sum())) <= 2
+    assert torch.equal(a.success, _fooled(model, a.x_adv, y))
+    d = (a.x_adv - x).flatten(1)
+    if name not in ("GN", "VANILA"):
+        assert (d.norm(dim=1) if name == "PGDRSL2" else d.abs().amax(1)).max().item() <= 0.5 + 1e-5
+    assert a.x_adv.min().item() >= 0 and a.x_adv.max().item() <= 1
