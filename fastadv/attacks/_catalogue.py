@@ -224,7 +224,8 @@ class CatalogueAttack(_IterativeAttack):
     # ------------------------------------------------------------ starts
     def _into_ball(self, x0: Tensor, x_nat: Tensor) -> Tensor:
         """A start brought into the eps-ball and the box (where the recipe's own start can
-        lie outside the ball, e.g. R+FGSM's alpha > eps): every candidate returned is inside."""
+        lie outside the ball, e.g. TPGD's normal noise for a tiny eps): every candidate the
+        attack may return is inside."""
         from .. import ops
         return ops.linf_project_(x0, x_nat, self.eps, self.lower, self.upper, backend=self.backend,
                                  _check_values=False)
