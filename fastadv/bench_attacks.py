@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Case", "default_cases", "attacks_table", "format_table", "floor_time", "bench_model"]
+__all__ = ["Case", "default_cases", "catalogue_cases", "attacks_table", "format_table", "floor_time", "bench_model"]
 
 CACHE = os.environ.get("FASTADV_BENCH_CACHE", os.path.expanduser("~/.cache/fastadv/bench"))
 
@@ -261,6 +261,28 @@ def _sequential(cls: str, runs: int, **kw) -> Maker:
     return make
 
 
+def catalogue_cases(model: str, batch: int, device: str, steps: int = 10) -> List[Case]:
+    """Rows for the rest of torchattacks' catalogue (BIM ... PGDRSL2) against torchattacks, at
+    its defaults (fastadv's: the best iterate for the white-box attacks, the last for the
+    transfer ones). A row's ``steps`` counts the forward+backward passes per point (SI's
+    scale copies, VMI/VNI's neighbours, EOT's samples, PGDRS's noise draws included)."""
+    linf = dict(eps=8 / 255, alpha=2 / 255, steps=steps)
+    k = steps
+    rows = [
+        (f"BIM-{k}", "BIM", linf, k), (f"RFGSM-{k}", "RFGSM", linf, k),
+        ("FFGSM", "FFGSM", dict(eps=8 / 255), 1), (f"TPGD-{k}", "TPGD", linf, k),
+        (f"EOTPGD-{k} eot_iter=2", "EOTPGD", linf, 2 * k), (f"UPGD-{k}", "UPGD", linf, k),
+        (f"Jitter-{k}", "Jitter", linf, k), (f"MIFGSM-{k}", "MIFGSM", linf, k),
+        (f"NIFGSM-{k}", "NIFGSM", linf, k), (f"SINIFGSM-{k} m=5", "SINIFGSM", linf, 5 * k),
+        (f"VMIFGSM-{k} N=5", "VMIFGSM", linf, 6 * k), (f"VNIFGSM-{k} N=5", "VNIFGSM", linf, 6 * k),
+        (f"DIFGSM-{k}", "DIFGSM", linf, k), (f"TIFGSM-{k}", "TIFGSM", linf, k),
+        (f"PGDRS-{k} x5 noise", "PGDRS", linf, 5 * k),
+        (f"PGDRSL2-{k} x5 noise", "PGDRSL2", dict(eps=0.5, alpha=0.1, steps=steps), 5 * k),
+    ]
+    return [Case(name, model, batch, passes, _fa(cls, **kw), f"torchattacks.{cls}", _ta(cls, **kw), device)
+            for name, cls, kw, passes in rows]
+
+
 def default_cases(device: str, quick: bool = False) -> List[Case]:
     """The rows of ``fastadv bench attacks`` for ``device`` ("cpu" or "cuda")."""
     linf = dict(eps=8 / 255, alpha=2 / 255, steps=10)
@@ -297,6 +319,7 @@ def default_cases(device: str, quick: bool = False) -> List[Case]:
                 Case("DeepFool L2", "mnist_cnn", 32, 50, _fa("DeepFool", **df),
                      "torchattacks.DeepFool", _ta("DeepFool", **df), "cpu", min_norm=True),
             ]
+            cases += catalogue_cases("cnn32", 128, "cpu")
     else:
         cases += [
             Case("PGD-10 Linf fp32", "preact_resnet18", 512, 10, _fa("PGD", **linf),
@@ -329,6 +352,7 @@ def default_cases(device: str, quick: bool = False) -> List[Case]:
                 Case("DeepFool L2", "preact_resnet18", 32, 50, _fa("DeepFool", **df),
                      "torchattacks.DeepFool", _ta("DeepFool", **df), "cuda", min_norm=True),
             ]
+            cases += catalogue_cases("preact_resnet18", 256, "cuda")
     return cases
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _engine
 from ._groups import chunked_loss_and_grad
-from .base import Attack, int_arg
+from .base import Attack, int_arg, module_of
 from .pgd import _IterativeAttack
 
 __all__ = ["CatalogueAttack", "StateLoop", "mean_abs_normalized", "Rows"]
@@ -66,9 +66,8 @@ class StateLoop(_engine.StepLoop):
         row_steps = torch.zeros(n, dtype=torch.long, device=dev)
         rows = Rows(x=x0.clone(), x_nat=x_nat, y=y, t=target)
         atk._init_state(rows, samples)
-        # rows per model pass: this chunk's (an attack with several copies per row passes
-        # them in pieces of this size; in train mode each piece is one copy, as in torchattacks)
-        atk._pass_rows = self.pass_rows or n
+        budget = atk._copies_rows(x_nat, y, target, n)
+        atk._pass_rows = self.pass_rows or budget
         seen: Optional[Tensor] = None
         done = 0
         for k in range(self.steps):
@@ -93,7 +92,8 @@ class StateLoop(_engine.StepLoop):
                 if pos is not None:
                     row_steps.index_fill_(0, gone, done)
                     rows.gather(pos)
-                    atk._pass_rows = self.pass_rows or len(active) or 1
+                    if atk._coupled and not self.pass_rows:
+                        atk._pass_rows = len(active) or 1
                     if len(active) == 0:
                         break
         xa = rows["x"]
@@ -147,6 +147,7 @@ class CatalogueAttack(_IterativeAttack):
         self._gen: Optional[torch.Generator] = None
         self._cpu_gen: Optional[torch.Generator] = None
         self._pass_rows: Optional[int] = None
+        self._coupled = False
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self._repr_fields().items())
@@ -171,6 +172,21 @@ class CatalogueAttack(_IterativeAttack):
         raise NotImplementedError
 
     # ------------------------------------------------------------ passes
+    copies = 1  # rows per point in a step's pass (SI's scale copies, VMI's neighbours, ...)
+
+    def _copies_rows(self, x: Tensor, y: Tensor, t: Optional[Tensor], n: int) -> int:
+        """Rows per model pass for the ``copies·n`` rows of a step: what the engine's budget
+        allows (CPU: the last-level cache; GPU: half the free memory); for a model with a
+        module in training mode, ``n`` (one copy per pass: batch statistics over the
+        copies together would differ from torchattacks' passes one copy at a time)."""
+        module = module_of(self.model)
+        self._coupled = module is not None and any(m.training for m in module.modules())
+        if self._coupled or self.copies == 1 or n == 0:
+            return n
+        if self.max_batch:
+            return max(n, self.max_batch)
+        return max(n, _engine.auto_max_rows(self, x, y, t, self.copies * n))
+
     def _pass(self, x: Tensor, y: Tensor, aux: Optional[Tensor] = None,
               loss_fn: Optional[Callable] = None) -> Pass:
         """``loss_and_grad`` on the rows ``x`` in pieces of ``_pass_rows``. ``aux`` travels
@@ -208,7 +224,8 @@ class CatalogueAttack(_IterativeAttack):
     # ------------------------------------------------------------ starts
     def _into_ball(self, x0: Tensor, x_nat: Tensor) -> Tensor:
         """A start brought into the eps-ball and the box (where the recipe's own start can
-        lie outside the ball, e.g. R+FGSM's alpha > eps): every candidate returned is inside."""
+        lie outside the ball, e.g. TPGD's normal noise for a tiny eps): every candidate the
+        attack may return is inside."""
         from .. import ops
         return ops.linf_project_(x0, x_nat, self.eps, self.lower, self.upper, backend=self.backend,
                                  _check_values=False)

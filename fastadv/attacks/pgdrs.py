@@ -9,7 +9,6 @@ them); the step is the fused ``linf_step_``/``l2_step_``.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,7 +28,9 @@ class _SmoothedPGD(CatalogueAttack):
 
     Differences from torchattacks, where they show: the iterate is kept in the box at
     every step (torchattacks clamps only what the model sees, so a pixel pushed past 0 or 1
-    gets no gradient and stays stuck there); ``success`` and ``loss`` judge the base
+    gets no gradient and stays stuck there; for L2, the gradient's components that point out
+    of the box at a pixel on its edge are dropped before the step is normalized, so the
+    step's length goes to pixels that can move); ``success`` and ``loss`` judge the base
     classifier at the returned point (evaluate the smoothed one with
     ``fastadv.eval.smoothing``). The last iterate is returned: which iterate fools the
     smoothed classifier is only known up to its noise, so ``keep="best"``, early stop and
@@ -49,7 +50,9 @@ class _SmoothedPGD(CatalogueAttack):
         self.noise_type = noise_type
         self.noise_sd = Attack._nonneg("noise_sd", noise_sd)
         self.noise_batch_size = int_arg("noise_batch_size", noise_batch_size, 1)
+        self.copies = self.noise_batch_size
         self.batch_max = int_arg("batch_max", batch_max, 1)
+        self._mask_box = True
         super().__init__(name, model, eps, alpha, steps, False, keep="last", **options)
 
     def _repr_fields(self):
@@ -71,7 +74,14 @@ class _SmoothedPGD(CatalogueAttack):
         xe = x.repeat_interleave(nb, 0)
         u = xe + self._noise(xe.shape, x.device).contiguous(memory_format=_format(x))
         g = self._smoothed_grad(u, y if t is None else t, t is not None)
-        return g.view((n, nb) + tuple(x.shape[1:])).sum(1).contiguous(memory_format=_format(x)), None
+        g = g.view((n, nb) + tuple(x.shape[1:])).sum(1).contiguous(memory_format=_format(x))
+        if self.norm == "l2" and self._mask_box:
+            # a pixel at the box's edge cannot move out: the L2 step's length goes to the
+            # pixels that can move (torchattacks gets this from its clamp, which passes no
+            # gradient to a pixel pushed past the edge, but there it also stops pixels that
+            # would come back)
+            g = torch.where(((x <= self.lower) & (g < 0)) | ((x >= self.upper) & (g > 0)), 0.0, g)
+        return g, None
 
     def _smoothed_grad(self, u: Tensor, label: Tensor, targeted: bool) -> Tensor:
         """The input gradient, per noisy row, of the sum over points of the smoothed NLL

@@ -105,6 +105,7 @@ class SINIFGSM(_Momentum):
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255,
                  steps: int = 10, decay: float = 1.0, m: int = 5, **options):
         self.m = int_arg("m", m, 1)
+        self.copies = self.m
         super().__init__("SINIFGSM", model, eps, alpha, steps, decay, **options)
 
     def _repr_fields(self):
@@ -131,6 +132,7 @@ class _Variance(_Momentum):
 
     def __init__(self, name, model, eps, alpha, steps, decay, N, beta, **options):
         self.N = int_arg("N", N, 1)
+        self.copies = self.N + 1
         self.beta = Attack._nonneg("beta", beta)
         super().__init__(name, model, eps, alpha, steps, decay, **options)
 
