@@ -270,6 +270,9 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     aa_before = max(0.0, sum(summary["time_s"].values()) - summary["wall_s"])
     mark[0] = time.perf_counter()
     summary["attacks"] = ex["attacks"]
+    nf = ex.get("nonfinite")
+    if isinstance(nf, Tensor) and nf.shape[:1] == (len(x),):   # (a sharded run's is one rank's)
+        summary["nonfinite"] = int(nf.sum())
     if aa_before > 0:
         log(f"AutoAttack resumed from {aa_state}: {aa_before:.1f} s of attack time from earlier runs reused")
     sections["autoattack"] = summary
@@ -503,6 +506,10 @@ def write_report(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
         lines += ["Points fooled first by each attack: " + ", ".join(
             f"{k}: {v}" for k, v in aa.get("fooled_by", {}).items()) + ".", ""]
         lines += ["Time per attack: " + ", ".join(f"{k} {v:.1f} s" for k, v in aa["time_s"].items()) + ".", ""]
+        if aa.get("nonfinite"):
+            lines += [f"**The model returned non-finite logits (NaN or inf)** at points tried for "
+                      f"{aa['nonfinite']} of {aa['n']} inputs: no point counted as fooled on them, so "
+                      "their robustness may be overstated.", ""]
         lines += ["### Per class", "", "| class | clean | robust |", "|---|---|---|"]
         for i, (c, r) in enumerate(zip(aa["per_class"]["clean"], aa["per_class"]["robust"])):
             lines.append(f"| {i} | {_pct(c)} | {_pct(r)} |")
@@ -527,6 +534,10 @@ def write_report(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
             lines.append(f"| {k} | {_pct(cal[k]['accuracy'])} | {cal[k]['mean_confidence']:.3f} | "
                          f"{cal[k]['ece']:.4f} |")
         lines.append("")
+        bad = {k: cal[k].get("nonfinite", 0) for k in ("clean", "adversarial")}
+        if any(bad.values()):
+            lines += [f"Non-finite logits (NaN or inf) on {bad['clean']} clean and {bad['adversarial']} "
+                      "adversarial inputs: counted as misclassified, left out of the ECE and the bins.", ""]
     if "transfer" in report:
         t = report["transfer"]
         lines += ["## Transfer (black-box) robustness", "",
@@ -534,6 +545,10 @@ def write_report(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
                   f"| white-box (AutoAttack) | {_pct(t['white_box_robust_accuracy'])} |",
                   f"| transfer from the surrogate | {_pct(t['transfer_robust_accuracy'])} |",
                   f"| the surrogate itself (white-box) | {_pct(t['surrogate_robust_accuracy'])} |", ""]
+        bad = t.get("nonfinite") or {}
+        if any(bad.values()):
+            lines += ["Non-finite logits (NaN or inf), counted as neither correct nor fooled: "
+                      + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in bad.items()) + ".", ""]
     if "smoothing" in report:
         s = report["smoothing"]
         lines += ["## Certified robustness (randomized smoothing)", "",
