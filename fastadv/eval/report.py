@@ -29,59 +29,39 @@ from . import masking, metrics, sharded, smoothing
 __all__ = ["evaluate", "write_report", "load_state"]
 
 
-def _progress_factory(enabled: bool, first_total: Optional[int] = None):
-    """(callback(attack, n_done), close, count_fooled(n)): a tqdm bar per attack with its
-    total and ETA (a printed line per chunk without tqdm).
-
-    Each attack sees only the points still robust when it starts: the first attack's
-    total is ``first_total`` (the clean-correct points), the next one's that minus what
-    the earlier attacks fooled, which ``count_fooled`` is told chunk by chunk. Without
-    ``first_total`` (a resumed run) the bars count without a total."""
-    noop = (lambda name, n: None), (lambda: None), (lambda n: None)
+def _progress_factory(enabled: bool, suffix: str = ""):
+    """(callback(attack, n_points, total), close): a tqdm bar per attack with its total and
+    ETA (a printed line per chunk without tqdm). AutoAttack calls back with n_points 0 as
+    each attack starts, with its total (the points still robust then, less those it tried
+    before a resume), so the bar shows the total and its clock runs from the start."""
     if not enabled:
-        return noop
-    state = {"total": first_total, "pending": 0, "fooled": {}, "order": []}
+        return (lambda name, n, total=None: None), (lambda: None)
     try:
         from tqdm.auto import tqdm
     except ImportError:
         tqdm = None
     bars: Dict[str, object] = {}
     done: Dict[str, int] = {}
-    last = [time.time()]   # when the previous report came: the next attack started then
 
-    def total_for(name: str) -> Optional[int]:
-        if state["total"] is None:
-            return None
-        return max(0, state["total"] - sum(state["fooled"].get(a, 0) for a in state["order"]))
-
-    def cb(name, n):
+    def cb(name, n, total=None):
         if name not in done:
-            tot = total_for(name)
-            state["order"].append(name)
             done[name] = 0
             if tqdm is not None:
-                bar = tqdm(desc=name, total=tot, unit="pt", leave=True, dynamic_ncols=True)
-                bar.start_t = min(bar.start_t, last[0])  # its first chunk ran since then: honest rate
-                bars[name] = bar
-            state.setdefault("totals", {})[name] = tot
-        # the points this chunk fooled were counted just before this call
-        state["fooled"][name] = state["fooled"].get(name, 0) + state["pending"]
-        state["pending"] = 0
+                bars[name] = tqdm(desc=name + suffix, total=total, unit="pt", leave=True, dynamic_ncols=True)
+            elif not n:
+                print(f"  {name}{suffix}: {total} points to attack", flush=True)
+        if not n:
+            return
         done[name] += n
         if name in bars:
             bars[name].update(n)
         else:
-            tot = state["totals"][name]
-            print(f"  {name}: {done[name]}{'' if tot is None else f'/{tot}'} points", flush=True)
-        last[0] = time.time()
-
-    def count_fooled(n: int) -> None:
-        state["pending"] += int(n)
+            print(f"  {name}{suffix}: {done[name]}{'' if total is None else f'/{total}'} points", flush=True)
 
     def close():
         for b in bars.values():
             b.close()
-    return cb, close, count_fooled
+    return cb, close
 
 
 def load_state(path: Optional[str]) -> Dict[str, object]:
@@ -234,20 +214,8 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
                     attacks_to_run=attacks_to_run, steps=steps, n_queries=n_queries,
                     checks=False, **attack_kwargs)
     resuming_aa = bool(aa_state) and os.path.exists(aa_state)
-    first_total = None
-    if progress and not resuming_aa and _dist.world_size() == 1 and len(x):
-        # the first attack's total: the clean-correct points (one forward pass)
-        with torch.no_grad():
-            z = metrics.predict_logits(model, x, bs=bs, normalization=normalization)
-        first_total = int((z.argmax(1) == y.to(z.device)).sum())
-    cb, close, count_fooled = _progress_factory(progress, first_total)
-    verify = getattr(aa, "_verify", None)
-    if progress and first_total is not None and callable(verify):
-        def counted_verify(*a, **k):   # each chunk's fooled points, for the next attack's total
-            ok = verify(*a, **k)
-            count_fooled(int(ok.sum()))
-            return ok
-        aa._verify = counted_verify
+    # under torchrun the bars (rank 0's) count rank 0's shard of the points
+    cb, close = _progress_factory(progress, " (rank 0's shard)" if _dist.world_size() > 1 else "")
     log(f"AutoAttack ({version}, {norm}, eps={eps:g}) on {len(x)} points: {', '.join(aa.attacks_to_run)}"
         + (f"; resuming from {aa_state}" if resuming_aa else ""))
     t0 = time.perf_counter()
@@ -255,8 +223,6 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
         x_adv = sharded.run_standard_evaluation_sharded(aa, x, y, bs=bs, state_path=aa_state, progress=cb)
     finally:
         close()
-        if "_verify" in vars(aa):
-            del aa._verify
     res = aa.last_result
     ex = res.extra
     if n_classes is None and len(x):
