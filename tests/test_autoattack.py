@@ -149,3 +149,64 @@ def test_resume_from_state_file(mnist, tmp_path):
     # another data set does not pick up this state
     with pytest.warns(UserWarning, match="other data"):
         aa.run_standard_evaluation(x.flip(0), y.flip(0), bs=24, state_path=path)
+
+
+def test_progress_gets_each_attacks_total_and_two_argument_callbacks_still_work(mnist):
+    model, x, y = mnist
+    kw = dict(eps=0.1, version="custom", attacks_to_run=["apgd-ce", "apgd-t", "square"], steps=3,
+              n_queries=20, seed=0)
+    calls = []
+
+    def with_total(name, n, total=None):
+        calls.append((name, n, total))
+
+    aa = AutoAttack(model, **kw)
+    aa.run_standard_evaluation(x, y, bs=8, progress=with_total)
+    ex = aa.last_result.extra
+    summary = ex["summary"]
+    from fastadv.eval import autoattack_summary
+    assert summary == autoattack_summary(aa) and summary.n == len(x)
+    still = int(ex["clean"].sum())
+    assert still > 0
+    ran = []
+    for row in summary:
+        name = row["attack"]
+        mine = [c for c in calls if c[0] == name]
+        if still == 0:
+            assert not mine     # nothing left: the attack does not run
+            continue
+        ran.append(name)
+        # announced first with its total (the points still robust), then chunk by chunk up to it
+        assert mine[0] == (name, 0, still), mine
+        assert all(t == still for _, _, t in mine) and sum(n for _, n, _ in mine) == still
+        assert all(0 < n <= 8 for _, n, _ in mine[1:])
+        still -= row["fooled"]
+    assert len(ran) >= 2
+    # a two-argument callback: chunks only, as before
+    two = []
+    AutoAttack(model, **kw).run_standard_evaluation(x, y, bs=8, progress=lambda name, n: two.append((name, n)))
+    assert two == [(name, n) for name, n, _ in calls if n]
+    with pytest.raises(TypeError, match="progress: expected a callable"):
+        AutoAttack(model, **kw).run_standard_evaluation(x, y, bs=8, progress=5)
+
+
+def test_progress_total_after_a_resume_counts_only_what_is_left(mnist, tmp_path):
+    model, x, y = mnist
+    path = str(tmp_path / "aa_state.pt")
+    kw = dict(eps=0.1, version="custom", attacks_to_run=["apgd-ce"], steps=3, seed=0)
+
+    def stop_after_two_chunks(name, n, total):
+        if n and sum(1 for c in calls if c[1]) == 1:
+            raise KeyboardInterrupt
+        calls.append((name, n, total))
+
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        AutoAttack(model, **kw).run_standard_evaluation(x, y, bs=8, state_path=path, progress=stop_after_two_chunks)
+    saved = torch.load(path, weights_only=True)
+    left = int((saved["robust"] & ~saved["tried"][0]).sum())
+    assert int(saved["tried"][0].sum()) == 16 and left > 0    # two chunks of 8 were done
+    calls = []
+    AutoAttack(model, **kw).run_standard_evaluation(x, y, bs=8, state_path=path,
+                                                    progress=lambda name, n, total: calls.append((name, n, total)))
+    assert calls[0] == ("apgd-ce", 0, left) and sum(n for _, n, _ in calls) == left

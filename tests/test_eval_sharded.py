@@ -44,6 +44,7 @@ def _worker(rank, init_file, out_dir):
                               state_path=os.path.join(out_dir, "state.json"), log=lambda m: None)
         torch.save({"x_adv": x_adv, "robust": ex["robust"], "clean": ex["clean"],
                     "attack_of": ex["attack_of"], "acc": aa.robust_accuracy, "shards": ex["shards"],
+                    "summary": [(r["attack"], r["fooled"]) for r in ex["summary"]], "summary_n": ex["summary"].n,
                     "report_keys": sorted(rep), "report_robust": rep["autoattack"]["robust_accuracy"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         fdist.shutdown()  # every rank done before any tears down
@@ -102,6 +103,9 @@ def test_two_gloo_ranks_match_one_process_per_shard(tmp_path):
         assert torch.equal(r0["robust"][a:b], aa.last_result.extra["robust"])
     assert abs(r0["acc"] - r0["robust"].float().mean().item()) < 1e-9
     assert 0 < r0["robust"].sum() < r0["clean"].sum()  # the attack did something, not everything
+    # extra["summary"] describes all the points, not the rank's shard
+    assert r0["summary_n"] == N and r0["summary"] == r1["summary"]
+    assert sum(f for _, f in r0["summary"]) == int((r0["clean"] & ~r0["robust"]).sum())
     # eps within the ball
     assert (r0["x_adv"] - x).abs().flatten(1).amax(1).max() <= 0.1 + 1e-6
     # the report: rank 0 runs every section, the others return the AutoAttack part

@@ -1,8 +1,11 @@
 """``fastadv train`` and ``fastadv demo`` end to end (tiny settings)."""
 import json
+import math
 import os
+import warnings
 
 import pytest
+import torch
 
 from fastadv import cli
 
@@ -83,3 +86,82 @@ def test_recommended_method_gets_the_free_step_unless_told_otherwise():
     assert method_options("pgd", ["steps=3"]) == {"steps": 3}
     with pytest.raises(ValueError, match="--option"):
         method_options("atta", ["free_step"])
+
+
+# ------------------------------------------------------------------ a run that collapses in epoch 1
+class _Closed(torch.nn.Module):
+    """The zoo CNN behind a closed gate: its output does not depend on x, as a model's whose
+    training collapsed, so the guard's PGD (and the final one) find a zero input gradient."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        from fastadv import models
+        self.net = models.SmallCNN(**kwargs)
+        self.register_buffer("open", torch.zeros(()))
+
+    def forward(self, x):
+        return self.net(x * self.open)
+
+
+def test_train_cli_collapse_in_epoch_1_still_writes_outputs_and_says_why(tmp_path, capsys, monkeypatch):
+    from fastadv import runs
+    from fastadv.commands.train import EXIT_COLLAPSED
+    from fastadv.train.checkpoint import load_weights
+    monkeypatch.setattr(runs, "build_model", lambda spec: _Closed(**spec["kwargs"]))
+    out = str(tmp_path / "run")
+    with pytest.warns(RuntimeWarning, match="catastrophic overfitting at epoch 1"):
+        rc = cli.main(["train", "--data", "digits", "--method", "fgsm_rs", "--eps", "0.1", "--epochs", "1",
+                       "--n-test", "64", "--n-train", "128", "--width", "4", "--batch-size", "64",
+                       "--eval-steps", "2", "--guard-size", "32", "--guard-steps", "2", "--out", out])
+    assert rc == EXIT_COLLAPSED == 1
+    hist = json.load(open(os.path.join(out, "history.json")))
+    assert hist["collapsed_epochs"] == [1] and hist["best_epoch"] is None
+    final = hist["final"]
+    assert math.isnan(final["robust_acc"]) and "input gradient is zero" in final["robust_error"]
+    assert 0 <= final["clean_acc"] <= 1 and final["n"] == 64
+    assert not os.path.exists(os.path.join(out, "best.pt"))
+    weights = load_weights(os.path.join(out, "final.pt"))
+    assert weights["open"].item() == 0.0 and any(k.startswith("net.") for k in weights)
+    text = capsys.readouterr().out
+    table = next(ln for ln in text.splitlines() if ln.startswith("| fgsm_rs |"))
+    assert table.endswith("| not measurable |")
+    why = [ln for ln in text.splitlines() if "robust accuracy cannot be measured" in ln]
+    assert len(why) == 1 and "epoch(s) [1] and no earlier epoch to go back to" in why[0]
+    assert "fastadv eval" not in text and "best.*" not in text
+    # a rerun resumes, trains on and ends the same way (nothing crashes on the resumed collapse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = cli.main(["train", "--data", "digits", "--method", "fgsm_rs", "--eps", "0.1", "--epochs", "2",
+                       "--n-test", "64", "--n-train", "128", "--width", "4", "--batch-size", "64",
+                       "--eval-steps", "2", "--guard-size", "32", "--guard-steps", "2", "--out", out])
+    assert rc == 1
+    assert json.load(open(os.path.join(out, "history.json")))["collapsed_epochs"] == [1, 2]
+
+
+def test_train_help_documents_the_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 trained and evaluated" in text and "1 trained, weights and history.json written" in text
+
+
+def test_final_evaluation_under_ddp_trusts_the_guard_instead_of_attacking():
+    # on several ranks an attack that fails on one of them would hang the others: the guard's
+    # (all-reduced) verdict decides, and only the clean pass runs
+    from fastadv.commands.train import final_evaluation
+    from fastadv.train.trainer import History
+
+    class Trainer:
+        calls = []
+
+        def evaluate(self, loader, steps=10, attack=True):
+            self.calls.append(attack)
+            return {"clean_acc": 0.5, "n": 4, **({"robust_acc": 0.25} if attack else {})}
+
+    hist = History([{"epoch": 1, "collapse": True, "guard_error": "model: the input gradient is zero"}])
+    tr = Trainer()
+    ev = final_evaluation(tr, hist, None, 2, distributed=True)
+    assert tr.calls == [False] and math.isnan(ev["robust_acc"]) and ev["robust_error"].startswith("model:")
+    hist.best_epoch = 1          # the best weights were put back: that model is attacked as usual
+    assert final_evaluation(tr, hist, None, 2, distributed=True) == {"clean_acc": 0.5, "n": 4, "robust_acc": 0.25}
+    assert tr.calls == [False, True]

@@ -175,3 +175,18 @@ def test_evaluate_checks_steps_and_restarts():
     with pytest.raises(TypeError, match="restarts"):
         tr.evaluate(val, restarts=1.5)
     assert tr.evaluate(val, attack=False, steps=0)["n"] == 100   # no attack: steps unused
+
+
+def test_epoch_line_labels_standard_trainings_accuracy_as_clean(capsys):
+    from fastadv.train.trainer import _format_record
+    rec = {"epoch": 1, "method": "standard", "train_loss": 0.5, "train_adv_acc": 0.9, "val_clean_acc": 0.8,
+           "robust_acc": 0.1, "lr": 1e-3, "time": 2.0, "collapse": False}
+    assert "train-clean 90.0%" in _format_record(rec) and "train-adv" not in _format_record(rec)
+    assert "train-adv 90.0%" in _format_record(dict(rec, method="pgd"))
+    # as fit() prints it
+    x, y = data.load_digits()
+    model = models.SmallCNN(width=4, input_size=8)
+    tr = AdversarialTrainer(model, torch.optim.SGD(model.parameters(), lr=0.05), method="standard", eps=0.1)
+    tr.fit(data.make_loader(x[:64], y[:64], batch_size=64), epochs=1, guard=False)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch   1"))
+    assert "train-clean" in line and "train-adv" not in line

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import itertools
 import os
 import time
@@ -450,6 +451,8 @@ class AutoAttack(Attack):
             if not bool(robust.any()):
                 break  # as the reference: nothing left to attack
             n_batches = -(-todo.numel() // chunk)
+            if progress is not None and todo.numel():
+                progress.start(name, int(todo.numel()))
             t0 = time.perf_counter()
             for i, s in enumerate(range(0, todo.numel(), chunk)):
                 pts = todo[s:s + chunk]
@@ -473,7 +476,7 @@ class AutoAttack(Attack):
                     state["tried"][k] = tried.cpu()
                     _save_state(state_path, fp, cfg, robust, attack_of, state, x_adv, clean)
                 if progress is not None:
-                    progress(name, int(pts.numel()))
+                    progress.advance(name, int(pts.numel()))
             state["time"][k] += time.perf_counter() - t0
             state["tried"][k] = tried.cpu()
             self._log(f"robust accuracy after {name.upper()}: {robust.float().mean().item():.2%} "
@@ -560,6 +563,7 @@ class AutoAttack(Attack):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x_orig).__name__}")
         if not isinstance(y_orig, Tensor):
             raise TypeError(f"y: expected a torch.Tensor of labels, got {type(y_orig).__name__}")
+        progress = _Progress.of(progress)
         dev = self._run_device(x_orig)
         x_run, y_run = x_orig.to(dev), y_orig.to(dev)
         xf, y = self._prepare(self._from_user(x_run), y_run)  # normalized input under set_normalization_used
@@ -575,6 +579,10 @@ class AutoAttack(Attack):
             # the user's dtype: rounded back into the ball, flags of the tensor returned
             x_adv = self._result_to_user(res, xf, x_run, y, None, bs)
             res.x_adv = x_adv
+            # after the rounding above, which may take a success back; imported here: attacks
+            # do not depend on fastadv.eval at import time
+            from ..eval.metrics import autoattack_summary
+            res.extra["summary"] = autoattack_summary(res.extra)
             warn_nonfinite(self, res)
             if self.verbose and len(xf):
                 xa = self._from_user(x_adv).float()
@@ -604,8 +612,12 @@ class AutoAttack(Attack):
 
         ``bs`` is the number of points per chunk (memory grows with the target and
         restart count inside each attack); ``state_path`` saves progress so an
-        interrupted run resumes; ``progress(attack_name, n_points_done)`` is called
-        after every chunk."""
+        interrupted run resumes; ``progress(attack_name, n_points, total)`` is called once
+        as each attack starts (``n_points`` 0) and after every chunk with the points that
+        chunk attacked; ``total`` is the points the attack will attack (those still robust
+        when it starts, less those it tried before a resume). A callback taking two arguments, ``progress(attack_name,
+        n_points)``, is called after every chunk only, as before. ``last_result.extra
+        ["summary"]`` is ``fastadv.eval.autoattack_summary`` of the run."""
         if bs is not None:
             bs = int_arg("bs", bs, 1)
         x_adv, _, labels = self._evaluate(x_orig, y_orig, bs, state_path, progress, return_labels)
@@ -650,6 +662,40 @@ class AutoAttack(Attack):
             acc = (_predict(self, xf, bs) == y).float().mean().item() if len(xf) else float("nan")
         self._log(f"clean accuracy: {acc:.2%}")
         return acc
+
+
+class _Progress:
+    """The user's ``progress`` callback, called with the total when it takes three arguments."""
+
+    def __init__(self, fn, with_total: bool):
+        self.fn, self.with_total = fn, with_total
+        self.totals: Dict[str, int] = {}
+
+    @classmethod
+    def of(cls, fn) -> Optional["_Progress"]:
+        if fn is None:
+            return None
+        if not callable(fn):
+            raise TypeError(f"progress: expected a callable progress(attack, n_points[, total]) or None, "
+                            f"got {type(fn).__name__}")
+        try:
+            inspect.signature(fn).bind("apgd-ce", 0, 0)
+        except TypeError:     # (attack, n_points): the two-argument form
+            return cls(fn, False)
+        except ValueError:    # no signature to read (some builtins): the form every callback takes
+            return cls(fn, False)
+        return cls(fn, True)
+
+    def start(self, name: str, total: int) -> None:
+        self.totals[name] = total
+        if self.with_total:
+            self.fn(name, 0, total)
+
+    def advance(self, name: str, n: int) -> None:
+        if self.with_total:
+            self.fn(name, n, self.totals.get(name))
+        else:
+            self.fn(name, n)
 
 
 def _parse_device(device) -> Optional[torch.device]:

@@ -14,6 +14,16 @@ from ._args import (add_progress, at_least, budget, check_device, check_finite, 
 RECOMMENDED = "atta"
 RECOMMENDED_OPTIONS = {"free_step": True}
 
+# Training ran to its end and wrote its weights and history, but the model it ends with
+# cannot be attacked (its training collapsed with no earlier epoch to go back to): not a
+# usable robust model, so not 0, and not 2 (which says the command line was wrong).
+EXIT_COLLAPSED = 1
+EXIT_STATUS = ("exit status: 0 trained and evaluated (a collapse after a good epoch puts that "
+               "epoch's weights back and still ends 0); 1 trained, weights and history.json written, "
+               "but training collapsed with no earlier epoch to go back to, so the final model's "
+               "robust accuracy cannot be measured (NaN in history.json, with the reason); "
+               "2 bad arguments; 130 interrupted (rerun to resume)")
+
 
 def method_options(method: str, pairs=()) -> dict:
     """``--option`` pairs as keyword arguments, with the recommended options filled in for
@@ -76,6 +86,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the initialization, data order and attacks")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     add_progress(g)
+    parser.epilog = EXIT_STATUS
 
 
 def check_args(args) -> None:
@@ -177,6 +188,25 @@ def build(args):
     return trainer, loader, test, model
 
 
+def final_evaluation(trainer, hist, test, steps: int, distributed: bool = False) -> dict:
+    """Clean and PGD accuracy of the model ``fit`` ended with; where PGD cannot attack it (its
+    output stopped depending on x, its logits are not finite), ``robust_acc`` is NaN and
+    ``robust_error`` says why, instead of an exception that would lose the run's outputs."""
+    last = hist[-1] if len(hist) else {}
+    if distributed and "guard_error" in last and hist.best_epoch is None:
+        # the guard's verdict is the same on every rank; an attack that fails on one rank only
+        # would leave the others waiting in the all-reduce
+        ev = trainer.evaluate(test, attack=False)
+        return {**ev, "robust_acc": float("nan"), "robust_error": last["guard_error"]}
+    try:
+        return trainer.evaluate(test, steps=steps)
+    except ValueError as exc:
+        if not str(exc).startswith("model:"):   # the model's fault, not the arguments'
+            raise
+        ev = trainer.evaluate(test, attack=False)
+        return {**ev, "robust_acc": float("nan"), "robust_error": str(exc)}
+
+
 def run(args) -> int:
     try:
         trainer, loader, test, model = build(args)
@@ -208,7 +238,7 @@ def run(args) -> int:
     except (ValueError, TypeError) as exc:
         print(f"fastadv train: {exc}", file=sys.stderr)
         return 2
-    ev = trainer.evaluate(test, steps=args.eval_steps)
+    ev = final_evaluation(trainer, hist, test, args.eval_steps, distributed=dist_.is_initialized())
     if main:
         name = "final.safetensors" if args.safetensors else "final.pt"
         ckpt.save_weights(trainer.module.state_dict(), os.path.join(args.out, name),
@@ -217,15 +247,29 @@ def run(args) -> int:
                            "best_epoch": hist.best_epoch, "collapsed_epochs": hist.collapsed_epochs},
                           os.path.join(args.out, "history.json"))
         t = sum(r["time"] for r in hist)
+        measured = "robust_error" not in ev
+        pgd = f"{ev['robust_acc']:.1%}" if measured else "not measurable"
         print(f"\n| method | eps | epochs | train time (s) | clean | PGD-{args.eval_steps} |")
         print("|---|---|---|---|---|---|")
         print(f"| {args.method} | {trainer.eps:.3g} | {len(hist)} | {t:.1f} | {ev['clean_acc']:.1%} | "
-              f"{ev['robust_acc']:.1%} |")
-        if hist.collapsed:
+              f"{pgd} |")
+        if not measured:
+            why = ("" if not hist.collapsed else
+                   f"catastrophic overfitting at epoch(s) {hist.collapsed_epochs} and no earlier epoch to go "
+                   f"back to: " if hist.best_epoch is None else
+                   f"catastrophic overfitting at epoch(s) {hist.collapsed_epochs} and the best weights "
+                   f"(epoch {hist.best_epoch}) could not be put back: ")
+            print(f"{why}the final model's robust accuracy cannot be measured ({ev['robust_error']})")
+        elif hist.collapsed:
             print(f"catastrophic overfitting at epoch(s) {hist.collapsed_epochs}; "
                   f"kept the weights of epoch {hist.best_epoch}")
-        print(f"\nweights: {os.path.join(args.out, name)} (the model above; best.* is the best guard "
-              f"epoch, last.pt the checkpoint a rerun resumes from)")
-        print(f"evaluate it (AutoAttack, report in fastadv-report/):\n  fastadv eval {shlex.quote(args.out)}")
+        best_note = "best.* is the best guard epoch, " if hist.best_epoch is not None else ""
+        print(f"\nweights: {os.path.join(args.out, name)} (the model above; {best_note}last.pt the "
+              f"checkpoint a rerun resumes from)")
+        if measured:
+            print(f"evaluate it (AutoAttack, report in fastadv-report/):\n  fastadv eval {shlex.quote(args.out)}")
+        else:
+            print("no point evaluating it under attack: train again (--no-resume) with a smaller --lr, "
+                  "another --method or more --eps-warmup")
     dist_.shutdown()
-    return 0
+    return 0 if "robust_error" not in ev else EXIT_COLLAPSED

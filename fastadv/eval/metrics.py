@@ -3,15 +3,17 @@ accuracy-vs-eps curve in one pass, calibration under attack, and transfer robust
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ..attacks._groups import finite_rows
 from ..attacks.apgd import APGD, APGDT
 from ..attacks.base import Attack, int_arg, model_context, nonneg_numbers
 
-__all__ = ["predict_logits", "accuracy", "per_class_accuracy", "worst_case", "accuracy_summary",
+__all__ = ["predict_logits", "predictions", "accuracy", "per_class_accuracy", "worst_case", "accuracy_summary",
            "autoattack_summary", "AutoAttackSummary",
            "robust_accuracy_curve", "calibration_bins", "expected_calibration_error",
            "calibration_under_attack", "transfer_robustness"]
@@ -34,6 +36,28 @@ def predict_logits(model, x: Tensor, bs: int = 256, normalization=None) -> Tenso
         for i in range(0, len(x), bs):
             out.append(probe.logits(x[i:i + bs].float()).float())
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def predictions(logits: Tensor) -> Tensor:
+    """[B] long: each row's argmax, or -1 where the row is not finite (NaN or inf). Such a
+    row is no prediction: it never matches a label (never correct); as in the attacks
+    (``finite_rows``), it must never count as fooled either: test ``pred != y`` only with
+    ``pred >= 0``."""
+    _tensor("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected shape [B, classes], got {tuple(logits.shape)}")
+    if not logits.shape[1]:
+        return torch.full((logits.shape[0],), -1, dtype=torch.long, device=logits.device)
+    pred = logits.argmax(1)
+    return torch.where(finite_rows(logits), pred, torch.full_like(pred, -1))
+
+
+def _warn_nonfinite(where: str, counts: Mapping[str, int], n: int, what: str) -> None:
+    """One warning per call naming how many rows had non-finite logits and how they counted."""
+    parts = [f"{k} of {n} {name}" for name, k in counts.items() if k]
+    if parts:
+        warnings.warn(f"fastadv: {where}: the model returned non-finite logits (NaN or inf) for "
+                      f"{' and '.join(parts)}; {what}", RuntimeWarning, stacklevel=3)
 
 
 
@@ -248,7 +272,11 @@ def robust_accuracy_curve(model, x: Tensor, y: Tensor, eps_list: Sequence[float]
     ctx = model_context(model, first.model_mode, dev)
     with ctx:
         with torch.no_grad():
-            clean = first.logits(xf).float().argmax(1) == yl
+            z = first.logits(xf).float()
+        # a point whose clean logits are not finite has no prediction: not correct, not robust
+        clean = predictions(z) == yl
+        clean_bad = ~finite_rows(z)
+        met_bad = torch.zeros(b, dtype=torch.bool, device=dev)   # an attack met non-finite logits
         robust = clean[:, None].repeat(1, e_n)              # [B, E]
         eps_t = torch.tensor(eps, device=dev)
         gen = first.make_generator(dev)
@@ -261,13 +289,21 @@ def robust_accuracy_curve(model, x: Tensor, y: Tensor, eps_list: Sequence[float]
                 pts, ei = rows // e_n, rows % e_n
                 res = atk._run_points(xf.index_select(0, pts), yl.index_select(0, pts), None, gen,
                                       eps_t.index_select(0, ei))
-                fooled = rows[res.success]
-                robust.view(-1)[fooled] = False
+                robust.view(-1)[rows[res.success]] = False
+                nf = res.extra.get("nonfinite") if isinstance(res.extra, dict) else None
+                if isinstance(nf, Tensor):
+                    met_bad.index_fill_(0, pts[nf.to(dev)], True)
             # monotone in eps: fooled at eps_i means fooled at every eps_j >= eps_i
             robust = torch.cummin(robust.int(), dim=1).values.bool()
     accs = robust.float().mean(0).tolist() if b else [float("nan")] * e_n
+    n_clean_bad, n_met_bad = int(clean_bad.sum()), int(met_bad.sum())
+    _warn_nonfinite("robust_accuracy_curve", {"clean points": n_clean_bad,
+                                              "points at perturbed inputs the attacks tried": n_met_bad}, b,
+                    "a clean point with them counts as misclassified (so not robust); no point counted "
+                    "as fooled on them, so the robust accuracy of the others may be overstated")
     return {"eps": eps, "robust_accuracy": accs, "clean_accuracy": accuracy(clean),
-            "norm": norm, "attacks": list(attacks), "robust": robust}
+            "norm": norm, "attacks": list(attacks), "robust": robust,
+            "nonfinite": {"clean": n_clean_bad, "attacked": n_met_bad}}
 
 
 # ----------------------------------------------------------- calibration
@@ -310,12 +346,22 @@ def calibration_under_attack(model, x: Tensor, y: Tensor, x_adv: Tensor, n_bins:
     _labels("y", y, x.shape[0] if x.dim() else None)
     n_bins = int_arg("n_bins", n_bins, 1)
     out = {}
+    bad = {}
     for name, inp in (("clean", x), ("adversarial", x_adv)):
         z = predict_logits(model, inp, bs, normalization)
         yy = y.to(z.device)
-        out[name] = {"ece": expected_calibration_error(z, yy, n_bins), "bins": calibration_bins(z, yy, n_bins),
-                     "accuracy": accuracy(z.argmax(1) == yy),
-                     "mean_confidence": torch.softmax(z, 1).max(1).values.mean().item() if len(z) else float("nan")}
+        # a row with non-finite logits has no confidence to bin: it counts as wrong in the
+        # accuracy and is left out of the bins, the ECE and the mean confidence
+        fin = finite_rows(z) if z.dim() == 2 else torch.ones(len(z), dtype=torch.bool)
+        zf, yf = z[fin], yy[fin]
+        bad[name] = int((~fin).sum())
+        out[name] = {"ece": expected_calibration_error(zf, yf, n_bins), "bins": calibration_bins(zf, yf, n_bins),
+                     "accuracy": accuracy(predictions(z) == yy) if len(z) else float("nan"),
+                     "mean_confidence": torch.softmax(zf, 1).max(1).values.mean().item() if len(zf) else float("nan"),
+                     "nonfinite": bad[name]}
+    _warn_nonfinite("calibration_under_attack", {"clean inputs": bad["clean"],
+                                                 "adversarial inputs": bad["adversarial"]}, len(x),
+                    "those rows count as misclassified and are left out of the ECE and the bins")
     return out
 
 
@@ -343,11 +389,21 @@ def transfer_robustness(surrogate, target, x: Tensor, y: Tensor, eps: float, nor
     zt_adv = predict_logits(target, x_adv, bs, target_normalization)
     zs_adv = predict_logits(surrogate, x_adv, bs, s_norm)
     yy = y.to(zt_clean.device)
-    clean_ok = zt_clean.argmax(1) == yy
-    adv_ok = zt_adv.argmax(1) == yy
-    fooled = clean_ok & ~adv_ok
+    # non-finite logits are no prediction: never correct (so never robust), never fooled
+    clean_ok = predictions(zt_clean) == yy
+    pred_adv = predictions(zt_adv)
+    adv_ok = pred_adv == yy
+    fooled = clean_ok & (pred_adv >= 0) & ~adv_ok
+    bad = {"target clean inputs": int((~finite_rows(zt_clean)).sum()) if len(x) else 0,
+           "target transferred inputs": int((~finite_rows(zt_adv)).sum()) if len(x) else 0,
+           "surrogate adversarial inputs": int((~finite_rows(zs_adv)).sum()) if len(x) else 0}
+    _warn_nonfinite("transfer_robustness", bad, len(x),
+                    "such a point counts as neither correct (so not robust) nor fooled")
     return {"target_clean_accuracy": accuracy(clean_ok),
             "transfer_robust_accuracy": accuracy(clean_ok & adv_ok),
-            "surrogate_robust_accuracy": accuracy(zs_adv.argmax(1) == yy),
+            "surrogate_robust_accuracy": accuracy(predictions(zs_adv) == yy),
             "transfer_success_rate": (fooled.sum() / clean_ok.sum().clamp_min(1)).item(),
-            "eps": float(eps), "norm": norm}
+            "eps": float(eps), "norm": norm,
+            "nonfinite": {"target_clean": bad["target clean inputs"],
+                          "target_transferred": bad["target transferred inputs"],
+                          "surrogate_adversarial": bad["surrogate adversarial inputs"]}}

@@ -29,59 +29,39 @@ from . import masking, metrics, sharded, smoothing
 __all__ = ["evaluate", "write_report", "load_state"]
 
 
-def _progress_factory(enabled: bool, first_total: Optional[int] = None):
-    """(callback(attack, n_done), close, count_fooled(n)): a tqdm bar per attack with its
-    total and ETA (a printed line per chunk without tqdm).
-
-    Each attack sees only the points still robust when it starts: the first attack's
-    total is ``first_total`` (the clean-correct points), the next one's that minus what
-    the earlier attacks fooled, which ``count_fooled`` is told chunk by chunk. Without
-    ``first_total`` (a resumed run) the bars count without a total."""
-    noop = (lambda name, n: None), (lambda: None), (lambda n: None)
+def _progress_factory(enabled: bool, suffix: str = ""):
+    """(callback(attack, n_points, total), close): a tqdm bar per attack with its total and
+    ETA (a printed line per chunk without tqdm). AutoAttack calls back with n_points 0 as
+    each attack starts, with its total (the points still robust then, less those it tried
+    before a resume), so the bar shows the total and its clock runs from the start."""
     if not enabled:
-        return noop
-    state = {"total": first_total, "pending": 0, "fooled": {}, "order": []}
+        return (lambda name, n, total=None: None), (lambda: None)
     try:
         from tqdm.auto import tqdm
     except ImportError:
         tqdm = None
     bars: Dict[str, object] = {}
     done: Dict[str, int] = {}
-    last = [time.time()]   # when the previous report came: the next attack started then
 
-    def total_for(name: str) -> Optional[int]:
-        if state["total"] is None:
-            return None
-        return max(0, state["total"] - sum(state["fooled"].get(a, 0) for a in state["order"]))
-
-    def cb(name, n):
+    def cb(name, n, total=None):
         if name not in done:
-            tot = total_for(name)
-            state["order"].append(name)
             done[name] = 0
             if tqdm is not None:
-                bar = tqdm(desc=name, total=tot, unit="pt", leave=True, dynamic_ncols=True)
-                bar.start_t = min(bar.start_t, last[0])  # its first chunk ran since then: honest rate
-                bars[name] = bar
-            state.setdefault("totals", {})[name] = tot
-        # the points this chunk fooled were counted just before this call
-        state["fooled"][name] = state["fooled"].get(name, 0) + state["pending"]
-        state["pending"] = 0
+                bars[name] = tqdm(desc=name + suffix, total=total, unit="pt", leave=True, dynamic_ncols=True)
+            elif not n:
+                print(f"  {name}{suffix}: {total} points to attack", flush=True)
+        if not n:
+            return
         done[name] += n
         if name in bars:
             bars[name].update(n)
         else:
-            tot = state["totals"][name]
-            print(f"  {name}: {done[name]}{'' if tot is None else f'/{tot}'} points", flush=True)
-        last[0] = time.time()
-
-    def count_fooled(n: int) -> None:
-        state["pending"] += int(n)
+            print(f"  {name}{suffix}: {done[name]}{'' if total is None else f'/{total}'} points", flush=True)
 
     def close():
         for b in bars.values():
             b.close()
-    return cb, close, count_fooled
+    return cb, close
 
 
 def load_state(path: Optional[str]) -> Dict[str, object]:
@@ -234,20 +214,8 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
                     attacks_to_run=attacks_to_run, steps=steps, n_queries=n_queries,
                     checks=False, **attack_kwargs)
     resuming_aa = bool(aa_state) and os.path.exists(aa_state)
-    first_total = None
-    if progress and not resuming_aa and _dist.world_size() == 1 and len(x):
-        # the first attack's total: the clean-correct points (one forward pass)
-        with torch.no_grad():
-            z = metrics.predict_logits(model, x, bs=bs, normalization=normalization)
-        first_total = int((z.argmax(1) == y.to(z.device)).sum())
-    cb, close, count_fooled = _progress_factory(progress, first_total)
-    verify = getattr(aa, "_verify", None)
-    if progress and first_total is not None and callable(verify):
-        def counted_verify(*a, **k):   # each chunk's fooled points, for the next attack's total
-            ok = verify(*a, **k)
-            count_fooled(int(ok.sum()))
-            return ok
-        aa._verify = counted_verify
+    # under torchrun the bars (rank 0's) count rank 0's shard of the points
+    cb, close = _progress_factory(progress, " (rank 0's shard)" if _dist.world_size() > 1 else "")
     log(f"AutoAttack ({version}, {norm}, eps={eps:g}) on {len(x)} points: {', '.join(aa.attacks_to_run)}"
         + (f"; resuming from {aa_state}" if resuming_aa else ""))
     t0 = time.perf_counter()
@@ -255,8 +223,6 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
         x_adv = sharded.run_standard_evaluation_sharded(aa, x, y, bs=bs, state_path=aa_state, progress=cb)
     finally:
         close()
-        if "_verify" in vars(aa):
-            del aa._verify
     res = aa.last_result
     ex = res.extra
     if n_classes is None and len(x):
@@ -270,6 +236,9 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     aa_before = max(0.0, sum(summary["time_s"].values()) - summary["wall_s"])
     mark[0] = time.perf_counter()
     summary["attacks"] = ex["attacks"]
+    nf = ex.get("nonfinite")
+    if isinstance(nf, Tensor) and nf.shape[:1] == (len(x),):   # (a sharded run's is one rank's)
+        summary["nonfinite"] = int(nf.sum())
     if aa_before > 0:
         log(f"AutoAttack resumed from {aa_state}: {aa_before:.1f} s of attack time from earlier runs reused")
     sections["autoattack"] = summary
@@ -503,6 +472,10 @@ def write_report(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
         lines += ["Points fooled first by each attack: " + ", ".join(
             f"{k}: {v}" for k, v in aa.get("fooled_by", {}).items()) + ".", ""]
         lines += ["Time per attack: " + ", ".join(f"{k} {v:.1f} s" for k, v in aa["time_s"].items()) + ".", ""]
+        if aa.get("nonfinite"):
+            lines += [f"**The model returned non-finite logits (NaN or inf)** at points tried for "
+                      f"{aa['nonfinite']} of {aa['n']} inputs: no point counted as fooled on them, so "
+                      "their robustness may be overstated.", ""]
         lines += ["### Per class", "", "| class | clean | robust |", "|---|---|---|"]
         for i, (c, r) in enumerate(zip(aa["per_class"]["clean"], aa["per_class"]["robust"])):
             lines.append(f"| {i} | {_pct(c)} | {_pct(r)} |")
@@ -527,6 +500,10 @@ def write_report(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
             lines.append(f"| {k} | {_pct(cal[k]['accuracy'])} | {cal[k]['mean_confidence']:.3f} | "
                          f"{cal[k]['ece']:.4f} |")
         lines.append("")
+        bad = {k: cal[k].get("nonfinite", 0) for k in ("clean", "adversarial")}
+        if any(bad.values()):
+            lines += [f"Non-finite logits (NaN or inf) on {bad['clean']} clean and {bad['adversarial']} "
+                      "adversarial inputs: counted as misclassified, left out of the ECE and the bins.", ""]
     if "transfer" in report:
         t = report["transfer"]
         lines += ["## Transfer (black-box) robustness", "",
@@ -534,6 +511,10 @@ def write_report(report: Dict[str, object], out_dir: str) -> Dict[str, str]:
                   f"| white-box (AutoAttack) | {_pct(t['white_box_robust_accuracy'])} |",
                   f"| transfer from the surrogate | {_pct(t['transfer_robust_accuracy'])} |",
                   f"| the surrogate itself (white-box) | {_pct(t['surrogate_robust_accuracy'])} |", ""]
+        bad = t.get("nonfinite") or {}
+        if any(bad.values()):
+            lines += ["Non-finite logits (NaN or inf), counted as neither correct nor fooled: "
+                      + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in bad.items()) + ".", ""]
     if "smoothing" in report:
         s = report["smoothing"]
         lines += ["## Certified robustness (randomized smoothing)", "",

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..attacks.base import AttackResult
 from ..train import distributed as _dist
+from .metrics import autoattack_summary
 
 __all__ = ["shard_range", "all_gather_rows", "run_standard_evaluation_sharded"]
 
@@ -60,7 +61,7 @@ def _gather_floats(values: List[float]) -> Tensor:
 
 def run_standard_evaluation_sharded(aa, x: Tensor, y: Tensor, bs: int = 250,
                                     state_path: Optional[str] = None,
-                                    progress: Optional[Callable[[str, int], None]] = None) -> Tensor:
+                                    progress: Optional[Callable[..., None]] = None) -> Tensor:
     """``aa.run_standard_evaluation(x, y)`` with the points split over the process group.
 
     Every rank must call it with the same ``x`` and ``y``. Returns the whole adversarial
@@ -96,6 +97,7 @@ def run_standard_evaluation_sharded(aa, x: Tensor, y: Tensor, bs: int = 250,
         "time": dict(zip(names, times.tolist())),
         "work": {k: int(v) for k, v in zip(work_keys, work.tolist())},
         "shards": counts})
+    res.extra["summary"] = autoattack_summary(res.extra)   # of all the points, not of this shard
     aa.last_result = res
     n = len(x)
     aa.clean_accuracy = clean.float().mean().item() if n else float("nan")

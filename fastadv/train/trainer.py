@@ -1105,7 +1105,10 @@ def _tensor_to_np_state(t: Tensor):
 
 
 def _format_record(r: Dict[str, object]) -> str:
-    parts = [f"epoch {r['epoch']:3d}", f"loss {r['train_loss']:.4f}", f"train-adv {r['train_adv_acc']:.1%}"]
+    # standard training trains on clean inputs: its training accuracy is not "adversarial"
+    # (the label `fastadv demo` prints for it too)
+    acc = "train-clean" if r.get("method") == "standard" else "train-adv"
+    parts = [f"epoch {r['epoch']:3d}", f"loss {r['train_loss']:.4f}", f"{acc} {r['train_adv_acc']:.1%}"]
     if "val_clean_acc" in r:
         parts.append(f"val-clean {r['val_clean_acc']:.1%}")
     if "guard_error" in r:
