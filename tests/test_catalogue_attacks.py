@@ -185,8 +185,11 @@ def test_tpgd_needs_no_labels(mnist):
         changed = model(res.x_adv).argmax(1) != pred
     assert torch.equal(res.success, changed) and changed.any()
     assert torch.equal(atk(x), res.x_adv)        # seeded: the same run again
+    with pytest.raises(ValueError, match="Targeted mode is not supported"):
+        atk.set_mode_targeted_random()           # torchattacks' supported_mode: ["default"]
+    assert atk.supported_mode == ["default"] and not atk.targeted
     with pytest.raises(ValueError, match="untargeted"):
-        atk.set_mode_targeted_random().run(x, y)
+        atk.run(x, y, target=(y + 1) % 10)
 
 
 # ------------------------------------------------------------------------ PGDRS
@@ -228,8 +231,12 @@ def test_gn_and_vanila(mnist):
     assert torch.equal(a.success, _fooled(model, a.x_adv, y))
     v = fastadv.VANILA(model).run(x, y)
     assert torch.equal(v.x_adv, x) and torch.equal(v.success, _fooled(model, x, y))
+    for cls in (fastadv.GN, fastadv.VANILA):
+        with pytest.raises(ValueError, match="Targeted mode is not supported"):
+            cls(model).set_mode_targeted_random()
+        assert cls(model).supported_mode == ["default"]
     with pytest.raises(ValueError, match="untargeted"):
-        fastadv.GN(model).set_mode_targeted_random().run(x, y)
+        fastadv.GN(model).run(x, y, target=(y + 1) % 10)
 
 
 # -------------------------------------------------------------------- bad input

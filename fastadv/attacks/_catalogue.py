@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _engine
-from ._groups import chunked_loss_and_grad
+from ._groups import chunked_loss_and_grad, finite_rows
 from .base import Attack, int_arg, module_of
 from .pgd import _IterativeAttack
 
@@ -64,6 +64,7 @@ class StateLoop(_engine.StepLoop):
         best = _engine.BestIterate(x0) if self.keep == "best" else None
         active = _engine.ActiveSet(n, dev)
         row_steps = torch.zeros(n, dtype=torch.long, device=dev)
+        bad = torch.zeros(n, dtype=torch.bool, device=dev)  # rows the model gave non-finite logits
         rows = Rows(x=x0.clone(), x_nat=x_nat, y=y, t=target)
         atk._init_state(rows, samples)
         budget = atk._copies_rows(x_nat, y, target, n)
@@ -74,13 +75,17 @@ class StateLoop(_engine.StepLoop):
             d, z = atk._direction(rows, k, first if k == 0 else None)
             if k == 0:
                 seen = d.ne(0).any()
+            if z is not None:
+                _engine._or_rows(bad, ~finite_rows(z), active.idx)
             if best is not None:
                 if z is None:
                     with torch.no_grad():
                         z = atk.logits(rows["x"]).float()
+                    _engine._or_rows(bad, ~finite_rows(z), active.idx)
                 # failed rows are ranked by the attack loss (``loss=``), whatever loss the
-                # direction came from (TPGD's KL, Jitter's noisy score)
-                loss = atk.attack_loss(z, rows["y"], rows["t"]).float()
+                # direction came from (TPGD's KL, Jitter's noisy score); a row with
+                # non-finite logits gets NaN, which never ranks above a finite loss
+                loss = self._loss(atk, z, rows["y"], rows["t"])
                 best.update(rows["x"], loss, atk.is_success(z, rows["y"], rows["t"]), active.idx)
             self.step(rows["x"], rows["x_nat"], d)
             done = k + 1
@@ -101,7 +106,8 @@ class StateLoop(_engine.StepLoop):
         if len(active):
             with torch.no_grad():
                 z = atk.logits(xa).float()
-            loss = atk.attack_loss(z, rows["y"], rows["t"]).float()
+            _engine._or_rows(bad, ~finite_rows(z), active.idx)
+            loss = self._loss(atk, z, rows["y"], rows["t"])
             succ = atk.is_success(z, rows["y"], rows["t"])
             if best is not None:
                 best.update(xa, loss, succ, active.idx)
@@ -111,13 +117,19 @@ class StateLoop(_engine.StepLoop):
                 row_steps.index_fill_(0, active.idx, done)
         self._check_grad(seen)
         if best is not None:
-            return _engine.LoopOutput(best.x, best.loss, best.success, row_steps)
+            return _engine.LoopOutput(best.x, best.loss, best.success, row_steps, bad)
         if succ is None:  # no steps on an empty batch
             with torch.no_grad():
                 z = atk.logits(xa).float()
-            loss = atk.attack_loss(z, y, target).float()
+            bad |= ~finite_rows(z)
+            loss = self._loss(atk, z, y, target)
             succ = atk.is_success(z, y, target)
-        return _engine.LoopOutput(xa, loss, succ, row_steps)
+        return _engine.LoopOutput(xa, loss, succ, row_steps, bad)
+
+    @staticmethod
+    def _loss(atk, z: Tensor, y: Tensor, t: Optional[Tensor]) -> Tensor:
+        """The attack loss per row (float32), NaN where the logits are not finite."""
+        return torch.where(finite_rows(z), atk.attack_loss(z, y, t).float(), float("nan"))
 
 
 class CatalogueAttack(_IterativeAttack):

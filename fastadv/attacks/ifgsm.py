@@ -3,8 +3,9 @@ EOT-PGD, UPGD, TPGD and Jitter, drop-in for torchattacks' classes of the same na
 
 Each is PGD with another start, loss or gradient estimate, on PGD's engine: the fused
 ``linf_step_``, input-only gradients, restarts as one batch where the attack is random,
-the best iterate per sample (``keep="best"``, the default, as PGD's; ``keep="last"``
-returns torchattacks' last iterate), early stop, amp, the model given back as found.
+torchattacks' last iterate per sample by default (``keep="last"``, as PGD's;
+``keep="best"``, implied by ``early_stop``, returns each sample's first successful iterate,
+else its highest-loss one), amp, the model given back as found.
 Constructor names, order and defaults are torchattacks 3.5.1's; fastadv's options
 (``restarts``, ``keep``, ``early_stop``, ``amp``, ``seed``, ...) are keywords.
 """
@@ -34,7 +35,7 @@ class BIM(_IterativeAttack):
     """The basic iterative method (I-FGSM; Kurakin, Goodfellow & Bengio 2017, "Adversarial
     Examples in the Physical World"), drop-in for ``torchattacks.BIM``.
 
-    ``BIM(model, eps=8/255, alpha=2/255, steps=10, *, keep="best"|"last", loss, targeted,
+    ``BIM(model, eps=8/255, alpha=2/255, steps=10, *, keep="last"|"best", loss, targeted,
     early_stop, amp, ...)``: PGD without a random start. ``steps=0`` picks the paper's
     count, ``int(min(255·eps + 4, 1.25·255·eps))``, as torchattacks does."""
 
@@ -204,6 +205,8 @@ class TPGD(CatalogueAttack):
     the model's own predictions (``success``: the prediction changed); with labels,
     success is misclassification, as for every attack. Untargeted only, as in torchattacks.
     Failed iterates are ranked by the cross-entropy (``loss=``) for ``keep="best"``."""
+
+    targets_supported = False  # torchattacks' supported_mode ["default"]: the setters refuse
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255,
                  steps: int = 10, **options):

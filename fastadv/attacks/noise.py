@@ -20,6 +20,7 @@ __all__ = ["GN", "VANILA"]
 class _Baseline(Attack):
     uses_gradients = False
     eps_ball = False
+    targets_supported = False  # torchattacks' supported_mode ["default"]: the setters refuse
 
     def __init__(self, name: str, model: nn.Module, *, targeted: bool = False, **options):
         if targeted:

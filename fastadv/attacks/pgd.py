@@ -231,6 +231,12 @@ class _IterativeAttack(Attack):
                     res_restart.index_copy_(0, idx, torch.where(took, cr + r, res_restart[idx]))
             r += nr
 
+        if not best:
+            # keep="last" returns the clean point where no iterate had finite logits: its
+            # success and loss are then the clean point's (a misclassified one stays a success)
+            never = res_restart < 0
+            res_succ = torch.where(never, self.is_success(z, y, target), res_succ)
+            res_loss = torch.where(never, self.attack_loss(z, y, target).float(), res_loss)
         if self.amp is not None:
             # the iterates were judged on low-precision logits: report exact figures
             res_loss, res_succ = self._exact(res_x, y, target)
