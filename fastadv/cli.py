@@ -139,6 +139,43 @@ def _interrupted(args) -> str:
     return f"fastadv {cmd}: interrupted{hint}"
 
 
+# seconds between Ctrl-C and a forced exit, should the KeyboardInterrupt never reach main()
+INTERRUPT_GRACE_S = 10.0
+
+
+def _leave_interrupted(args) -> None:
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    print(f"\n{_interrupted(args)}", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def _install_interrupt_handler(args) -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual (checkpoints and state files are written
+    atomically, so nothing is left torn); a second Ctrl-C, or the first one's interrupt not
+    reaching ``main`` within ``INTERRUPT_GRACE_S`` (CPython drops an exception raised while
+    a ``__del__`` or a weakref callback runs, which a signal can land in), leaves at once
+    with the same one line."""
+    import signal
+    import threading
+
+    hit = []
+
+    def handler(signum, frame):
+        if hit:
+            _leave_interrupted(args)
+        hit.append(True)
+        timer = threading.Timer(INTERRUPT_GRACE_S, _leave_interrupted, (args,))
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+
+
 def main(argv=None) -> int:
     parser, modules = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -147,17 +184,19 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if argv is None:  # the process's own entry point
+        _install_interrupt_handler(args)
     try:
         return int(modules[args.command].run(args) or 0)
     except KeyboardInterrupt:
         # one line, not a traceback (nor the worker threads' at interpreter exit)
+        if argv is None:   # the process's own entry point: leave now, without joining worker threads
+            _leave_interrupted(args)
         try:
             sys.stdout.flush()
         except Exception:
             pass
         print(f"\n{_interrupted(args)}", file=sys.stderr, flush=True)
-        if argv is None:   # the process's own entry point: leave now, without joining worker threads
-            os._exit(130)
         return 130
 
 

@@ -216,8 +216,10 @@ def test_default_result_is_torchattacks_last_iterate(mnist, cls, kw, peer_kw):
     start = {} if cls == "FGSM" else dict(random_start=False)
     theirs = getattr(ta, cls)(model, **kw, **start, **peer_kw)(x, y)
     exact = getattr(fastadv, cls)(model, **kw, **start, channels_last=False)(x, y)
-    # the same arithmetic up to float rounding (max measured: 3e-8)
-    assert (exact - theirs).abs().max().item() <= 1e-6
+    # the same arithmetic up to float rounding: one step differs by <= 6e-8 (the cpp L2
+    # kernel sums the norm in another order than torch); ten steps through the model
+    # amplify that (max measured 1.7e-6 for PGDL2, 2.4e-7 with backend="torch")
+    assert (exact - theirs).abs().max().item() <= 1e-5
     # fastadv's default NHWC layout rounds the convolutions differently; where two max-pool
     # inputs are that close the gradient takes the other branch, so a few pixels step the
     # other way (measured on 128-256 points: 99.5-99.9% of pixels equal, every prediction

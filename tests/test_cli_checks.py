@@ -5,6 +5,7 @@ import argparse
 import errno
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -483,3 +484,39 @@ def test_demo_labels_standard_training_as_clean():
            "time": 2.0, "cpu_time": 3.0}
     assert "train-clean 90.0%" in _epoch_line("standard", rec) and "train-adv" not in _epoch_line("standard", rec)
     assert "train-adv 90.0%" in _epoch_line("pgd", rec) and "CPU 3.0s" in _epoch_line("pgd", rec)
+
+
+def test_ctrl_c_leaves_even_when_the_interrupt_is_swallowed():
+    """A KeyboardInterrupt that never reaches main() (CPython drops one raised inside a
+    __del__ or weakref callback) still ends the command: one line, exit 130, after the grace
+    period; without the watchdog this child would run until killed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    code = (
+        "import argparse, sys, time\n"
+        "import fastadv.cli as cli\n"
+        "cli.INTERRUPT_GRACE_S = 1.0\n"
+        "cli._install_interrupt_handler(argparse.Namespace(command='eval'))\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    try:\n"
+        "        time.sleep(0.05)\n"
+        "    except KeyboardInterrupt:\n"
+        "        pass   # swallowed, as an exception in a __del__ would be\n")
+    root = str(Path(__file__).resolve().parents[1])
+    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": root},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        t = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 130, err
+        assert time.monotonic() - t >= 0.9
+        assert [ln for ln in err.splitlines() if ln.strip()] == [
+            "fastadv eval: interrupted; run the same command again to resume from its state file"]
+    finally:
+        if p.poll() is None:
+            p.kill()
