@@ -13,6 +13,8 @@ import fastadv
 import zoo
 
 ta = pytest.importorskip("torchattacks")
+# torchattacks' SparseFool hands numpy a tensor in a way numpy 2 warns about
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 N = 32
 NAMES = ["SparseFool", "OnePixel", "Pixle", "SPSA"]
@@ -100,7 +102,6 @@ def test_supported_modes_as_torchattacks(mnist):
 
 
 # ---------------------------------------------------------- strength, validity
-@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # torchattacks' numpy call
 def test_sparsefool_fools_as_many_as_torchattacks_as_sparse(mnist):
     """Deterministic on both sides: the defaults (10 steps, lam 3) fool at least as many of
     32 points, and the perturbations are about as sparse (torchattacks' DeepFool steps

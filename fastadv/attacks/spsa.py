@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._groups import Working, finite_rows, view_rows
+from ._groups import Working, finite_rows
 from .base import Attack, AttackResult, int_arg
 
 __all__ = ["SPSA"]
