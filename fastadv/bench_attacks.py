@@ -222,10 +222,17 @@ def _ta(cls: str, **kw) -> Optional[Maker]:
         atk = getattr(ta, cls)(model, **kw)
 
         def call(x, y):
-            # torchattacks draws its start from the global RNG: give it a fork of its own
-            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-                torch.manual_seed(0)
-                return atk(x, y)
+            # torchattacks draws its start from the global RNG (OnePixel's and Pixle's from
+            # numpy's): give it a fork of its own, seeded, and put numpy's back afterwards
+            import numpy as np
+            state = np.random.get_state()
+            try:
+                with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+                    torch.manual_seed(0)
+                    np.random.seed(0)
+                    return atk(x, y)
+            finally:
+                np.random.set_state(state)
         return call
     make.kwargs = dict(kw)   # the table reads the budget from here
     return make
@@ -262,7 +269,8 @@ def _sequential(cls: str, runs: int, **kw) -> Maker:
 
 
 def catalogue_cases(model: str, batch: int, device: str, steps: int = 10) -> List[Case]:
-    """Rows for the rest of torchattacks' catalogue (BIM ... PGDRSL2) against torchattacks, at
+    """Rows for the rest of torchattacks' catalogue (BIM ... PGDRSL2, SparseFool, OnePixel,
+    Pixle, SPSA) against torchattacks, at
     its defaults (fastadv's: the best iterate for the white-box attacks, the last for the
     transfer ones). A row's ``steps`` counts the forward+backward passes per point (SI's
     scale copies, VMI/VNI's neighbours, EOT's samples, PGDRS's noise draws included)."""
@@ -279,8 +287,24 @@ def catalogue_cases(model: str, batch: int, device: str, steps: int = 10) -> Lis
         (f"PGDRS-{k} x5 noise", "PGDRS", linf, 5 * k),
         (f"PGDRSL2-{k} x5 noise", "PGDRSL2", dict(eps=0.5, alpha=0.1, steps=steps), 5 * k),
     ]
-    return [Case(name, model, batch, passes, _fa(cls, **kw), f"torchattacks.{cls}", _ta(cls, **kw), device)
-            for name, cls, kw, passes in rows]
+    cases = [Case(name, model, batch, passes, _fa(cls, **kw), f"torchattacks.{cls}", _ta(cls, **kw), device)
+             for name, cls, kw, passes in rows]
+    # L0 and query-only attacks. Their ``steps`` counts model passes per point at most: for
+    # SparseFool one 10-class DeepFool step and one normal per step (a lower bound: DeepFool
+    # may take more); for the query attacks forwards, not forward+backward passes.
+    n = max(1, k // 5)
+    spsa = dict(eps=8 / 255, nb_iter=n, nb_sample=32, max_batch_size=32)
+    cases += [
+        Case(f"SparseFool-{k}", model, batch, 11 * k, _fa("SparseFool", steps=k), "torchattacks.SparseFool",
+             _ta("SparseFool", steps=k), device, min_norm=True),
+        Case(f"OnePixel-{k}", model, batch, 10 * (k + 1), _fa("OnePixel", steps=k), "torchattacks.OnePixel",
+             _ta("OnePixel", steps=k), device),
+        Case(f"Pixle {k}x10", model, batch, 10 * k, _fa("Pixle", restarts=k), "torchattacks.Pixle",
+             _ta("Pixle", restarts=k), device),
+        Case(f"SPSA-{n} x32 samples", model, batch, 64 * n, _fa("SPSA", **spsa), "torchattacks.SPSA",
+             _ta("SPSA", **spsa), device),
+    ]
+    return cases
 
 
 def default_cases(device: str, quick: bool = False) -> List[Case]:

@@ -295,7 +295,8 @@ def test_bench_rows_for_the_catalogue(tmp_path, monkeypatch):
     cases = bench_attacks.catalogue_cases("tiny3", 8, "cpu", steps=2)
     assert {c.baseline_name for c in cases} >= {f"torchattacks.{n}" for n in (
         "BIM", "RFGSM", "FFGSM", "TPGD", "EOTPGD", "UPGD", "Jitter", "MIFGSM", "NIFGSM",
-        "SINIFGSM", "VMIFGSM", "VNIFGSM", "DIFGSM", "TIFGSM", "PGDRS", "PGDRSL2")}
+        "SINIFGSM", "VMIFGSM", "VNIFGSM", "DIFGSM", "TIFGSM", "PGDRS", "PGDRSL2",
+        "SparseFool", "OnePixel", "Pixle", "SPSA")}
     rows = bench_attacks.attacks_table(device="cpu", threads=1, repeats=1, cases=cases)
     assert len(rows) == len(cases)
     for r in rows:

@@ -7,7 +7,7 @@ the batch. No per-sample Python loop.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from ._groups import Working, lp_norm, norm_name, view_rows
 from .base import int_arg
 from .base import Attack, AttackResult
 
-__all__ = ["DeepFool"]
+__all__ = ["DeepFool", "deepfool_search"]
 
 
 class DeepFool(Attack):
@@ -55,59 +55,7 @@ class DeepFool(Attack):
     def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor], gen: torch.Generator) -> AttackResult:
         if target is not None:
             raise ValueError("DeepFool is untargeted")
-        b = x.shape[0]
-        dev = x.device
-        with torch.no_grad():
-            z0 = self.logits(x).float()
-        n_cls = z0.shape[1]
-        k = n_cls if self.candidates is None else max(2, min(self.candidates, n_cls))
-        # candidate classes: the true class first, then the top others by clean logit
-        others = z0.scatter(1, y[:, None], -math.inf).argsort(1, descending=True)[:, : k - 1]
-        cand = torch.cat((y[:, None], others), 1)                       # [B, K]
-        x_adv = x.clone()
-        r_tot = torch.zeros_like(x)
-        steps = torch.zeros(b, dtype=torch.long, device=dev)
-        W = Working(torch.arange(b, device=dev), x=x, y=y, cand=cand, r=r_tot)
-        fooled = z0.argmax(1) != y
-        if bool(fooled.any()):
-            W.compact(~fooled)
-        for _ in range(self.steps):
-            m = len(W)
-            if m == 0:
-                break
-            xi = (W.x + (1 + self.overshoot) * W.r).clamp(self.lower, self.upper)
-            rows = xi.repeat_interleave(k, 0)
-            cls = W.cand.reshape(-1)
-            yy = W.y.repeat_interleave(k, 0)
-
-            def diff(zz, y_, c_):
-                return zz.gather(1, c_[:, None]).squeeze(1) - zz.gather(1, y_[:, None]).squeeze(1)
-
-            f, z, g = self.loss_and_grad(rows, yy, cls, diff)
-            steps.index_add_(0, W.idx, torch.ones(m, dtype=torch.long, device=dev))
-            pred = z.reshape(m, k, -1)[:, 0].argmax(1)
-            done = pred != W.y
-            f = f.reshape(m, k)[:, 1:]
-            g = g.reshape(m, k, -1)[:, 1:]                               # ∇(z_k − z_y)
-            gn = lp_norm(g.reshape(m * (k - 1), -1), "L2" if self.norm == "L2" else "L1").reshape(m, k - 1)
-            dist = f.abs() / (gn + 1e-8)
-            l = dist.argmin(1)
-            u = torch.arange(m, device=dev)
-            wl, fl, nl = g[u, l], f[u, l].abs(), gn[u, l]
-            if self.norm == "L2":
-                step = ((fl + 1e-4) / (nl ** 2 + 1e-8))[:, None] * wl
-            else:
-                step = ((fl + 1e-4) / (nl + 1e-8))[:, None] * wl.sign()
-            step = step.reshape(W.x.shape)
-            # fooled rows keep their perturbation; the others take the step
-            r_new = torch.where(view_rows(done, W.r), W.r, W.r + step)
-            x_adv.index_copy_(0, W.idx, torch.where(view_rows(done, xi), xi, x_adv.index_select(0, W.idx)))
-            W.r = r_new
-            if bool(done.any()):
-                W.compact(~done)
-        if len(W):
-            xi = (W.x + (1 + self.overshoot) * W.r).clamp(self.lower, self.upper)
-            x_adv.index_copy_(0, W.idx, xi)
+        x_adv, steps, _ = deepfool_search(self, x, y, self.steps, self.overshoot, self.norm, self.candidates)
         with torch.no_grad():
             zf = self.logits(x_adv).float()
         success = zf.argmax(1) != y
@@ -115,3 +63,66 @@ class DeepFool(Attack):
         if self.eps > 0:
             success = success & (size <= self.eps + 1e-6)
         return AttackResult(x_adv, success, -size, steps, extra={"norm_found": size, "norm": self.norm})
+
+
+def deepfool_search(atk: Attack, x: Tensor, y: Tensor, steps: int, overshoot: float, norm: str = "L2",
+                    candidates: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """DeepFool's search with ``atk``'s model calls (its normalization, amp, layout):
+    ``(x_adv, steps [B], cls [B])``, ``cls`` the class each point ended in when fooled, else
+    the class of the boundary its last step went for (SparseFool's target)."""
+    b = x.shape[0]
+    dev = x.device
+    with torch.no_grad():
+        z0 = atk.logits(x).float()
+    n_cls = z0.shape[1]
+    k = n_cls if candidates is None else max(2, min(candidates, n_cls))
+    # candidate classes: the true class first, then the top others by clean logit
+    others = z0.scatter(1, y[:, None], -math.inf).argsort(1, descending=True)[:, : k - 1]
+    cand = torch.cat((y[:, None], others), 1)                       # [B, K]
+    x_adv = x.clone()
+    r_tot = torch.zeros_like(x)
+    n_steps = torch.zeros(b, dtype=torch.long, device=dev)
+    cls = z0.argmax(1)
+    W = Working(torch.arange(b, device=dev), x=x, y=y, cand=cand, r=r_tot)
+    fooled = cls != y
+    if bool(fooled.any()):
+        W.compact(~fooled)
+    for _ in range(steps):
+        m = len(W)
+        if m == 0:
+            break
+        xi = (W.x + (1 + overshoot) * W.r).clamp(atk.lower, atk.upper)
+        rows = xi.repeat_interleave(k, 0)
+        cl = W.cand.reshape(-1)
+        yy = W.y.repeat_interleave(k, 0)
+
+        def diff(zz, y_, c_):
+            return zz.gather(1, c_[:, None]).squeeze(1) - zz.gather(1, y_[:, None]).squeeze(1)
+
+        f, z, g = atk.loss_and_grad(rows, yy, cl, diff)
+        n_steps.index_add_(0, W.idx, torch.ones(m, dtype=torch.long, device=dev))
+        pred = z.reshape(m, k, -1)[:, 0].argmax(1)
+        done = pred != W.y
+        f = f.reshape(m, k)[:, 1:]
+        g = g.reshape(m, k, -1)[:, 1:]                               # ∇(z_k − z_y)
+        gn = lp_norm(g.reshape(m * (k - 1), -1), "L2" if norm == "L2" else "L1").reshape(m, k - 1)
+        dist = f.abs() / (gn + 1e-8)
+        l = dist.argmin(1)
+        u = torch.arange(m, device=dev)
+        cls.index_copy_(0, W.idx, torch.where(done, pred, W.cand[u, l + 1]))
+        wl, fl, nl = g[u, l], f[u, l].abs(), gn[u, l]
+        if norm == "L2":
+            step = ((fl + 1e-4) / (nl ** 2 + 1e-8))[:, None] * wl
+        else:
+            step = ((fl + 1e-4) / (nl + 1e-8))[:, None] * wl.sign()
+        step = step.reshape(W.x.shape)
+        # fooled rows keep their perturbation; the others take the step
+        r_new = torch.where(view_rows(done, W.r), W.r, W.r + step)
+        x_adv.index_copy_(0, W.idx, torch.where(view_rows(done, xi), xi, x_adv.index_select(0, W.idx)))
+        W.r = r_new
+        if bool(done.any()):
+            W.compact(~done)
+    if len(W):
+        xi = (W.x + (1 + overshoot) * W.r).clamp(atk.lower, atk.upper)
+        x_adv.index_copy_(0, W.idx, xi)
+    return x_adv, n_steps, cls
