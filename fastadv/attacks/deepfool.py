@@ -39,6 +39,11 @@ class DeepFool(Attack):
         self.candidates = None if candidates is None else int_arg("candidates", candidates)
 
     eps_ball = False  # eps (if any) decides success; x_adv is not held to it
+
+    def _budget(self):
+        """eps > 0 is a budget (success needs the perturbation within it): checked like a
+        ball's (an eps covering the box would make it the unbounded attack)."""
+        return (self.norm, self.eps) if self.eps > 0 else None
     targets_supported = False  # as in torchattacks: its target-mode setters refuse
 
     @property
