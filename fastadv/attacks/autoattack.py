@@ -321,7 +321,8 @@ class AutoAttack(Attack):
             if k in ("lower", "upper", "amp", "channels_last", "backend", "model_mode", "check_inputs"):
                 setattr(atk, k, v)
         atk.model, atk.eps, atk.norm = self.model, self.eps, self.norm
-        atk.set_mode_default()
+        # untargeted, silently (set_mode_default prints torchattacks' message)
+        atk.targeted, atk._target_mode, atk._target_fn = False, "default", None
         atk._mean = atk._std = None
         atk._io_normalized = False
         if self._mean is not None:
