@@ -237,7 +237,7 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     mark[0] = time.perf_counter()
     summary["attacks"] = ex["attacks"]
     nf = ex.get("nonfinite")
-    if isinstance(nf, Tensor) and nf.shape[:1] == (len(x),):   # (a sharded run's is one rank's)
+    if isinstance(nf, Tensor) and nf.shape[:1] == (len(x),):   # all the points, sharded or not
         summary["nonfinite"] = int(nf.sum())
     if aa_before > 0:
         log(f"AutoAttack resumed from {aa_state}: {aa_before:.1f} s of attack time from earlier runs reused")
