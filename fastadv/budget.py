@@ -59,7 +59,8 @@ def check_eps_budget(eps, norm: str = "Linf", lower: float = 0.0, upper: float =
     hint = ""
     if norm == "Linf" and float(upper) - float(lower) == 1.0 and e >= 1 and e == int(e) and e <= 255:
         hint = f" (did you mean {int(e)}/255?)"
+    size = f", {dim} values per input" if norm != "Linf" and dim is not None else ""
     raise ValueError(f"{name}: {e:g} covers the whole input range [{float(lower):g}, {float(upper):g}] "
-                     f"({norm}){hint}: every input can be moved onto any other, so robust accuracy is 0 "
+                     f"({norm}{size}){hint}: every input can be moved onto any other, so robust accuracy is 0 "
                      f"by construction. Budgets are in the input's units: 8/255 is 8 of 255 grey levels "
                      f"on inputs in [0, 1]. Pass {allow_name} if this is meant")

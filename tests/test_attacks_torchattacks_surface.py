@@ -375,7 +375,7 @@ def test_multiattack_fooled_points_leave(mnist):
     outs.clear()
     # every point is fooled already: the second attack never runs
     seen.clear()
-    huge = Spy(model, eps=1.0, alpha=0.5, steps=2)
+    huge = Spy(model, eps=1.0, alpha=0.5, steps=2, allow_large_eps=True)
     res = fastadv.MultiAttack([huge, Spy(model, eps=0.1, steps=1)]).run(x, y)
     assert seen == [N] and res.extra["records"] == [N, 0] and bool(res.success.all())
 

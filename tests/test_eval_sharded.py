@@ -112,3 +112,65 @@ def test_two_gloo_ranks_match_one_process_per_shard(tmp_path):
     assert "calibration" in r0["report_keys"] and r1["report_keys"] == ["autoattack", "config", "total_s"]
     assert r0["report_robust"] == r1["report_robust"]
     assert (tmp_path / "state.json").exists()
+
+
+N_NAN = 11   # shards of 6 and 5
+
+
+def _nan_setup():
+    from test_nonfinite_logits import _NaNRegion
+    _, (x, y) = zoo.mnist_split()
+    x, y = x[:N_NAN], y[:N_NAN]
+    poison = torch.arange(N_NAN) % 2 == 0          # NaN logits away from these points
+    return _NaNRegion(zoo.mnist_cnn(), x, poison).eval(), x, y, poison
+
+
+def _aa_small(model):
+    return AutoAttack(model, eps=0.15, version="custom", attacks_to_run=["apgd-ce"], steps=4, seed=0,
+                      checks=False, verbose=False)
+
+
+def _nan_worker(rank, init_file, out_dir):
+    import warnings
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        model, x, y, _ = _nan_setup()
+        aa = _aa_small(model)
+        run_standard_evaluation_sharded(aa, x, y, bs=16)
+        rep = report.evaluate(model, x, y, eps=0.15, version="custom", attacks_to_run=["apgd-ce"], steps=4,
+                              bs=16, calibration=False, masking_checks=False, progress=False, log=lambda m: None)
+        torch.save({"nonfinite": aa.last_result.extra["nonfinite"],
+                    "report_nonfinite": rep["autoattack"].get("nonfinite")},
+                   os.path.join(out_dir, f"nan{rank}.pt"))
+        fdist.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)   # see _worker
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_sharded_nonfinite_flags_cover_every_rank(tmp_path):
+    """extra["nonfinite"] and the report's count are of all the points, gathered like the
+    other per-point fields (they used to be the rank's own shard, or left out of the report)."""
+    mp.spawn(_nan_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    r0 = torch.load(tmp_path / "nan0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "nan1.pt", weights_only=True)
+    model, x, y, poison = _nan_setup()
+    alone = []
+    for rank in range(WORLD):
+        a, b = shard_range(N_NAN, rank, WORLD)
+        aa = _aa_small(model)
+        with pytest.warns(RuntimeWarning, match="non-finite logits"):
+            aa.run_standard_evaluation(x[a:b], y[a:b], bs=16)
+        alone.append(aa.last_result.extra["nonfinite"])
+    want = torch.cat(alone)
+    assert bool(want[:6].any()) and bool(want[6:].any())   # both shards met NaN
+    assert not bool((want & ~poison).any())
+    for r in (r0, r1):
+        assert torch.equal(r["nonfinite"], want)
+        assert r["report_nonfinite"] == int(want.sum())

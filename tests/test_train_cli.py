@@ -165,3 +165,28 @@ def test_final_evaluation_under_ddp_trusts_the_guard_instead_of_attacking():
     hist.best_epoch = 1          # the best weights were put back: that model is attacked as usual
     assert final_evaluation(tr, hist, None, 2, distributed=True) == {"clean_acc": 0.5, "n": 4, "robust_acc": 0.25}
     assert tr.calls == [False, True]
+
+
+def test_demo_collapse_in_epoch_1_reports_not_measurable(tmp_path, capsys, monkeypatch):
+    """The demo evaluates like `fastadv train` (final_evaluation): a model whose training
+    collapsed in epoch 1 gets 'not measurable' and the reason, not a traceback."""
+    from fastadv import runs
+    from fastadv.commands.train import EXIT_COLLAPSED
+    monkeypatch.setattr(runs, "build_model", lambda spec: _Closed(**spec["kwargs"]))
+    out = str(tmp_path / "demo")
+    with pytest.warns(RuntimeWarning, match="catastrophic overfitting at epoch 1"):
+        rc = cli.main(["demo", "--quick", "--no-baseline", "--method", "fgsm_rs", "--width", "4",
+                       "--n-train", "128", "--n-test", "64", "--pgd-steps", "2", "--aa-samples", "8",
+                       "--out", out])
+    assert rc == EXIT_COLLAPSED
+    text = capsys.readouterr().out
+    row = next(ln for ln in text.splitlines() if ln.startswith("| fgsm_rs |"))
+    assert row.endswith("| not measurable | skipped |")
+    why = [ln for ln in text.splitlines() if "robust accuracy cannot be measured" in ln]
+    assert len(why) == 1 and "input gradient is zero" in why[0]
+    assert "PGD not measurable" in text and "fastadv eval" not in text
+    res = json.load(open(os.path.join(out, "results.json")))
+    r = res["rows"][0]
+    assert math.isnan(r["pgd2_acc"]) and "input gradient is zero" in r["robust_error"]
+    assert r["autoattack_acc"] is None and 0 <= r["clean_acc"] <= 1
+    assert os.path.exists(os.path.join(out, "results.md"))

@@ -124,6 +124,7 @@ class AutoAttack(Attack):
             raise TypeError(f"seed: expected an int or None, got the string {seed!r}{hint}")
         super().__init__(kwargs.pop("name", "AutoAttack"), model, eps=eps, seed=seed, **kwargs)
         self.norm = norm_name(norm)
+        self._check_budget()   # before the sub-attacks, so that the error names AutoAttack
         if version not in _VERSIONS:
             raise ValueError(f"version: expected one of {_VERSIONS}, got {version!r}")
         if self._flag("is_tf_model", is_tf_model):
@@ -163,10 +164,13 @@ class AutoAttack(Attack):
                                    n_target_classes=9, **kw)
         self.fab = FAB(model, self.norm, self.eps, steps, 5, n_target_classes=9, **kw)
         # Square has no L1 form here: the object exists (the reference has it), but it is
-        # refused by name whenever it would run under L1
-        self.square = Square(model, "Linf" if self.norm == "L1" else self.norm, self.eps, self._n_queries, 1,
-                             p_init=.8, resc_schedule=False, **kw)
+        # refused by name whenever it would run under L1 (built as L∞, it must not take the
+        # L1 radius for an L∞ budget: the budget is the L1 one, checked above)
+        l1 = self.norm == "L1"
+        self.square = Square(model, "Linf" if l1 else self.norm, self.eps, self._n_queries, 1,
+                             p_init=.8, resc_schedule=False, **(dict(kw, allow_large_eps=True) if l1 else kw))
         self.square.norm = self.norm
+        self.square.allow_large_eps = self.allow_large_eps
         self.version = version
         if version != "custom":
             self.set_version(version)
@@ -317,7 +321,8 @@ class AutoAttack(Attack):
             if k in ("lower", "upper", "amp", "channels_last", "backend", "model_mode", "check_inputs"):
                 setattr(atk, k, v)
         atk.model, atk.eps, atk.norm = self.model, self.eps, self.norm
-        atk.targeted, atk._target_mode, atk._target_fn = False, "default", None  # silently
+        # untargeted, silently (set_mode_default prints torchattacks' message)
+        atk.targeted, atk._target_mode, atk._target_fn = False, "default", None
         atk._mean = atk._std = None
         atk._io_normalized = False
         if self._mean is not None:
@@ -361,7 +366,7 @@ class AutoAttack(Attack):
         # covered by the attributes above, or without effect on the result (a generator's
         # repr is its address: it would never match)
         covered = {"lower", "upper", "amp", "normalization", "model_mode", "generator", "backend",
-                   "channels_last", "check_inputs"}
+                   "channels_last", "check_inputs", "allow_large_eps"}
         rest = sorted((k, v) for k, v in self._kwargs.items() if k not in covered)
         steps = {n: a.steps for n, a in atks.items() if n != "square"}
         queries = atks["square"].n_queries if "square" in atks else None

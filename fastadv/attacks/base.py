@@ -324,12 +324,38 @@ class Attack:
     # Whether the target modes apply (torchattacks' ``supported_mode``); DeepFool says no.
     targets_supported = True
 
+    def __init_subclass__(cls, **kwargs):
+        """Each subclass's own ``__init__`` is wrapped so that the eps budget is checked
+        (``_check_budget``) once the outermost constructor has returned: subclasses set
+        ``norm`` after the base's ``__init__``, so the base cannot check it there. The
+        wrapper keeps the signature (``functools.wraps``)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_checks_budget", False):
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kw):
+            outer = "_constructing" not in self.__dict__
+            if outer:
+                self.__dict__["_constructing"] = True
+            try:
+                init(self, *args, **kw)
+            finally:
+                if outer:
+                    del self.__dict__["_constructing"]
+            if outer:
+                self._check_budget()
+
+        __init__._checks_budget = True
+        cls.__init__ = __init__
+
     def __init__(self, name: str, model: nn.Module, *, eps: float = 0.0, lower: float = 0.0,
                  upper: float = 1.0, loss: str = "ce", targeted: bool = False, amp=None,
                  channels_last: Union[str, bool] = "auto", backend: Optional[str] = None,
                  generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
                  normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
-                 model_mode: str = "eval", check_inputs: bool = True):
+                 model_mode: str = "eval", check_inputs: bool = True, allow_large_eps: bool = False):
         if not isinstance(model, nn.Module) and not callable(model):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if module_of(model) is None and _first_sight(model):
@@ -363,6 +389,7 @@ class Attack:
         self.seed = None if seed is None else int_arg("seed", seed, -math.inf)
         self.model_mode = check_model_mode(model_mode)
         self.check_inputs = self._flag("check_inputs", check_inputs)
+        self.allow_large_eps = self._flag("allow_large_eps", allow_large_eps)
         self._mean: Optional[Tensor] = None
         self._std: Optional[Tensor] = None
         self._io_normalized = False
@@ -865,6 +892,7 @@ class Attack:
         if y.shape != x.shape[:1]:
             raise ValueError(f"y: expected shape [{x.shape[0]}] (one label per sample of x), "
                              f"got {tuple(y.shape)}")
+        self._check_budget(math.prod(x.shape[1:]))
         if self._mean is not None:
             self._check_channels(x)
         if y.device != x.device:
@@ -1218,6 +1246,30 @@ class Attack:
     # Whether x_adv is held to the eps-ball of ``self.norm`` (False: CW and DeepFool, whose
     # eps, if any, only decides success).
     eps_ball = True
+
+    def _budget(self) -> Optional[Tuple[str, float]]:
+        """(norm, eps) of the threat model, checked against the box by ``_check_budget``, or
+        None when the attack's eps is no budget. By default the ball of ``eps_ball``
+        attacks, L∞ when the attack has no ``norm``; a norm other than L∞/L2/L1 (L0) is
+        not checked."""
+        if not self.eps_ball:
+            return None
+        norm = getattr(self, "norm", None)
+        try:
+            return ("Linf" if norm is None else _norm_name(norm)), self.eps
+        except ValueError:
+            return None
+
+    def _check_budget(self, dim: Optional[int] = None) -> None:
+        """A ValueError when ``eps`` covers the whole box ``[lower, upper]`` (``dim``: values
+        per input, needed for L2/L1) and ``allow_large_eps`` is not set."""
+        budget = self._budget()
+        if budget is None or self.__dict__.get("allow_large_eps", False):
+            return
+        from ..budget import check_eps_budget
+        norm, eps = budget
+        check_eps_budget(eps, norm, self.lower, self.upper, dim, name="eps",
+                         allow_name=f"allow_large_eps=True to {self.attack}")
 
     def _ball(self) -> Optional[Tuple[str, float]]:
         """(norm, eps) of the ball x_adv lies in, or None for the box alone."""

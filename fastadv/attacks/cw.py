@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._groups import view_rows
+from ._groups import finite_rows, view_rows
 from .base import int_arg
 from .base import Attack, AttackResult
 
@@ -27,7 +27,12 @@ class CW(Attack):
 
     ``success``: an adversarial example was found (any distance); ``extra["l2"]`` its
     L2 distance (inf if none). Points not fooled come back unchanged. Targeted modes
-    of the base class are supported (then z_t must win by κ)."""
+    of the base class are supported (then z_t must win by κ).
+
+    Non-finite logits (NaN or inf) at an iterate decide nothing: never a success, no loss
+    and no gradient for that point at that step (the others' loss, and abort_early, are
+    unaffected); ``extra["nonfinite"]`` flags the points that met them and the run warns
+    once."""
 
     def __init__(self, model, c: float = 1, kappa: float = 0, steps: int = 50, lr: float = 0.01, *,
                  binary_search_steps: int = 9, abort_early: bool = True, **kwargs):
@@ -68,10 +73,20 @@ class CW(Attack):
         c = torch.full((b,), self.c if self.c > 0 else 1e-3, device=dev)
         lo = torch.zeros(b, device=dev)
         hi = torch.full((b,), math.inf, device=dev)
-        best_l2 = torch.full((b,), math.inf, device=dev)
+        # a point adversarial as it is (misclassified, or at its target) is so at distance 0:
+        # its clean logits (finite: checked by run) say it, whatever the model does near it
+        z0 = self.clean_logits
+        if z0 is None:
+            with torch.no_grad():
+                z0 = self.logits(x).float()
+        adv0 = Attack.is_success(z0, y, target)
+        if self.kappa > 0:
+            adv0 = adv0 & (self._f(z0, y, target) <= -self.kappa + 1e-6)
+        best_l2 = torch.where(adv0, 0.0, math.inf)
         best_x = x.clone()
         w0 = self._from_box(x)
         steps_done = torch.zeros(b, dtype=torch.long, device=dev)
+        nonfinite = torch.zeros(b, dtype=torch.bool, device=dev)
         for _ in range(self.binary_search_steps):
             w = w0.clone().requires_grad_(True)
             opt = torch.optim.Adam([w], lr=self.lr)
@@ -84,10 +99,14 @@ class CW(Attack):
                     z = self.logits(xa).float()
                     l2sq = (xa - x).pow(2).flatten(1).sum(1)
                     f = self._f(z, y, target)
-                    loss = (l2sq + c * f).sum()
+                    # a row with non-finite logits adds nothing (a NaN would make the sum,
+                    # and so abort_early's test, NaN) and gets no gradient
+                    fin = finite_rows(z)
+                    loss = torch.where(fin, l2sq + c * f, 0.0).sum()
                     opt.zero_grad(set_to_none=True)
                     (g,) = torch.autograd.grad(loss, w)
-                w.grad = g
+                nonfinite |= ~fin
+                w.grad = torch.where(view_rows(fin, g), g, 0.0)
                 with torch.no_grad():
                     adv = Attack.is_success(z, y, target)
                     if self.kappa > 0:
@@ -114,4 +133,4 @@ class CW(Attack):
             z = self.logits(best_x).float()
         loss = -best_l2.clone()
         return AttackResult(best_x, success & Attack.is_success(z, y, target), loss, steps_done,
-                            extra={"l2": best_l2, "c": c})
+                            extra={"l2": best_l2, "c": c, "nonfinite": nonfinite})

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._groups import Working, lp_norm, norm_name, view_rows
+from ._groups import Working, finite_rows, lp_norm, norm_name, view_rows
 from .base import int_arg
 from .base import Attack, AttackResult
 
@@ -26,7 +26,11 @@ class DeepFool(Attack):
 
     ``success``: misclassified at the end; ``extra["norm_found"]`` the perturbation size.
     ``eps`` (optional, 0 = unbounded): with eps > 0, success also needs the perturbation
-    within eps."""
+    within eps.
+
+    Non-finite logits (NaN or inf) at an iterate decide nothing: the point stops there and
+    keeps its last iterate with finite logits (its clean point at worst), never counted
+    fooled; ``extra["nonfinite"]`` flags such points and the run warns once."""
 
     def __init__(self, model, steps: int = 50, overshoot: float = 0.02, *, norm: str = "L2",
                  candidates: Optional[int] = None, eps: float = 0.0, **kwargs):
@@ -39,6 +43,11 @@ class DeepFool(Attack):
         self.candidates = None if candidates is None else int_arg("candidates", candidates)
 
     eps_ball = False  # eps (if any) decides success; x_adv is not held to it
+
+    def _budget(self):
+        """eps > 0 is a budget (success needs the perturbation within it): checked like a
+        ball's (an eps covering the box would make it the unbounded attack)."""
+        return (self.norm, self.eps) if self.eps > 0 else None
     targets_supported = False  # as in torchattacks: its target-mode setters refuse
 
     @property
@@ -47,7 +56,7 @@ class DeepFool(Attack):
 
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
                     x_adv: Tensor, xf: Tensor) -> Tensor:
-        success = z.argmax(1) != y
+        success = Attack.is_success(z, y, None)   # never on non-finite logits
         if self.eps > 0:
             success = success & (lp_norm(x_adv.float() - xf, self.norm) <= self.eps + 1e-6)
         return success
@@ -55,21 +64,31 @@ class DeepFool(Attack):
     def _attack(self, x: Tensor, y: Tensor, target: Optional[Tensor], gen: torch.Generator) -> AttackResult:
         if target is not None:
             raise ValueError("DeepFool is untargeted")
-        x_adv, steps, _ = deepfool_search(self, x, y, self.steps, self.overshoot, self.norm, self.candidates)
+        x_adv, steps, _, x_safe, nonfinite = deepfool_search(self, x, y, self.steps, self.overshoot,
+                                                             self.norm, self.candidates)
         with torch.no_grad():
             zf = self.logits(x_adv).float()
-        success = zf.argmax(1) != y
+        # the last step's point was not tried before: non-finite there, the last finite one
+        fin = finite_rows(zf)
+        nonfinite |= ~fin
+        x_adv = torch.where(view_rows(fin, x_adv), x_adv, x_safe)
+        success = Attack.is_success(zf, y, None)   # never on non-finite logits
         size = lp_norm(x_adv - x, self.norm)
         if self.eps > 0:
             success = success & (size <= self.eps + 1e-6)
-        return AttackResult(x_adv, success, -size, steps, extra={"norm_found": size, "norm": self.norm})
+        return AttackResult(x_adv, success, -size, steps,
+                            extra={"norm_found": size, "norm": self.norm, "nonfinite": nonfinite})
 
 
 def deepfool_search(atk: Attack, x: Tensor, y: Tensor, steps: int, overshoot: float, norm: str = "L2",
-                    candidates: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                    candidates: Optional[int] = None
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """DeepFool's search with ``atk``'s model calls (its normalization, amp, layout):
-    ``(x_adv, steps [B], cls [B])``, ``cls`` the class each point ended in when fooled, else
-    the class of the boundary its last step went for (SparseFool's target)."""
+    ``(x_adv, steps [B], cls [B], x_safe, nonfinite [B])``, ``cls`` the class each point
+    ended in when fooled, else the class of the boundary its last step went for (SparseFool's
+    target). A point whose logits turn non-finite stops there (the argmax of a NaN row is no
+    prediction; its step would be NaN): ``nonfinite`` marks it, and ``x_safe`` holds each
+    point's last iterate with finite logits (``x_adv`` is that one for the stopped points)."""
     b = x.shape[0]
     dev = x.device
     with torch.no_grad():
@@ -80,6 +99,8 @@ def deepfool_search(atk: Attack, x: Tensor, y: Tensor, steps: int, overshoot: fl
     others = z0.scatter(1, y[:, None], -math.inf).argsort(1, descending=True)[:, : k - 1]
     cand = torch.cat((y[:, None], others), 1)                       # [B, K]
     x_adv = x.clone()
+    x_safe = x.clone()
+    nonfinite = torch.zeros(b, dtype=torch.bool, device=dev)
     r_tot = torch.zeros_like(x)
     n_steps = torch.zeros(b, dtype=torch.long, device=dev)
     cls = z0.argmax(1)
@@ -102,7 +123,11 @@ def deepfool_search(atk: Attack, x: Tensor, y: Tensor, steps: int, overshoot: fl
         f, z, g = atk.loss_and_grad(rows, yy, cl, diff)
         n_steps.index_add_(0, W.idx, torch.ones(m, dtype=torch.long, device=dev))
         pred = z.reshape(m, k, -1)[:, 0].argmax(1)
-        done = pred != W.y
+        fin = finite_rows(z).reshape(m, k).all(1)
+        done = (pred != W.y) & fin
+        nonfinite.index_copy_(0, W.idx, nonfinite.index_select(0, W.idx) | ~fin)
+        safe = torch.where(view_rows(fin, xi), xi, x_safe.index_select(0, W.idx))
+        x_safe.index_copy_(0, W.idx, safe)
         f = f.reshape(m, k)[:, 1:]
         g = g.reshape(m, k, -1)[:, 1:]                               # ∇(z_k − z_y)
         gn = lp_norm(g.reshape(m * (k - 1), -1), "L2" if norm == "L2" else "L1").reshape(m, k - 1)
@@ -118,11 +143,12 @@ def deepfool_search(atk: Attack, x: Tensor, y: Tensor, steps: int, overshoot: fl
         step = step.reshape(W.x.shape)
         # fooled rows keep their perturbation; the others take the step
         r_new = torch.where(view_rows(done, W.r), W.r, W.r + step)
-        x_adv.index_copy_(0, W.idx, torch.where(view_rows(done, xi), xi, x_adv.index_select(0, W.idx)))
+        x_adv.index_copy_(0, W.idx, torch.where(view_rows(done | ~fin, xi), safe, x_adv.index_select(0, W.idx)))
         W.r = r_new
-        if bool(done.any()):
-            W.compact(~done)
+        stop = done | ~fin
+        if bool(stop.any()):
+            W.compact(~stop)
     if len(W):
         xi = (W.x + (1 + overshoot) * W.r).clamp(atk.lower, atk.upper)
         x_adv.index_copy_(0, W.idx, xi)
-    return x_adv, n_steps, cls
+    return x_adv, n_steps, cls, x_safe, nonfinite

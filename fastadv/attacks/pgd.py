@@ -35,12 +35,12 @@ class _IterativeAttack(Attack):
                  normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
                  lower: float = 0.0, upper: float = 1.0, keep: Optional[str] = None,
                  max_batch: Optional[int] = None, model_mode: str = "eval",
-                 check_inputs: bool = True):
+                 check_inputs: bool = True, allow_large_eps: bool = False):
         super().__init__(name, model, eps=eps, lower=lower, upper=upper, loss=loss,
                          targeted=targeted, amp=amp, channels_last=channels_last,
                          backend=backend, generator=generator, seed=seed,
                          normalization=normalization, model_mode=model_mode,
-                         check_inputs=check_inputs)
+                         check_inputs=check_inputs, allow_large_eps=allow_large_eps)
         self.alpha = self._nonneg("alpha", alpha)
         self.steps = int_arg("steps", steps, 0)
         self.random_start = self._flag("random_start", random_start)

@@ -64,7 +64,7 @@ class SparseFool(Attack):
             m = len(W)
             if m == 0:
                 break
-            x_df, df_steps, df_cls = deepfool_search(self, W.cur, W.y, self.deepfool_steps, 0.02)
+            x_df, df_steps, df_cls, _, _ = deepfool_search(self, W.cur, W.y, self.deepfool_steps, 0.02)
             n_steps.index_add_(0, W.idx, df_steps + 1)
             x_b = W.x + self.lam * (x_df - W.x)     # not clamped, as in torchattacks
 

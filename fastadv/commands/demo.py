@@ -1,5 +1,8 @@
 """``fastadv demo``: robust training of a small CNN on the embedded MNIST-5k on a CPU in a few
-minutes, then clean / PGD / AutoAttack evaluation, a table and a PNG training curve."""
+minutes, then clean / PGD / AutoAttack evaluation, a table and a PNG training curve.
+
+Exit status as `fastadv train`'s: 1 when the method's training collapsed with no earlier epoch
+to go back to, so its robust accuracy is not measurable (the table says so, with the reason)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +12,7 @@ import sys
 import time
 
 from ._args import add_progress, at_least, budget, check_out, check_threads, progress_on
-from .train import RECOMMENDED, method_options
+from .train import EXIT_COLLAPSED, RECOMMENDED, final_evaluation, method_options
 
 
 def add_arguments(parser) -> None:
@@ -79,7 +82,8 @@ def _epoch_line(method: str, r: dict) -> str:
     if "val_clean_acc" in r:
         parts.append(f"val-clean {r['val_clean_acc']:.1%}")
     if "robust_acc" in r:
-        parts.append(f"PGD {r['robust_acc']:.1%}")
+        rob = r["robust_acc"]
+        parts.append("PGD not measurable" if rob != rob else f"PGD {rob:.1%}")
     parts.append(f"{r['time']:.1f}s")
     if r.get("cpu_time") is not None:
         parts.append(f"CPU {r['cpu_time']:.1f}s")
@@ -167,8 +171,11 @@ def run(args) -> int:
         cpu = [r["cpu_time"] for r in hist if r.get("cpu_time") is not None]
         test = data.make_loader(xte, yte, batch_size=500, shuffle=False)
         t0 = time.perf_counter()
-        ev = tr.evaluate(test, steps=args.pgd_steps)
+        # as `fastadv train` does: a model PGD cannot attack (its training collapsed with no
+        # earlier epoch to go back to) gets NaN and the reason, not a traceback
+        ev = final_evaluation(tr, hist, test, args.pgd_steps)
         t_pgd = time.perf_counter() - t0
+        measured = "robust_error" not in ev
         # the median epoch: one epoch slowed by another job cannot invert the comparison
         row = {"method": method, "median_epoch_s": round(statistics.median(times), 2),
                "epoch_times_s": [round(t, 2) for t in times], "train_time_s": round(sum(times), 1),
@@ -176,7 +183,16 @@ def run(args) -> int:
                "median_epoch_cpu_s": round(statistics.median(cpu), 2) if cpu else None,
                "clean_acc": ev["clean_acc"], f"pgd{args.pgd_steps}_acc": ev["robust_acc"],
                "pgd_time_s": round(t_pgd, 1)}
-        if not args.no_autoattack:
+        if not measured:
+            row["robust_error"] = ev["robust_error"]
+            collapsed = (f"catastrophic overfitting at epoch(s) {hist.collapsed_epochs} and no earlier "
+                         f"epoch to go back to: " if hist.collapsed else "")
+            print(f"{method}: {collapsed}the final model's robust accuracy cannot be measured "
+                  f"({ev['robust_error']})", flush=True)
+            if not args.no_autoattack:
+                row["autoattack_acc"] = None
+                row["autoattack_note"] = "skipped (the model cannot be attacked: see robust_error)"
+        elif not args.no_autoattack:
             n = min(args.aa_samples, len(xte))
             t0 = time.perf_counter()
             aa, why = _autoattack(tr.module.eval(), xte[:n], yte[:n], args.eps, args.aa_version, args.seed)
@@ -210,8 +226,9 @@ def run(args) -> int:
         aa_s = "skipped" if args.no_autoattack or aa is None else f"{aa:.1%} (n={r['autoattack_n']})"
         ratio = "-" if r.get("epoch_time_ratio") is None else f"{r['epoch_time_ratio']:.2f}"
         cratio = "-" if r.get("epoch_cpu_ratio") is None else f"{r['epoch_cpu_ratio']:.2f}"
+        pgd = "not measurable" if "robust_error" in r else f"{r[k]:.1%}"
         lines.append(f"| {r['method']} | {r['median_epoch_s']:.2f} | {ratio} | {cratio} | {r['clean_acc']:.1%} | "
-                     f"{r[k]:.1%} | {aa_s} |")
+                     f"{pgd} | {aa_s} |")
     table = "\n".join(lines)
     note = ("Training time: the median epoch's wall time (and its ratio to standard training's, wall and "
             "process CPU time), so one epoch slowed by another job on the machine cannot invert the "
@@ -226,5 +243,9 @@ def run(args) -> int:
                       f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}, {torch.get_num_threads()} CPU "
                       f"threads\n\n{table}\n\n{note}\n", os.path.join(args.out, "results.md"))
     atomic_write_json({"rows": rows, "history": curves}, os.path.join(args.out, "results.json"))
+    if any("robust_error" in r for r in rows if r["method"] == args.method):
+        print("no point evaluating it under attack: run again with another --method, more --epochs "
+              "or a smaller --eps")
+        return EXIT_COLLAPSED
     print(f"evaluate the trained model fully: fastadv eval {shlex.quote(args.out)}")
     return 0

@@ -388,6 +388,8 @@ def run(args) -> int:
             kw.update(lower=lower, upper=upper)
         if args.amp:
             kw["amp"] = args.amp
+        if args.allow_large_eps:   # checked above; the attacks check their own eps again
+            kw["allow_large_eps"] = True
     except (ValueError, TypeError) as exc:   # the model, the data or a budget on the command line
         print(f"fastadv eval: {exc}", file=sys.stderr)
         return 2

@@ -257,9 +257,19 @@ def robust_accuracy_curve(model, x: Tensor, y: Tensor, eps_list: Sequence[float]
     if bs is not None:
         bs = int_arg("bs", bs, 1)
     e_n = len(eps)
-    builders = {"apgd-ce": lambda: APGD(model, norm, 1.0, steps, 1, seed, "ce", **attack_kwargs),
-                "apgd-dlr": lambda: APGD(model, norm, 1.0, steps, 1, seed, "dlr", **attack_kwargs),
-                "apgd-t": lambda: APGDT(model, norm, 1.0, steps, 1, seed, **attack_kwargs)}
+    # every row gets its own eps; the attacks are built with the largest, so that their budget
+    # check (allow_large_eps) covers the whole list
+    top = max(eps)
+    if isinstance(x, Tensor) and x.dim() >= 2:
+        from ..budget import check_eps_budget
+        from ..attacks._groups import norm_name
+        check_eps_budget(top, norm_name(norm),
+                         attack_kwargs.get("lower", 0.0), attack_kwargs.get("upper", 1.0),
+                         math.prod(x.shape[1:]), bool(attack_kwargs.get("allow_large_eps", False)),
+                         name="eps_list")
+    builders = {"apgd-ce": lambda: APGD(model, norm, top, steps, 1, seed, "ce", **attack_kwargs),
+                "apgd-dlr": lambda: APGD(model, norm, top, steps, 1, seed, "dlr", **attack_kwargs),
+                "apgd-t": lambda: APGDT(model, norm, top, steps, 1, seed, **attack_kwargs)}
     bad = [a for a in attacks if a not in builders]
     if bad:
         raise ValueError(f"attacks: expected names from {sorted(builders)}, got {bad}")

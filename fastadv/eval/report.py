@@ -237,7 +237,7 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     mark[0] = time.perf_counter()
     summary["attacks"] = ex["attacks"]
     nf = ex.get("nonfinite")
-    if isinstance(nf, Tensor) and nf.shape[:1] == (len(x),):   # (a sharded run's is one rank's)
+    if isinstance(nf, Tensor) and nf.shape[:1] == (len(x),):   # all the points, sharded or not
         summary["nonfinite"] = int(nf.sum())
     if aa_before > 0:
         log(f"AutoAttack resumed from {aa_state}: {aa_before:.1f} s of attack time from earlier runs reused")
@@ -263,7 +263,8 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
         robust_idx = ex["robust"].nonzero().squeeze(1)[:32].cpu()
         if robust_idx.numel():
             xr, yr = x[robust_idx], y[robust_idx]
-            kw = {k_: v for k_, v in attack_kwargs.items() if k_ in ("lower", "upper", "normalization")}
+            kw = {k_: v for k_, v in attack_kwargs.items()
+                  if k_ in ("lower", "upper", "normalization", "allow_large_eps")}
             checks.append(masking.check_large_eps(model, xr, yr, norm, None, 20, seed=seed, warn=True, **kw))
             checks.append(masking.check_more_effort(model, xr, yr, eps, norm, (10, 100), (1, 3), seed,
                                                     warn=True, **kw))
@@ -285,7 +286,7 @@ def evaluate(model, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float = 8 
     # --- transfer (black-box) robustness -----------------------------------------------------
     if surrogate is not None and "transfer" not in sections:
         log("transfer robustness from the surrogate model")
-        box = {k_: v for k_, v in attack_kwargs.items() if k_ in ("lower", "upper", "amp")}
+        box = {k_: v for k_, v in attack_kwargs.items() if k_ in ("lower", "upper", "amp", "allow_large_eps")}
         tr = metrics.transfer_robustness(surrogate, model, x, y, eps, norm, steps=steps, seed=seed, bs=bs,
                                          target_normalization=normalization, **box)
         tr["white_box_robust_accuracy"] = summary["robust_accuracy"]

@@ -2,8 +2,8 @@
 
 Each rank attacks a contiguous shard of the points; the per-point results are then
 gathered so that every rank holds the whole answer — the adversarial batch, the
-clean/robust flags, which attack fooled each point — exactly as one process would
-report it. Under NCCL each rank works on its own GPU; under gloo on CPU processes.
+clean/robust flags, which attack fooled each point, which points met non-finite logits —
+exactly as one process would report it. Under NCCL each rank works on its own GPU; under gloo on CPU processes.
 Without an initialized process group (or with one rank) it is the plain call.
 
     from fastadv.train.distributed import init_from_env
@@ -88,6 +88,10 @@ def run_standard_evaluation_sharded(aa, x: Tensor, y: Tensor, bs: int = 250,
     robust = all_gather_rows(ex["robust"], counts)
     attack_of = all_gather_rows(ex["attack_of"], counts)
     steps = all_gather_rows(r.steps, counts)
+    gathered = {}
+    nf = ex.get("nonfinite")
+    if isinstance(nf, Tensor):   # points that met non-finite logits: all of them, not this shard's
+        gathered["nonfinite"] = all_gather_rows(nf, counts)
     times = _gather_floats([float(ex["time"][n]) for n in names]).amax(0)
     work_keys = sorted(ex["work"])
     work = _gather_floats([float(ex["work"][k]) for k in work_keys]).sum(0)
@@ -96,7 +100,7 @@ def run_standard_evaluation_sharded(aa, x: Tensor, y: Tensor, bs: int = 250,
         "per_attack": {n: attack_of == k for k, n in enumerate(names)},
         "time": dict(zip(names, times.tolist())),
         "work": {k: int(v) for k, v in zip(work_keys, work.tolist())},
-        "shards": counts})
+        "shards": counts, **gathered})
     res.extra["summary"] = autoattack_summary(res.extra)   # of all the points, not of this shard
     aa.last_result = res
     n = len(x)

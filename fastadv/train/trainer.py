@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..attacks import _loss_scale
+from ..attacks._groups import finite_rows
 from ..attacks.base import int_arg, preserved_model
 from . import checkpoint as _ckpt
 from . import distributed as _dist
@@ -58,15 +59,28 @@ class History(list):
 
 
 # ------------------------------------------------------------------ evaluation
+def _correct(z: Tensor, y: Tensor) -> Tensor:
+    """[B] bool: classified as ``y``; never a row whose logits are not finite (an all-NaN
+    row's argmax is class 0: no prediction)."""
+    return (z.argmax(1) == y) & finite_rows(z)
+
+
+def _fooled(z: Tensor, y: Tensor) -> Tensor:
+    """[B] bool: misclassified on finite logits (a non-finite row fools nobody)."""
+    return (z.argmax(1) != y) & finite_rows(z)
+
+
 def pgd_robust_mask(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10,
                     alpha: Optional[float] = None, restarts: int = 1, lower: float = 0.0,
                     upper: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
     """[B] bool: still correctly classified after L∞ PGD (CE, random start, ``restarts``),
-    counting every iterate. The model is evaluated in eval mode and given back as found."""
+    counting every iterate. The model is evaluated in eval mode and given back as found.
+    Non-finite logits decide nothing: on the clean input the point is not correct (so not
+    robust); at an iterate they do not count as fooled (and their gradient moves nothing)."""
     alpha = 2.5 * eps / steps if alpha is None else alpha
     with preserved_model(model, "eval", devices=(x.device,)):
         with torch.no_grad():
-            robust = model(x).argmax(1) == y
+            robust = _correct(model(x), y)
         for _ in range(restarts):
             x_adv = ops.random_init(x, eps, "linf", lower, upper, generator=generator,
                                     _check_values=False)
@@ -75,11 +89,15 @@ def pgd_robust_mask(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: i
                 with torch.enable_grad():
                     z = model(xa)
                     (g,) = torch.autograd.grad(F.cross_entropy(z.float(), y, reduction="sum"), xa)
-                robust &= z.argmax(1) == y
+                robust &= ~_fooled(z.detach(), y)
                 ops.linf_step_(x_adv, x, g, alpha, eps, lower, upper, _check_values=False)
             with torch.no_grad():
-                robust &= model(x_adv).argmax(1) == y
+                robust &= ~_fooled(model(x_adv), y)
     return robust
+
+
+# what fastadv.PGD says when a clean point has non-finite logits (Attack._check_logits)
+_CLEAN_NONFINITE = "non-finite logits (NaN or inf) on the clean input"
 
 
 def _library_pgd_mask(model, x, y, eps, steps, lower, upper, seed) -> Optional[Tensor]:
@@ -470,12 +488,25 @@ class AdversarialTrainer:
     # ------------------------------------------------------------ evaluation
     def robust_mask(self, x: Tensor, y: Tensor, eps: Optional[float] = None, steps: int = 10,
                     restarts: int = 1, seed: int = 0) -> Tensor:
-        """[B] bool: correct under L∞ PGD-``steps`` (fastadv.PGD when installed)."""
+        """[B] bool: correct under L∞ PGD-``steps`` (fastadv.PGD when installed). A point
+        whose clean logits are not finite is not correct, so not robust; non-finite logits
+        at an iterate do not count as fooled."""
         steps, restarts = int_arg("steps", steps), int_arg("restarts", restarts)
         eps = self.eps if eps is None else eps
         x, y, _ = self._to_device(x, y, None)
         if restarts == 1:
-            mask = _library_pgd_mask(self.module, x, y, eps, steps, self.lower, self.upper, seed)
+            try:
+                mask = _library_pgd_mask(self.module, x, y, eps, steps, self.lower, self.upper, seed)
+            except ValueError as exc:
+                # fastadv.PGD refuses non-finite clean logits (no extra forward when there are
+                # none): such points are not robust, the others are attacked
+                if _CLEAN_NONFINITE not in str(exc):
+                    raise
+                with torch.no_grad(), preserved_model(self.module, "eval", devices=(self.device,)):
+                    fin = finite_rows(self.module(x))
+                mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+                if bool(fin.any()):
+                    mask[fin] = self.robust_mask(x[fin], y[fin], eps, steps, restarts, seed)
             if mask is not None:
                 return mask.to(x.device)
         g = torch.Generator(device=self.device).manual_seed(seed)
@@ -498,7 +529,7 @@ class AdversarialTrainer:
             seen += x.shape[0]
             xd, yd, _ = self._to_device(x, y, None)
             with torch.no_grad(), preserved_model(self.module, "eval", devices=(self.device,)):
-                clean = (self.module(xd).argmax(1) == yd).sum()
+                clean = _correct(self.module(xd), yd).sum()
             rob = self.robust_mask(xd, yd, eps, steps, restarts, seed=seed + seen).sum() if attack \
                 else torch.zeros(())
             counts += torch.stack([clean.double().cpu(), rob.double().cpu(),
@@ -882,7 +913,7 @@ class AdversarialTrainer:
                     self.eps_scale = min(1.0, (epoch + (b + 1) / n_batches) / eps_warmup)
                 loss, z, yd = self._train_batch(x, y, idx)
                 sums[0] += loss.double() * yd.shape[0]
-                sums[1] += (z.argmax(1) == yd).sum()
+                sums[1] += _correct(z, yd).sum()
                 count += yd.shape[0]
                 b += 1
                 if bar is not None:
@@ -922,7 +953,7 @@ class AdversarialTrainer:
             if guard and guard_batch is not None:
                 gx, gy, _ = self._to_device(*guard_batch, None)
                 with torch.no_grad(), preserved_model(self.module, "eval", devices=(self.device,)):
-                    gclean = (self.module(gx).argmax(1) == gy).sum()
+                    gclean = _correct(self.module(gx), gy).sum()
                 try:
                     grob = self.robust_mask(gx, gy, steps=guard_steps, seed=1000 + epoch).sum()
                 except ValueError as exc:
