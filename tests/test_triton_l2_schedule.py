@@ -93,7 +93,7 @@ def test_imagenet_batch512_moves_four_tensor_sizes_not_eight():
     assert new.est_dram_bytes == new.min_dram_bytes == 4 * b * n * 4
     assert _tensor_sizes(_check_model(new, b, n, 4, 4), b, n) <= 4.5
 
-    whole_batch = tb.l2_schedule(b, n, 4, 4, sms=132, l2_bytes=0)   # no waves: the old split path
+    whole_batch = tb.l2_schedule(b, n, 4, 4, **H200, waves=False)   # the old split path
     assert whole_batch.kind == "split" and whole_batch.waves == 1
     per_sample = tb.l2_schedule(b, n, 4, 4, **H200, force="fused")  # the old fused schedule
     for old in (whole_batch, per_sample):
@@ -111,7 +111,7 @@ def test_imagenet_other_dtypes_and_projection(xb, gb, minimum, swept):
     assert s.kind == "split" and s.waves > 1 and s.launches == (3 if gb else 2) * s.waves
     assert s.est_dram_bytes == minimum * b * n * xb
     _check_model(s, b, n, xb, gb)
-    old = tb.l2_schedule(b, n, xb, gb, sms=132, l2_bytes=0)
+    old = tb.l2_schedule(b, n, xb, gb, **H200, waves=False)
     assert old.est_dram_bytes == swept * b * n * xb
     _check_model(old, b, n, xb, gb)
 
@@ -166,6 +166,27 @@ def test_sample_bigger_than_the_budget_runs_as_one_wave():
     s = tb.l2_schedule(b, n, 4, 4, **H200)
     assert s.kind == "split" and s.waves == 1 and s.launches == 3 and s.tiles == tb.MAX_TILES
     assert _tensor_sizes(s.est_dram_bytes, b, n) == 8
+
+
+def test_one_wave_estimate_depends_on_the_whole_batch_fitting():
+    """waves=False (the previous split path): 4 tensor-sizes while the whole batch fits in
+    the budget, 8 once it does not."""
+    small = tb.l2_schedule(2, 3 * 64 * 64, 4, 4, **H200, force="split", waves=False)
+    assert small.waves == 1 and small.est_dram_bytes == small.min_dram_bytes
+    big = tb.l2_schedule(256, 3 * 64 * 64, 4, 4, **H200, force="split", waves=False)  # 50 MB
+    assert big.waves == 1 and big.est_dram_bytes == 2 * big.min_dram_bytes
+
+
+def test_previous_schedule_context():
+    """benchmarks' "prev" rows: fused up to FUSED_L2_MAX elements, else one wave; restored after."""
+    probe = torch.empty(4, 3, 64, 64)
+    before = tb.schedule_for(probe, probe)
+    with tb.previous_l2_schedule(3 * 64 * 64):
+        prev = tb.schedule_for(probe, probe)
+    assert prev.kind == "split" and prev.waves == 1
+    assert tb.schedule_for(probe, probe) == before and tb.L2_SCHEDULE is None and tb.L2_WAVES is True
+    with tb.previous_l2_schedule(100):
+        assert tb.schedule_for(torch.empty(2, 100), None).kind == "fused"
 
 
 def test_schedule_arguments_checked():

@@ -268,8 +268,10 @@ INTERPRET_BLOCK = 16384
 INTERPRET_SMS = 1
 INTERPRET_L2_BYTES = 1 << 20
 # "fused" or "split" forces that L2 schedule kind (tests, benchmarks); None lets
-# l2_schedule choose.
+# l2_schedule choose. L2_WAVES = False runs the split path over the whole batch at once
+# (the benchmarks' "prev" rows: the schedule this backend had before waves).
 L2_SCHEDULE: Optional[str] = None
+L2_WAVES = True
 
 # The cache model behind l2_schedule (H100/H200: 132 SMs, 50 MiB of L2; the CUDA
 # backend's kernels/l2.cu makes the same assumptions):
@@ -317,7 +319,7 @@ def _pow2_floor(n: int) -> int:
 
 def l2_schedule(batch: int, per_sample: int, elem_bytes: int, grad_bytes: int, sms: int,
                 l2_bytes: int, *, max_block: int = GPU_MAX_BLOCK, min_block: int = GPU_MIN_BLOCK,
-                force: Optional[str] = None) -> L2Schedule:
+                force: Optional[str] = None, waves: bool = True) -> L2Schedule:
     """The schedule of an L2 op over ``batch`` samples of ``per_sample`` elements:
     ``elem_bytes`` per element of x/x_nat/out, ``grad_bytes`` of grad (0: l2_project);
     ``sms`` multiprocessors, ``l2_bytes`` of L2 cache (0: unknown).
@@ -332,19 +334,20 @@ def l2_schedule(batch: int, per_sample: int, elem_bytes: int, grad_bytes: int, s
       ~4 tensor-sizes of DRAM traffic for a step instead of the ~8 of three sweeps
       from memory. ``tiles`` is raised until a launch has enough programs to fill the GPU.
 
-    Pure arithmetic on the module's knobs; the tests and benchmarks call it directly.
+    ``force`` picks the kind; ``waves=False`` makes the split path one wave whatever L2's
+    size. Pure arithmetic on the module's knobs; the tests and benchmarks call it directly.
     """
     if batch < 1 or per_sample < 1:
         raise ValueError(f"l2_schedule: batch and per_sample must be >= 1, got {batch}, {per_sample}")
     if force not in (None, "fused", "split"):
         raise ValueError(f"l2_schedule: force must be None, 'fused' or 'split', got {force!r}")
     return _l2_schedule(int(batch), int(per_sample), int(elem_bytes), int(grad_bytes), max(1, int(sms)),
-                        max(0, int(l2_bytes)), int(max_block), int(min_block), force,
+                        max(0, int(l2_bytes)), int(max_block), int(min_block), force, bool(waves),
                         FUSED_L2_MAX, MAX_TILES, FILL_PER_SM, RESIDENT_PER_SM, L2_FRACTION)
 
 
 @functools.lru_cache(maxsize=256)
-def _l2_schedule(batch, per_sample, xb, gb, sms, l2_bytes, max_block, min_block, force,
+def _l2_schedule(batch, per_sample, xb, gb, sms, l2_bytes, max_block, min_block, force, waves_allowed,
                  fused_max, max_tiles, fill_per_sm, resident_per_sm, l2_fraction) -> L2Schedule:
     step = gb > 0
     numel = batch * per_sample
@@ -369,8 +372,8 @@ def _l2_schedule(batch, per_sample, xb, gb, sms, l2_bytes, max_block, min_block,
     # Waves: as many samples as fit in the budget with all four tensors; one wave (the
     # whole batch) when even one sample does not fit, or L2's size is unknown.
     wave_bytes = per_sample * (3 * xb + gb)
-    fits = budget >= wave_bytes
-    per_wave = min(batch, budget // wave_bytes) if fits else batch
+    fits = budget >= wave_bytes * (1 if waves_allowed else batch)
+    per_wave = min(batch, budget // wave_bytes) if fits and waves_allowed else batch
     waves = triton.cdiv(batch, per_wave)
     per_wave = triton.cdiv(batch, waves)  # even waves: 512 in 52 waves of <= 10, not 51 of 10 and 2
     # Chunks of ~max_block elements, more of them (down to min_block) while a launch has
@@ -417,7 +420,21 @@ def schedule_for(out: torch.Tensor, grad: Optional[torch.Tensor]) -> L2Schedule:
         sms, l2_bytes = INTERPRET_SMS, INTERPRET_L2_BYTES
         blocks = dict(max_block=INTERPRET_BLOCK, min_block=min(INTERPRET_MIN_BLOCK, INTERPRET_BLOCK))
     return l2_schedule(batch, per_sample, out.element_size(), 0 if grad is None else grad.element_size(),
-                       sms, l2_bytes, force=L2_SCHEDULE, **blocks)
+                       sms, l2_bytes, force=L2_SCHEDULE, waves=L2_WAVES, **blocks)
+
+
+@contextlib.contextmanager
+def previous_l2_schedule(per_sample: int):
+    """Within: the L2 schedule this backend took before l2_schedule (benchmarks' A/B rows):
+    one program per sample up to FUSED_L2_MAX elements, else the split passes over the
+    whole batch at once (no waves)."""
+    global L2_SCHEDULE, L2_WAVES
+    old = L2_SCHEDULE, L2_WAVES
+    L2_SCHEDULE, L2_WAVES = ("fused" if per_sample <= FUSED_L2_MAX else "split"), False
+    try:
+        yield
+    finally:
+        L2_SCHEDULE, L2_WAVES = old
 
 
 def _options(block: int) -> dict:
