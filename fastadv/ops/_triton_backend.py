@@ -24,6 +24,9 @@ sample instead of g/‖g‖ per element (a rounding or two of float32).
 A per-sample ‖g‖² or ‖δ‖² beyond float32's range (|g| around 1e19 and up) is
 inf, as in the float32 reference: such a gradient moves nothing.
 
+The L2 ops' schedule (one program per sample, or several, in waves sized to L2) is
+chosen by ``l2_schedule``, plain arithmetic that also estimates the DRAM traffic.
+
 Runs on CUDA GPUs, and on the CPU only under ``TRITON_INTERPRET=1`` (set before
 triton is first imported), which is how the tests run on machines without GPU.
 """
@@ -273,11 +276,11 @@ INTERPRET_L2_BYTES = 1 << 20
 L2_SCHEDULE: Optional[str] = None
 L2_WAVES = True
 
-# The cache model behind l2_schedule (H100/H200: 132 SMs, 50 MiB of L2; the CUDA
-# backend's kernels/l2.cu makes the same assumptions):
+# The cache model behind l2_schedule (sized for H100/H200: 132 SMs, 50 MiB of L2; the
+# CUDA backend's kernels/l2.cu models it alike). Assumptions, to tune on a GPU:
 # - a launch fills the GPU with at least FILL_PER_SM programs per SM;
-# - RESIDENT_PER_SM fused programs (8 warps, a few dozen registers a thread) run on an
-#   SM at once, so that many samples are in flight in the fused schedule;
+# - RESIDENT_PER_SM fused programs (8 warps each; registers, not threads, the limit)
+#   run on an SM at once: that many samples per SM are in flight in the fused schedule;
 # - data re-read after at most L2_FRACTION of L2 has been touched since its first read
 #   is an L2 hit; anything longer is read from DRAM again.
 FILL_PER_SM = 4
@@ -326,8 +329,8 @@ def l2_schedule(batch: int, per_sample: int, elem_bytes: int, grad_bytes: int, s
 
     * fused, one program per sample sweeping it three times (g², δ², write), when the
       batch fills the GPU (``FILL_PER_SM`` programs an SM) and the samples in flight fit
-      in L2, so the second and third sweeps hit the cache; and when a sample is too small
-      to split at all.
+      in L2 (or L2's size is unknown), so the second and third sweeps hit the cache;
+      and when a sample is too small to split at all. Never above ``FUSED_L2_MAX``.
     * split otherwise: ``tiles`` programs per sample, three launches (two for the
       projection) per wave of ``samples_per_wave`` samples, a wave's x, x_nat, grad and
       out sized to ``L2_FRACTION`` of L2 so that passes 2 and 3 re-read it from L2:
