@@ -36,8 +36,10 @@ def _backends():
 @pytest.mark.parametrize("op", bench_ops.OPS)
 @pytest.mark.parametrize("backend", _backends())
 def test_op(benchmark, size, op, backend):
-    call = bench_ops.make_call(op, backend, bench_ops.make_inputs(size, DEVICE))
+    inputs = bench_ops.make_inputs(size, DEVICE)
+    call = bench_ops.make_call(op, backend, inputs)
     benchmark.group = f"{op} {'x'.join(map(str, size))}"
+    benchmark.extra_info.update(bench_ops.l2_traffic(op, backend, inputs))  # triton L2 on a GPU
     if DEVICE == "cuda":
         def fn():
             call()

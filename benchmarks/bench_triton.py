@@ -8,15 +8,25 @@ Rows, per batch shape (float32):
   ``triton``   the public op, ``fastadv.ops.linf_step(..., backend="triton")`` (custom-op
                dispatch, argument checks and the output allocation included);
   ``kernel``   the backend's launcher alone, writing into a preallocated output;
-  ``eager``    torchattacks' update as separate PyTorch ops (7 kernels for L∞, ~13 for L2).
+  ``eager``    torchattacks' update as separate PyTorch ops (7 kernels for L∞, ~13 for L2);
+  ``prev``     (l2_step only) the launcher on the L2 schedule it had before ``l2_schedule``:
+               one program a sample up to 8192 elements, else three passes over the whole
+               batch (~8 tensor-sizes of DRAM traffic at 3x224x224), an A/B on one GPU.
 pytest-benchmark times a row as ``CALLS`` back-to-back calls and one synchronize.
 Each row's ``extra_info`` holds the figures to report, timed with CUDA events:
 ``us_per_call``; ``gb_per_s`` counting the bytes a fused update must move (read
 x_adv, x_nat, grad; write out: 4 tensors); ``copy_fraction``, that rate over the
-rate of ``dst.copy_(src)`` moving the same number of bytes; ``speedup_vs_eager``.
+rate of ``dst.copy_(src)`` moving the same number of bytes, i.e. the fraction of the
+~4-tensor-size minimum's time the op reaches; ``speedup_vs_eager``. L2 rows of the triton
+backend add the schedule ``l2_schedule`` picks for this GPU (kind, waves, launches) and
+its DRAM estimate: ``est_dram_bytes``, ``min_over_est`` (the minimum over the estimate:
+1.0 when every input is read once, 0.5 for three sweeps from memory) and
+``est_gb_per_s`` (the DRAM rate that estimate implies). Estimates, not counters.
 Targets (reported, not asserted): copy_fraction >= 0.85 and speedup_vs_eager >= 5
 for the triton rows. A summary table prints at the end of the module (use ``-s``).
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -103,7 +113,27 @@ def _callable(op, impl, x_adv, x_nat, grad):
         return lambda: fn(x_adv, x_nat, grad, alpha, eps, backend="triton")
     out = torch.empty_like(x_adv)
     launch = getattr(tb.backend, op)
+    if impl == "prev":
+        per_sample = x_adv[0].numel()
+
+        def prev():
+            with tb.previous_l2_schedule(per_sample):
+                launch(out, x_adv, x_nat, grad, alpha, eps, 0.0, 1.0)
+        return prev
     return lambda: launch(out, x_adv, x_nat, grad, alpha, eps, 0.0, 1.0)
+
+
+def _schedule_info(op, impl, x_adv, grad):
+    """The L2 schedule a triton row runs and its DRAM estimate (nothing for other rows)."""
+    if op != "l2_step" or impl == "eager":
+        return {}
+    from fastadv.ops import _triton_backend as tb
+
+    with tb.previous_l2_schedule(x_adv[0].numel()) if impl == "prev" else contextlib.nullcontext():
+        s = tb.schedule_for(x_adv, grad)
+    return {"schedule": f"{s.kind} {s.tiles}/sample {s.waves} waves {s.launches} launches",
+            "est_dram_bytes": s.est_dram_bytes, "min_dram_bytes": s.min_dram_bytes,
+            "min_over_est": s.min_dram_bytes / s.est_dram_bytes}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,19 +143,24 @@ def summary_table():
         return
     name = torch.cuda.get_device_name()
     print(f"\n\nfastadv triton update ops on {name} (float32; bytes = read x_adv, x_nat, grad + write out)")
-    print(f"{'op':10} {'shape':18} {'impl':7} {'us/call':>9} {'GB/s':>8} {'of copy':>8} {'vs eager':>9}")
+    print(f"{'op':10} {'shape':18} {'impl':7} {'us/call':>9} {'GB/s':>8} {'of copy':>8} {'vs eager':>9} "
+          f"{'min/est':>8}  schedule (estimated DRAM bytes: min/est)")
     for r in _summary:
+        est = f"{r['min_over_est']:8.0%}" if "min_over_est" in r else " " * 8
         print(f"{r['op']:10} {r['shape']:18} {r['impl']:7} {r['us_per_call']:9.1f} {r['gb_per_s']:8.0f} "
-              f"{r['copy_fraction']:8.0%} {r['speedup_vs_eager']:8.2f}x")
-    print(f"targets: >= {TARGET_COPY_FRACTION:.0%} of copy bandwidth, >= {TARGET_SPEEDUP:g}x eager")
+              f"{r['copy_fraction']:8.0%} {r['speedup_vs_eager']:8.2f}x {est}  {r.get('schedule', '')}")
+    print(f"targets: >= {TARGET_COPY_FRACTION:.0%} of copy bandwidth, >= {TARGET_SPEEDUP:g}x eager; "
+          "min/est is the L2 schedule's estimate (100%: ~4 tensor-sizes), not a measurement")
 
 
 # -------------------------------------------------------------------- rows
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["triton", "kernel", "eager"])
+@pytest.mark.parametrize("impl", ["triton", "kernel", "prev", "eager"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("op", ["linf_step", "l2_step"])
 def test_update(benchmark, op, shape, impl):
+    if impl == "prev" and op != "l2_step":
+        pytest.skip("prev: the L2 schedule before l2_schedule; L∞ has one schedule")
     x_adv, x_nat, grad = _inputs(shape)
     fn = _callable(op, impl, x_adv, x_nat, grad)
     fn()  # compile outside the timing
@@ -154,5 +189,8 @@ def test_update(benchmark, op, shape, impl):
         "copy_gb_per_s": nbytes / _copy_us(nbytes) / 1e3,
         "device": torch.cuda.get_device_name(),
     }
+    row.update(_schedule_info(op, impl, x_adv, grad))
+    if "est_dram_bytes" in row:
+        row["est_gb_per_s"] = row["est_dram_bytes"] / us / 1e3
     benchmark.extra_info.update(row)
     _summary.append(row)

@@ -179,8 +179,13 @@ def ops_rows(path: str, dev: torch.device):
         med = b["stats"]["median"]
         if p.get("backend") == "eager":
             eager[b["group"]] = med
-        rows.append({"group": b["group"], "op": p.get("op"), "backend": p.get("backend"), "size": p.get("size"),
-                     "median_s": med})
+        row = {"group": b["group"], "op": p.get("op"), "backend": p.get("backend"), "size": p.get("size"),
+               "median_s": med}
+        extra = b.get("extra_info") or {}
+        for k in ("l2_schedule", "est_dram_bytes", "min_dram_bytes", "min_over_est"):
+            if k in extra:  # the triton L2 schedule's DRAM estimate (bench_ops.l2_traffic)
+                row[k] = extra[k]
+        rows.append(row)
     for r in rows:
         numel = 1
         for d in (r["size"] or []):
@@ -227,12 +232,16 @@ def stage_summary(args) -> int:
     for r in (out["ops"] or []):
         if r["backend"] != "eager":
             ve = "-" if r["vs_eager"] is None else f"{r['vs_eager']:.2f}x"
+            est = (f"  est. DRAM {r['min_over_est']:.0%} of min-traffic efficient ({r['l2_schedule']})"
+                   if "min_over_est" in r else "")
             print(f"ops  {r['group']:28s} {r['backend']:7s} {r['gb_per_s']:8.1f} GB/s "
-                  f"{r['copy_fraction']:6.0%} of copy  {ve} eager")
+                  f"{r['copy_fraction']:6.0%} of copy  {ve} eager{est}")
     for r in (out["triton"] or []):
-        if r.get("impl") == "triton":
-            print(f"triton {r.get('op')} {r.get('shape')}: {r.get('gb_per_s', 0):.0f} GB/s, "
-                  f"{r.get('copy_fraction', 0):.0%} of copy, {r.get('speedup_vs_eager', 0):.2f}x eager")
+        if r.get("impl") in ("triton", "prev"):  # prev: the L2 schedule before waves (A/B)
+            est = (f", est. DRAM min/est {r['min_over_est']:.0%} ({r['schedule']})"
+                   if "min_over_est" in r else "")
+            print(f"{r.get('impl')} {r.get('op')} {r.get('shape')}: {r.get('gb_per_s', 0):.0f} GB/s, "
+                  f"{r.get('copy_fraction', 0):.0%} of copy, {r.get('speedup_vs_eager', 0):.2f}x eager{est}")
     for r in (out.get("pgd") or {}).get("rows", []):
         sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         print(f"pgd  {r['case']:32s} {sp} torchattacks, floor {r['floor_ratio']:.2f}, "

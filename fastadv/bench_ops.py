@@ -8,7 +8,9 @@ baseline ``eager`` is what torchattacks' PGD / PGDL2 do per step, e.g. for L∞:
     adv = torch.clamp(x + delta, 0, 1)
 
 On a GPU each row also gives the achieved bandwidth as a fraction of a plain
-``copy_`` moving the same bytes (the op reads x_adv, x_nat, grad and writes out).
+``copy_`` moving the same bytes (the op reads x_adv, x_nat, grad and writes out: the
+minimum, ~4 tensor-sizes); the triton backend's L2 rows add the DRAM bytes its schedule
+is estimated to move (``l2_traffic``: an estimate from the cache model, not a counter).
 Timings are medians over interleaved repeats (all candidates share the noise);
 the minimum is reported beside them.
 """
@@ -132,6 +134,21 @@ def ready_backends(device: str) -> List[str]:
     return names
 
 
+def l2_traffic(op: str, backend: str, inputs) -> dict:
+    """For the triton backend's L2 ops on a GPU: the schedule ``l2_schedule`` picks for these
+    inputs on this device and its DRAM estimate (est_dram_bytes, min_dram_bytes, min_over_est:
+    1.0 when each input is read once, 0.5 for three sweeps from memory); {} for other rows."""
+    if backend != "triton" or not op.startswith("l2") or inputs[0].device.type != "cuda":
+        return {}
+    from fastadv.ops import _triton_backend as tb
+
+    x_adv, _, grad = inputs
+    s = tb.schedule_for(x_adv, grad if op.endswith("step") else None)
+    return {"l2_schedule": f"{s.kind} {s.tiles}/sample {s.waves} waves {s.launches} launches",
+            "est_dram_bytes": s.est_dram_bytes, "min_dram_bytes": s.min_dram_bytes,
+            "min_over_est": s.min_dram_bytes / s.est_dram_bytes}
+
+
 def make_inputs(shape: Sequence[int], device: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     """(x_adv, x_nat, grad) as an attack step sees them: x_adv near x_nat, a dense gradient."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -205,6 +222,7 @@ def ops_table(sizes: Optional[Iterable[Sequence[int]]] = None, backends: Optiona
                     if copy_bw:
                         row["copy_gb_s"] = copy_bw
                         row["frac_of_copy"] = row["gb_s"] / copy_bw
+                    row.update(l2_traffic(op, name, inputs))
                     rows.append(row)
         if host:
             rows += host_table(backends=None if backends_arg is None else backends, device=device)
@@ -341,15 +359,20 @@ def format_table(rows: List[dict]) -> str:
 
 def _format_speed_table(rows: List[dict]) -> str:
     gpu = any("frac_of_copy" in r for r in rows)
+    est = any("min_over_est" in r for r in rows)
     head = ["size", "op", "backend", "dtype", "ms", "ms min", "vs eager", "GB/s"]
     if gpu:
         head += ["% of copy_"]
+    if est:
+        head += ["min/est DRAM", "L2 schedule"]
     lines = [head]
     for r in rows:
         line = [r["size"], r["op"], r["backend"], r["dtype"], f"{r['ms']:.3f}", f"{r['ms_min']:.3f}",
                 f"{r['speedup']:.2f}x", f"{r['gb_s']:.1f}"]
         if gpu:
             line.append(f"{100 * r['frac_of_copy']:.0f}%" if "frac_of_copy" in r else "")
+        if est:
+            line += [f"{100 * r['min_over_est']:.0f}%", r["l2_schedule"]] if "min_over_est" in r else ["", ""]
         lines.append(line)
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
@@ -357,7 +380,9 @@ def _format_speed_table(rows: List[dict]) -> str:
     dev = rows[0]["device"]
     thr = f", {rows[0]['threads']} threads" if rows[0].get("threads") else ""
     out.append(f"({dev}{thr}; median of interleaved repeats; 'vs eager' = eager median / median; "
-               f"eager = the torchattacks per-step sequence)")
+               f"eager = the torchattacks per-step sequence"
+               + ("; min/est DRAM = the ~4-tensor-size minimum over the L2 schedule's estimated "
+                  "traffic, an estimate)" if est else ")"))
     return "\n".join(out)
 
 

@@ -24,14 +24,18 @@ sample instead of g/‖g‖ per element (a rounding or two of float32).
 A per-sample ‖g‖² or ‖δ‖² beyond float32's range (|g| around 1e19 and up) is
 inf, as in the float32 reference: such a gradient moves nothing.
 
+The L2 ops' schedule (one program per sample, or several, in waves sized to L2) is
+chosen by ``l2_schedule``, plain arithmetic that also estimates the DRAM traffic.
+
 Runs on CUDA GPUs, and on the CPU only under ``TRITON_INTERPRET=1`` (set before
 triton is first imported), which is how the tests run on machines without GPU.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import triton
@@ -193,11 +197,12 @@ def _l2_step_coef(gpart_ptr, alpha_ptr, alpha, sample, tiles,
     return tl.div_rn(alpha, tl.maximum(tl.sqrt_rn(gsq), _GRAD_NORM_FLOOR))
 
 
-@triton.jit
-def _l2_grad_sumsq_kernel(gpart_ptr, grad_ptr, per_sample, tiles,
+@triton.jit(do_not_specialize=["pid0"])
+def _l2_grad_sumsq_kernel(gpart_ptr, grad_ptr, per_sample, tiles, pid0,
                           BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """Split L2, pass 1: partial ‖finite(g)‖² of each chunk (BLOCK*ITERS) into gpart[pid]."""
-    pid = tl.program_id(0).to(tl.int64)
+    """Split L2, pass 1: partial ‖finite(g)‖² of each chunk (BLOCK*ITERS) into gpart[pid].
+    Program ``p`` of a launch is tile ``pid0 + p`` of the batch (a wave starts at ``pid0``)."""
+    pid = tl.program_id(0).to(tl.int64) + pid0
     sample, start, end = _sample_span(pid, per_sample, tiles, BLOCK * ITERS)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(ITERS):
@@ -208,13 +213,13 @@ def _l2_grad_sumsq_kernel(gpart_ptr, grad_ptr, per_sample, tiles,
     tl.store(gpart_ptr + pid, tl.sum(acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pid0"])
 def _l2_delta_sumsq_kernel(dpart_ptr, x_ptr, nat_ptr, grad_ptr, gpart_ptr,
-                           alpha_ptr, alpha, per_sample, tiles,
+                           alpha_ptr, alpha, per_sample, tiles, pid0,
                            HAS_GRAD: tl.constexpr, HAS_ALPHA_T: tl.constexpr,
                            BLOCK: tl.constexpr, ITERS: tl.constexpr, TILES_P2: tl.constexpr):
     """Split L2, pass 2: partial ‖δ‖² of each chunk, δ = (stepped) x - x_nat."""
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64) + pid0
     sample, start, end = _sample_span(pid, per_sample, tiles, BLOCK * ITERS)
     coef = 0.0
     if HAS_GRAD:
@@ -227,14 +232,14 @@ def _l2_delta_sumsq_kernel(dpart_ptr, x_ptr, nat_ptr, grad_ptr, gpart_ptr,
     tl.store(dpart_ptr + pid, tl.sum(acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pid0"])
 def _l2_apply_kernel(out_ptr, x_ptr, nat_ptr, grad_ptr, gpart_ptr, dpart_ptr,
-                     alpha_ptr, alpha, eps_ptr, eps, lower, upper, per_sample, tiles,
+                     alpha_ptr, alpha, eps_ptr, eps, lower, upper, per_sample, tiles, pid0,
                      HAS_GRAD: tl.constexpr, HAS_ALPHA_T: tl.constexpr, HAS_EPS_T: tl.constexpr,
                      BLOCK: tl.constexpr, ITERS: tl.constexpr, TILES_P2: tl.constexpr):
     """Split L2, pass 3: step (the arithmetic of pass 2), scale δ into the ball, clamp, store."""
     alpha, eps, lower, upper = _as_f32(alpha, eps, lower, upper)
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64) + pid0
     sample, start, end = _sample_span(pid, per_sample, tiles, BLOCK * ITERS)
     if HAS_EPS_T:
         eps = tl.load(eps_ptr + sample)
@@ -256,24 +261,183 @@ Scalar = Union[float, torch.Tensor]
 # Split L2 keeps at most this many partial sums per sample, so that every program
 # can re-sum its sample's row cheaply (a 3x224x224 sample has 74 chunks of 2048).
 MAX_TILES = 128
-# Per-sample sizes up to this run L2 as one program per sample (one launch, the
-# sample re-read from cache); larger ones run the three-pass split path.
+# Per-sample sizes up to this may run L2 as one program per sample (one launch, the
+# sample re-read from cache); l2_schedule decides whether they do.
 FUSED_L2_MAX = 8192
 # Under the interpreter each program costs ~1 ms of Python: use few, big blocks.
 INTERPRET_BLOCK = 16384
+# The GPU that l2_schedule assumes under the interpreter (no device to ask): small, so
+# that the tests' small tensors walk the multi-program and wave paths.
+INTERPRET_SMS = 1
+INTERPRET_L2_BYTES = 1 << 20
+# "fused" or "split" forces that L2 schedule kind (tests, benchmarks); None lets
+# l2_schedule choose. L2_WAVES = False runs the split path over the whole batch at once
+# (the benchmarks' "prev" rows: the schedule this backend had before waves).
+L2_SCHEDULE: Optional[str] = None
+L2_WAVES = True
 
-_sm_counts: Dict[int, int] = {}
+# The cache model behind l2_schedule (sized for H100/H200: 132 SMs, 50 MiB of L2; the
+# CUDA backend's kernels/l2.cu models it alike). Assumptions, to tune on a GPU:
+# - a launch fills the GPU with at least FILL_PER_SM programs per SM;
+# - RESIDENT_PER_SM fused programs (8 warps each; registers, not threads, the limit)
+#   run on an SM at once: that many samples per SM are in flight in the fused schedule;
+# - data re-read after at most L2_FRACTION of L2 has been touched since its first read
+#   is an L2 hit; anything longer is read from DRAM again.
+FILL_PER_SM = 4
+RESIDENT_PER_SM = 4
+L2_FRACTION = 0.5
+GPU_MAX_BLOCK, GPU_MIN_BLOCK = 2048, 128
+INTERPRET_MIN_BLOCK = 16
+
+_device_caps_cache: Dict[int, Tuple[int, int]] = {}
+
+
+class L2Schedule(NamedTuple):
+    """How ``launch_l2`` runs one call, and the DRAM traffic that is estimated to move."""
+    kind: str              # "fused": one program per sample, one launch; "split": passes
+    block: int             # BLOCK, elements a program handles per loop iteration
+    iters: int             # split: loop iterations a program (its chunk is block*iters)
+    tiles: int             # programs per sample (1 when fused)
+    samples_per_wave: int  # samples a launch covers (the batch, unless run in waves)
+    waves: int
+    launches: int          # kernel launches for the call
+    programs: int          # programs in the largest launch
+    est_dram_bytes: int    # the cache model's DRAM traffic for the call
+    min_dram_bytes: int    # read x, x_nat (and grad) once, write out once
+
+    @property
+    def over_min(self) -> float:
+        """est_dram_bytes / min_dram_bytes: 1 when every input is read once from DRAM;
+        2 for a float32 step swept three times from DRAM (8 tensor-sizes, not 4)."""
+        return self.est_dram_bytes / self.min_dram_bytes
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _sm_count(device: torch.device) -> int:
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def l2_schedule(batch: int, per_sample: int, elem_bytes: int, grad_bytes: int, sms: int,
+                l2_bytes: int, *, max_block: int = GPU_MAX_BLOCK, min_block: int = GPU_MIN_BLOCK,
+                force: Optional[str] = None, waves: bool = True) -> L2Schedule:
+    """The schedule of an L2 op over ``batch`` samples of ``per_sample`` elements:
+    ``elem_bytes`` per element of x/x_nat/out, ``grad_bytes`` of grad (0: l2_project);
+    ``sms`` multiprocessors, ``l2_bytes`` of L2 cache (0: unknown).
+
+    * fused, one program per sample sweeping it three times (g², δ², write), when the
+      batch fills the GPU (``FILL_PER_SM`` programs an SM) and the samples in flight fit
+      in L2 (or L2's size is unknown), so the second and third sweeps hit the cache;
+      and when a sample is too small to split at all. Never above ``FUSED_L2_MAX``.
+    * split otherwise: ``tiles`` programs per sample, three launches (two for the
+      projection) per wave of ``samples_per_wave`` samples, a wave's x, x_nat, grad and
+      out sized to ``L2_FRACTION`` of L2 so that passes 2 and 3 re-read it from L2:
+      ~4 tensor-sizes of DRAM traffic for a step instead of the ~8 of three sweeps
+      from memory. ``tiles`` is raised until a launch has enough programs to fill the GPU.
+
+    ``force`` picks the kind; ``waves=False`` makes the split path one wave whatever L2's
+    size. Pure arithmetic on the module's knobs; the tests and benchmarks call it directly.
+    """
+    if batch < 1 or per_sample < 1:
+        raise ValueError(f"l2_schedule: batch and per_sample must be >= 1, got {batch}, {per_sample}")
+    if force not in (None, "fused", "split"):
+        raise ValueError(f"l2_schedule: force must be None, 'fused' or 'split', got {force!r}")
+    return _l2_schedule(int(batch), int(per_sample), int(elem_bytes), int(grad_bytes), max(1, int(sms)),
+                        max(0, int(l2_bytes)), int(max_block), int(min_block), force, bool(waves),
+                        FUSED_L2_MAX, MAX_TILES, FILL_PER_SM, RESIDENT_PER_SM, L2_FRACTION)
+
+
+@functools.lru_cache(maxsize=256)
+def _l2_schedule(batch, per_sample, xb, gb, sms, l2_bytes, max_block, min_block, force, waves_allowed,
+                 fused_max, max_tiles, fill_per_sm, resident_per_sm, l2_fraction) -> L2Schedule:
+    step = gb > 0
+    numel = batch * per_sample
+    min_bytes = numel * (3 * xb + gb)        # x, x_nat, grad read once; out written once
+    swept_bytes = numel * (5 * xb + 3 * gb)  # g; x, x_nat, g; x, x_nat, g + out, all from DRAM
+    budget = int(l2_bytes * l2_fraction)
+    fill = fill_per_sm * sms
+    most_tiles = max(1, min(max_tiles, triton.cdiv(per_sample, min_block)))
+
+    in_flight = min(batch, resident_per_sm * sms)
+    fused_fits = budget > 0 and in_flight * per_sample * (2 * xb + gb) <= budget
+    if force is None:
+        fused = per_sample <= fused_max and (
+            most_tiles == 1 or (batch >= fill and (fused_fits or budget == 0)))
+    else:
+        fused = force == "fused"
+    if fused:
+        block = min(max_block, max(min_block, _pow2(per_sample)))
+        return L2Schedule("fused", block, 1, 1, batch, 1, 1, batch,
+                          min_bytes if fused_fits else swept_bytes, min_bytes)
+
+    # Waves: as many samples as fit in the budget with all four tensors; one wave (the
+    # whole batch) when even one sample does not fit, or L2's size is unknown.
+    wave_bytes = per_sample * (3 * xb + gb)
+    fits = budget >= wave_bytes * (1 if waves_allowed else batch)
+    per_wave = min(batch, budget // wave_bytes) if fits and waves_allowed else batch
+    waves = triton.cdiv(batch, per_wave)
+    per_wave = triton.cdiv(batch, waves)  # even waves: 512 in 52 waves of <= 10, not 51 of 10 and 2
+    # Chunks of ~max_block elements, more of them (down to min_block) while a launch has
+    # fewer than `fill` programs, at most max_tiles a sample.
+    want = max(triton.cdiv(per_sample, max_block), triton.cdiv(fill, per_wave))
+    want = max(1, min(want, most_tiles))
+    chunk = triton.cdiv(per_sample, want)
+    if chunk >= max_block:  # big chunks: loop over max_block; block*iters >= chunk, so tiles <= want
+        block, iters = max_block, triton.cdiv(chunk, max_block)
+    else:  # one block a program: the power of two above chunk, or below it if that gives too few
+        block, iters = max(min_block, _pow2(chunk)), 1
+        below = max(min_block, _pow2_floor(chunk))
+        if triton.cdiv(per_sample, block) < want and triton.cdiv(per_sample, below) <= max_tiles:
+            block = below
+    tiles = triton.cdiv(per_sample, block * iters)
+    launches = waves * (3 if step else 2)
+    return L2Schedule("split", block, iters, tiles, per_wave, waves, launches, per_wave * tiles,
+                      min_bytes if fits else swept_bytes, min_bytes)
+
+
+def _device_caps(device: torch.device) -> Tuple[int, int]:
+    """(multiprocessors, L2 bytes; 0 if torch does not say) of a CUDA device."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _sm_counts:
-        _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _sm_counts[idx]
+    if idx not in _device_caps_cache:
+        props = torch.cuda.get_device_properties(idx)
+        _device_caps_cache[idx] = (props.multi_processor_count, int(getattr(props, "L2_cache_size", 0) or 0))
+    return _device_caps_cache[idx]
+
+
+def _sm_count(device: torch.device) -> int:
+    return _device_caps(device)[0]
+
+
+def schedule_for(out: torch.Tensor, grad: Optional[torch.Tensor]) -> L2Schedule:
+    """The L2 schedule ``launch_l2`` takes for ``out`` (and ``grad``; None: the projection):
+    the device's SM count and L2 size on CUDA, ``INTERPRET_SMS`` / ``INTERPRET_L2_BYTES``
+    and the interpreter's block sizes elsewhere."""
+    batch = out.shape[0]
+    per_sample = out.numel() // batch
+    if out.device.type == "cuda":
+        sms, l2_bytes = _device_caps(out.device)
+        blocks = dict(max_block=GPU_MAX_BLOCK, min_block=GPU_MIN_BLOCK)
+    else:
+        sms, l2_bytes = INTERPRET_SMS, INTERPRET_L2_BYTES
+        blocks = dict(max_block=INTERPRET_BLOCK, min_block=min(INTERPRET_MIN_BLOCK, INTERPRET_BLOCK))
+    return l2_schedule(batch, per_sample, out.element_size(), 0 if grad is None else grad.element_size(),
+                       sms, l2_bytes, force=L2_SCHEDULE, waves=L2_WAVES, **blocks)
+
+
+@contextlib.contextmanager
+def previous_l2_schedule(per_sample: int):
+    """Within: the L2 schedule this backend took before l2_schedule (benchmarks' A/B rows):
+    one program per sample up to FUSED_L2_MAX elements, else the split passes over the
+    whole batch at once (no waves)."""
+    global L2_SCHEDULE, L2_WAVES
+    old = L2_SCHEDULE, L2_WAVES
+    L2_SCHEDULE, L2_WAVES = ("fused" if per_sample <= FUSED_L2_MAX else "split"), False
+    try:
+        yield
+    finally:
+        L2_SCHEDULE, L2_WAVES = old
 
 
 def _options(block: int) -> dict:
@@ -291,16 +455,6 @@ def _elementwise_block(n: int, device: torch.device) -> int:
     if n >= 4096 * 4 * _sm_count(device):
         return 4096
     return min(1024, max(128, _pow2(n)))
-
-
-def _fused_block(per_sample: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return min(INTERPRET_BLOCK, max(16, _pow2(per_sample)))
-    return min(2048, max(128, _pow2(per_sample)))
-
-
-def _split_block(device: torch.device) -> int:
-    return INTERPRET_BLOCK if device.type != "cuda" else 2048
 
 
 def _scalar(v: Scalar) -> Tuple[Optional[torch.Tensor], float, bool]:
@@ -339,7 +493,8 @@ def launch_linf(out, x, x_nat, grad, alpha: Scalar, eps: Scalar, lower: float, u
 
 
 def launch_l2(out, x, x_nat, grad, alpha: Scalar, eps: Scalar, lower: float, upper: float) -> None:
-    """``l2_step`` when ``grad`` is a tensor, ``l2_project`` when it is None (alpha unused)."""
+    """``l2_step`` when ``grad`` is a tensor, ``l2_project`` when it is None (alpha unused),
+    on the schedule ``schedule_for`` picks."""
     batch = out.shape[0]
     per_sample = out.numel() // batch
     a_t, a, has_a = _scalar(alpha)
@@ -347,38 +502,41 @@ def launch_l2(out, x, x_nat, grad, alpha: Scalar, eps: Scalar, lower: float, upp
     has_g = grad is not None
     lower, upper = float(lower), float(upper)
     device = out.device
+    sched = schedule_for(out, grad)
+    block = sched.block
+    options = _options(block)
 
-    if per_sample <= FUSED_L2_MAX:
-        block = _fused_block(per_sample, device)
+    if sched.kind == "fused":
         with _on_device(device):
             _l2_fused_kernel[(batch,)](out, x, x_nat, grad, a_t, a, e_t, e, lower, upper, per_sample,
                                        HAS_GRAD=has_g, HAS_ALPHA_T=has_a, HAS_EPS_T=has_e,
-                                       BLOCK=block, **_options(block))
+                                       BLOCK=block, **options)
         return
 
-    # Split path: chunks of BLOCK*ITERS elements, at most MAX_TILES per sample, one
-    # program each; partial sums go to a small [2, B, tiles] float32 workspace
-    # (allocated from the caching allocator on the current stream, so it is safe
-    # under CUDA graph capture and across streams).
-    block = min(_split_block(device), _pow2(per_sample))
-    iters = triton.cdiv(triton.cdiv(per_sample, block), MAX_TILES)
-    tiles = triton.cdiv(per_sample, block * iters)
+    # Split path: chunks of BLOCK*ITERS elements, `tiles` programs a sample; partial sums
+    # go to a small [2, B, tiles] float32 workspace (from the caching allocator on the
+    # current stream: safe under CUDA graph capture and across streams). The passes run
+    # wave by wave, each wave's samples small enough for its re-reads to hit L2; a wave
+    # is a range of tiles (pid0 onwards) of the same tensors, so nothing is sliced and
+    # nothing synchronises: a Python loop of launches, fixed by the shapes.
+    iters, tiles, per_wave = sched.iters, sched.tiles, sched.samples_per_wave
     tiles_p2 = max(16, _pow2(tiles))
-    grid = (batch * tiles,)
-    options = _options(block)
     work = torch.empty((2, batch, tiles), dtype=torch.float32, device=device)
     gpart, dpart = work[0], work[1]
     with _on_device(device):
-        if has_g:
-            _l2_grad_sumsq_kernel[grid](gpart, grad, per_sample, tiles,
-                                        BLOCK=block, ITERS=iters, **options)
-        _l2_delta_sumsq_kernel[grid](dpart, x, x_nat, grad, gpart, a_t, a, per_sample, tiles,
-                                     HAS_GRAD=has_g, HAS_ALPHA_T=has_a,
-                                     BLOCK=block, ITERS=iters, TILES_P2=tiles_p2, **options)
-        _l2_apply_kernel[grid](out, x, x_nat, grad, gpart, dpart, a_t, a, e_t, e, lower, upper,
-                               per_sample, tiles,
-                               HAS_GRAD=has_g, HAS_ALPHA_T=has_a, HAS_EPS_T=has_e,
-                               BLOCK=block, ITERS=iters, TILES_P2=tiles_p2, **options)
+        for first in range(0, batch, per_wave):
+            grid = (min(per_wave, batch - first) * tiles,)
+            pid0 = first * tiles
+            if has_g:
+                _l2_grad_sumsq_kernel[grid](gpart, grad, per_sample, tiles, pid0,
+                                            BLOCK=block, ITERS=iters, **options)
+            _l2_delta_sumsq_kernel[grid](dpart, x, x_nat, grad, gpart, a_t, a, per_sample, tiles, pid0,
+                                         HAS_GRAD=has_g, HAS_ALPHA_T=has_a,
+                                         BLOCK=block, ITERS=iters, TILES_P2=tiles_p2, **options)
+            _l2_apply_kernel[grid](out, x, x_nat, grad, gpart, dpart, a_t, a, e_t, e, lower, upper,
+                                   per_sample, tiles, pid0,
+                                   HAS_GRAD=has_g, HAS_ALPHA_T=has_a, HAS_EPS_T=has_e,
+                                   BLOCK=block, ITERS=iters, TILES_P2=tiles_p2, **options)
 
 
 # =================================================================== backend
