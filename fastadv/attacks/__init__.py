@@ -12,6 +12,9 @@ from .ifgsm import BIM, RFGSM, FFGSM, EOTPGD, UPGD, TPGD, Jitter
 from .transfer import MIFGSM, NIFGSM, SINIFGSM, VMIFGSM, VNIFGSM, DIFGSM, TIFGSM
 from .pgdrs import PGDRS, PGDRSL2, PGDL2RS
 from .noise import GN, VANILA
+from .ead import EADL1, EADEN
+from .fmn import FMN
+from .jsma import JSMA
 from .multi import MultiAttack
 
 __all__ = ["Attack", "AttackResult", "InputIndependentError", "preserved_model", "FGSM", "PGD", "PGDL2", "fgsm", "pgd", "pgd_l2",
@@ -19,4 +22,4 @@ __all__ = ["Attack", "AttackResult", "InputIndependentError", "preserved_model",
            "DeepFool", "MultiAttack",
            "BIM", "RFGSM", "FFGSM", "EOTPGD", "UPGD", "TPGD", "Jitter",
            "MIFGSM", "NIFGSM", "SINIFGSM", "VMIFGSM", "VNIFGSM", "DIFGSM", "TIFGSM",
-           "PGDRS", "PGDRSL2", "PGDL2RS", "GN", "VANILA"]
+           "PGDRS", "PGDRSL2", "PGDL2RS", "GN", "VANILA", "EADL1", "EADEN", "JSMA", "FMN"]

@@ -145,11 +145,6 @@ class FMN(Attack):
             raise ValueError(f"{name}: expected a value in [0, 1) (ε is scaled by 1 ± {name}), got {v}")
         return v
 
-    def __repr__(self) -> str:
-        return (f"FMN(norm={self.norm!r}, steps={self.steps}, alpha_init={self.alpha_init:g}, "
-                f"alpha_final={self.alpha_final:g}, gamma_init={self.gamma_init:g}, "
-                f"gamma_final={self.gamma_final:g}, amp={self.amp!r}, mode={self._target_mode})")
-
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
                     x_adv: Tensor, xf: Tensor) -> Tensor:
         return Attack.is_success(z, y, target) & torch.isfinite(res.extra["norm_found"])
