@@ -9,9 +9,9 @@ move towards the target (A > 0, B < 0 when increasing) and the largest A·|B|, m
 classified as the target, after ⌈features·gamma / 2⌉ steps, or when no pair is left.
 
 Batched over the batch: one forward and backward of a doubled batch gives both derivatives
-of every point (torchattacks takes one backward per class, one image at a time), the pair
-scores are formed for blocks of rows that fit a memory budget, and points that are done
-leave the batch.
+of every point (torchattacks takes one backward per class, one image at a time); the best
+pair is found exactly from the features on the first two Pareto fronts of (a, −b) instead
+of all F² pairs (``best_pairs``); points that are done leave the batch.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .base import Attack, AttackResult
 
 __all__ = ["JSMA", "best_pairs"]
 
-# float32 elements of one [rows, F, F] pair-score block (a few such temporaries live at once)
+# float32 elements of one [rows, F, T] block of pair scores (a few such temporaries live at once)
 _PAIR_BUDGET = 1 << 23
 
 
@@ -107,10 +107,14 @@ def best_pairs(a: Tensor, b: Tensor, dom: Tensor) -> Tensor:
     if k == 0:
         return out
     cidx = (~cand).to(torch.uint8).sort(dim=1, stable=True).indices[:, :k]   # ascending: ties as in p·F + q
-    score = _pair_scores(a.gather(1, cidx), b.gather(1, cidx), cand.gather(1, cidx)).flatten(1)
-    top, arg = score.max(1)
-    p, q = cidx.gather(1, (arg // k)[:, None]).squeeze(1), cidx.gather(1, (arg % k)[:, None]).squeeze(1)
-    return torch.where(torch.isfinite(top), p * f + q, out)
+    per = max(1, _PAIR_BUDGET // (k * k))
+    for i in range(0, n, per):
+        s = slice(i, i + per)
+        ci = cidx[s]
+        top, arg = _pair_scores(a[s].gather(1, ci), b[s].gather(1, ci), cand[s].gather(1, ci)).flatten(1).max(1)
+        p, q = ci.gather(1, (arg // k)[:, None]).squeeze(1), ci.gather(1, (arg % k)[:, None]).squeeze(1)
+        out[s] = torch.where(torch.isfinite(top), p * f + q, out[s])
+    return out
 
 
 class JSMA(Attack):
