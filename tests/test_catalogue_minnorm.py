@@ -429,6 +429,23 @@ def test_bad_call_inputs(mnist):
         fastadv.EADL1(model).run(x[:4], y[:4] + 10)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_on_cuda(mnist, name):
+    """On a GPU: success as the model says, inside the box; JSMA's pair search gives the CPU's
+    pairs on the same derivatives."""
+    _, x, y, _ = mnist
+    model, x, y = zoo.mnist_cnn().cuda(), x[:16].cuda(), y[:16].cuda()
+    res = SMALL[name](model).run(x, y)
+    assert torch.equal(res.success, _fooled(model, res.x_adv, y))
+    assert _in_box(res.x_adv)
+    if name == "JSMA":
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(8, F, generator=g), torch.randn(8, F, generator=g) * 0.3
+        dom = torch.rand(8, F, generator=g) < 0.9
+        assert torch.equal(best_pairs(a.cuda(), b.cuda(), dom.cuda()).cpu(), best_pairs(a, b, dom))
+
+
 # ------------------------------------------------------------------------ slow
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["EADL1", "EADEN"])

@@ -99,7 +99,8 @@ def best_pairs(a: Tensor, b: Tensor, dom: Tensor) -> Tensor:
         ti = tidx[s]
         A = a[s, :, None] + a[s].gather(1, ti)[:, None, :]
         B = b[s, :, None] + b[s].gather(1, ti)[:, None, :]
-        ok = (A > 0) & (B < 0) & tok[s][:, None, :] & dom[s, :, None] & (feat[None, :, None] != ti[:, None, :])
+        ok = (A > 0) & (B < 0) & tok[s][:, None, :] & dom[s, :, None]
+        ok &= feat[None, :, None] != ti[:, None, :]          # p ≠ r
         U[s] = torch.where(ok, -(A * B), -math.inf).amax(2)
     best = U.amax(1, keepdim=True)
     cand = (U >= best) & torch.isfinite(best)
@@ -111,7 +112,8 @@ def best_pairs(a: Tensor, b: Tensor, dom: Tensor) -> Tensor:
     for i in range(0, n, per):
         s = slice(i, i + per)
         ci = cidx[s]
-        top, arg = _pair_scores(a[s].gather(1, ci), b[s].gather(1, ci), cand[s].gather(1, ci)).flatten(1).max(1)
+        scores = _pair_scores(a[s].gather(1, ci), b[s].gather(1, ci), cand[s].gather(1, ci))
+        top, arg = scores.flatten(1).max(1)
         p, q = ci.gather(1, (arg // k)[:, None]).squeeze(1), ci.gather(1, (arg % k)[:, None]).squeeze(1)
         out[s] = torch.where(torch.isfinite(top), p * f + q, out[s])
     return out
