@@ -23,7 +23,7 @@ _LAZY = {
     **{name: "fastadv.attacks" for name in (
         "BIM", "RFGSM", "FFGSM", "EOTPGD", "UPGD", "TPGD", "Jitter", "MIFGSM", "NIFGSM",
         "SINIFGSM", "VMIFGSM", "VNIFGSM", "DIFGSM", "TIFGSM", "PGDRS", "PGDRSL2", "PGDL2RS",
-        "GN", "VANILA", "SparseFool", "OnePixel", "Pixle", "SPSA")},
+        "GN", "VANILA", "SparseFool", "OnePixel", "Pixle", "SPSA", "EADL1", "EADEN", "JSMA", "FMN")},
     "MultiAttack": "fastadv.attacks",
     # training (fastadv.train)
     "AdversarialTrainer": "fastadv.train",

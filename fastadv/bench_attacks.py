@@ -7,14 +7,16 @@ without the feature the row is about) interleaved repeat by repeat, and reports 
 seconds, the speedup (baseline / fastadv), the floor ratio (attack time / (K × one eager
 fp32 forward + input-backward of the bare model); below 1 only by layout or precision) and
 the robust accuracy each side leaves, measured in float32 on the same points. Minimum-norm
-attacks (C&W, DeepFool) also report the median L2 size of their perturbations on the points
-both sides fool (smaller is stronger); their ``steps`` is the iteration budget.
+attacks (C&W, DeepFool, EAD, JSMA, FMN) also report the median size of their perturbations
+on the points both sides fool (smaller is stronger; L2, or the row's ``size_norm``: L1 for
+EADL1, L0 for JSMA); their ``steps`` is the iteration budget.
 
 The models are trained here on the embedded MNIST-5k (28×28, or padded to 3×32×32 for the
 CIFAR-shaped rows), once, and cached in ``FASTADV_BENCH_CACHE`` or ``~/.cache/fastadv/bench``.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -175,15 +177,33 @@ def _robust(model: nn.Module, x_adv: Tensor, y: Tensor) -> float:
         return (model(x_adv).argmax(1) == y).float().mean().item()
 
 
-def _median_l2_on_common(model: nn.Module, x: Tensor, y: Tensor, advs: Sequence[Tensor]) -> List[Optional[float]]:
-    """Each side's median L2 perturbation on the points every side fools (None if none)."""
+def _size(d: Tensor, norm: str) -> Tensor:
+    f = d.flatten(1).float()
+    if norm == "L0":
+        return (f != 0).sum(1).float()
+    if norm == "L1":
+        return f.abs().sum(1)
+    if norm == "Linf":
+        return f.abs().amax(1)
+    return f.norm(dim=1)
+
+
+def _median_size_on_common(model: nn.Module, x: Tensor, y: Tensor, advs: Sequence[Tensor],
+                           norm: str = "L2") -> List[Optional[float]]:
+    """Each side's median perturbation size (in ``norm``) on the points every side fools
+    (None if none)."""
     with torch.no_grad():
         both = model(x).argmax(1) == y
         for a in advs:
             both &= model(a).argmax(1) != y
     if not bool(both.any()):
         return [None] * len(advs)
-    return [(a - x).flatten(1).float().norm(dim=1)[both].median().item() for a in advs]
+    return [_size(a - x, norm)[both].median().item() for a in advs]
+
+
+def _median_l2_on_common(model: nn.Module, x: Tensor, y: Tensor, advs: Sequence[Tensor]) -> List[Optional[float]]:
+    """Each side's median L2 perturbation on the points every side fools (None if none)."""
+    return _median_size_on_common(model, x, y, advs, "L2")
 
 
 # ------------------------------------------------------------------- cases
@@ -202,7 +222,8 @@ class Case:
     baseline: Optional[Maker]         # None: no baseline (e.g. torchattacks missing)
     device: str = "any"               # "cpu", "cuda" or "any"
     min_norm: bool = False            # a minimum-norm attack (C&W, DeepFool): also report the
-    #                                   median L2 of the perturbations, on points both sides fool
+    #                                   median size of the perturbations, on points both sides fool
+    size_norm: str = "L2"             # the norm that size is measured in ("L0", "L1", "L2", "Linf")
 
 
 def _torchattacks():
@@ -268,12 +289,20 @@ def _sequential(cls: str, runs: int, **kw) -> Maker:
     return make
 
 
-def catalogue_cases(model: str, batch: int, device: str, steps: int = 10) -> List[Case]:
-    """Rows for the rest of torchattacks' catalogue (BIM ... PGDRSL2, SparseFool, OnePixel,
-    Pixle, SPSA) against torchattacks, at
-    its defaults (fastadv's: the best iterate for the white-box attacks, the last for the
-    transfer ones). A row's ``steps`` counts the forward+backward passes per point (SI's
-    scale copies, VMI/VNI's neighbours, EOT's samples, PGDRS's noise draws included)."""
+def catalogue_cases(model: str, batch: int, device: str, steps: int = 10,
+                    min_norm_model: Optional[str] = None, min_norm_batch: Optional[int] = None) -> List[Case]:
+    """Rows for the rest of torchattacks' catalogue (BIM ... PGDRSL2, SparseFool,
+    OnePixel, Pixle, SPSA, EADL1, EADEN, JSMA) against torchattacks, at its defaults (the
+    last iterate, on both sides), and FMN-L2 against torchattacks' C&W. A row's
+    ``steps`` counts the forward+backward passes per point (SI's scale copies, VMI/VNI's
+    neighbours, EOT's samples, PGDRS's noise draws included); for the minimum-norm rows it
+    is the budget (EAD stops its search steps early, JSMA its points once fooled).
+
+    The minimum-norm rows run on ``min_norm_model`` with ``min_norm_batch`` points (default:
+    ``model``, ``batch``): torchattacks' JSMA takes ten backward passes and an F²-pair map per
+    image and step, minutes for a batch of 3×32×32 images. ``steps`` scales their budgets
+    (``steps=10``: torchattacks' defaults; EAD's iterations are 10·steps, JSMA's gamma
+    0.01·steps, FMN's and C&W's steps 10·steps)."""
     linf = dict(eps=8 / 255, alpha=2 / 255, steps=steps)
     k = steps
     rows = [
@@ -296,7 +325,7 @@ def catalogue_cases(model: str, batch: int, device: str, steps: int = 10) -> Lis
     spsa = dict(eps=8 / 255, nb_iter=n, nb_sample=32, max_batch_size=32)
     cases += [
         Case(f"SparseFool-{k}", model, batch, 11 * k, _fa("SparseFool", steps=k), "torchattacks.SparseFool",
-             _ta("SparseFool", steps=k), device, min_norm=True),
+             _ta("SparseFool", steps=k), device, min_norm=True, size_norm="L0"),
         Case(f"OnePixel-{k}", model, batch, 10 * (k + 1), _fa("OnePixel", steps=k), "torchattacks.OnePixel",
              _ta("OnePixel", steps=k), device),
         Case(f"Pixle {k}x10", model, batch, 10 * k, _fa("Pixle", restarts=k), "torchattacks.Pixle",
@@ -304,6 +333,21 @@ def catalogue_cases(model: str, batch: int, device: str, steps: int = 10) -> Lis
         Case(f"SPSA-{n} x32 samples", model, batch, 64 * n, _fa("SPSA", **spsa), "torchattacks.SPSA",
              _ta("SPSA", **spsa), device),
     ]
+    mn_model = min_norm_model or model
+    mn_batch = min_norm_batch or batch
+    feats = 28 * 28 if _MODELS.get(mn_model, (None, "mnist"))[1] == "mnist" else 3 * 32 * 32
+    it = 10 * k
+    gamma = min(1.0, 0.01 * k)
+    cw = dict(c=10.0, kappa=0.0, steps=it, lr=0.05)
+    for name, cls, kw, passes, norm in [
+            (f"EADL1 9x{it}", "EADL1", dict(max_iterations=it), 9 * it, "L1"),
+            (f"EADEN 9x{it}", "EADEN", dict(max_iterations=it), 9 * it, "L2"),
+            (f"JSMA gamma={gamma:g}", "JSMA", dict(gamma=gamma), 2 * math.ceil(feats * gamma / 2), "L0")]:
+        cases.append(Case(name, mn_model, mn_batch, passes, _fa(cls, **kw), f"torchattacks.{cls}",
+                          _ta(cls, **kw), device, min_norm=True, size_norm=norm))
+    # FMN is not in torchattacks: its nearest peer there is C&W L2 (one search step)
+    cases.append(Case(f"FMN-L2-{it} (vs C&W-{it})", mn_model, mn_batch, it, _fa("FMN", norm=2, steps=it),
+                      "torchattacks.CW", _ta("CW", **cw), device, min_norm=True, size_norm="L2"))
     return cases
 
 
@@ -343,7 +387,7 @@ def default_cases(device: str, quick: bool = False) -> List[Case]:
                 Case("DeepFool L2", "mnist_cnn", 32, 50, _fa("DeepFool", **df),
                      "torchattacks.DeepFool", _ta("DeepFool", **df), "cpu", min_norm=True),
             ]
-            cases += catalogue_cases("cnn32", 128, "cpu")
+            cases += catalogue_cases("cnn32", 128, "cpu", min_norm_model="mnist_cnn", min_norm_batch=32)
     else:
         cases += [
             Case("PGD-10 Linf fp32", "preact_resnet18", 512, 10, _fa("PGD", **linf),
@@ -376,7 +420,8 @@ def default_cases(device: str, quick: bool = False) -> List[Case]:
                 Case("DeepFool L2", "preact_resnet18", 32, 50, _fa("DeepFool", **df),
                      "torchattacks.DeepFool", _ta("DeepFool", **df), "cuda", min_norm=True),
             ]
-            cases += catalogue_cases("preact_resnet18", 256, "cuda")
+            cases += catalogue_cases("preact_resnet18", 256, "cuda", min_norm_model="mnist_cnn",
+                                     min_norm_batch=64)
     return cases
 
 
@@ -391,6 +436,8 @@ def attacks_table(device: Optional[str] = None, threads: Optional[int] = 2, quic
     Row keys: case, model, batch, steps, device, threads, backend, fastadv_s, baseline,
     baseline_s, speedup, floor_ratio, baseline_floor_ratio, floor_s, robust_fastadv,
     robust_baseline, median_l2_fastadv, median_l2_baseline (minimum-norm rows; else None),
+    size_norm, median_size_fastadv, median_size_baseline (minimum-norm rows only: the median
+    size in the row's ``size_norm``),
     eps (the budget; None for minimum-norm rows), load (1-minute load average before and
     after the row), cores.
 
@@ -454,6 +501,10 @@ def attacks_table(device: Optional[str] = None, threads: Optional[int] = 2, quic
                 meds = _median_l2_on_common(model, x, y, sides)
                 rows[-1]["median_l2_fastadv"] = meds[0]
                 rows[-1]["median_l2_baseline"] = meds[1] if len(meds) > 1 else None
+                meds = _median_size_on_common(model, x, y, sides, case.size_norm)
+                rows[-1]["size_norm"] = case.size_norm
+                rows[-1]["median_size_fastadv"] = meds[0]
+                rows[-1]["median_size_baseline"] = meds[1] if len(meds) > 1 else None
     finally:
         torch.set_num_threads(old_threads)
     return rows
@@ -516,9 +567,17 @@ def format_table(rows: List[dict]) -> str:
 
     head = ["case", "model", "points", "ε", "fastadv s", "baseline", "baseline s", "speedup",
             "floor", "base floor", "robust fastadv", "robust base"]
-    show_l2 = any(r.get("median_l2_fastadv") is not None for r in rows)
+    show_l2 = any(r.get("median_l2_fastadv") is not None or r.get("size_norm") for r in rows)
+    # rows sized in another norm than L2 (EADL1: L1, JSMA: L0) say which, after the number
+    mixed = any(r.get("size_norm", "L2") != "L2" for r in rows)
     if show_l2:
-        head += ["median L2 fastadv", "median L2 base"]
+        head += ["median size fastadv", "median size base"] if mixed else ["median L2 fastadv", "median L2 base"]
+
+    def size(r, side):
+        if not mixed:
+            return f(r.get(f"median_l2_{side}"), ".3f")
+        v = r.get(f"median_size_{side}", r.get(f"median_l2_{side}"))
+        return "-" if v is None else f"{v:.3f} {r.get('size_norm', 'L2')}"
     lines = [head]
     for r in rows:
         lines.append([r["case"], r["model"], str(r["batch"]), format_eps(r.get("eps")), f(r["fastadv_s"], ".3f"),
@@ -527,7 +586,7 @@ def format_table(rows: List[dict]) -> str:
                       f(r["floor_ratio"], ".2f"), f(r["baseline_floor_ratio"], ".2f"),
                       f(r["robust_fastadv"], ".3f"), f(r["robust_baseline"], ".3f")])
         if show_l2:
-            lines[-1] += [f(r.get("median_l2_fastadv"), ".3f"), f(r.get("median_l2_baseline"), ".3f")]
+            lines[-1] += [size(r, "fastadv"), size(r, "baseline")]
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -538,7 +597,9 @@ def format_table(rows: List[dict]) -> str:
                f"on inputs in [0, 1] (- : a minimum-norm attack, no budget); speedup = baseline s / "
                f"fastadv s; floor = attack s / (K x one eager fp32 forward+input-backward of the bare "
                f"model); robust = accuracy left on the same points, float32"
-               + ("; median L2 = of the perturbations, on the points both sides fool" if show_l2 else "") + ")")
+               + (("; median size = of the perturbations in the norm named, on the points both sides fool"
+                   if mixed else "; median L2 = of the perturbations, on the points both sides fool")
+                  if show_l2 else "") + ")")
     models = list(dict.fromkeys(r["model"] for r in rows))
     out.append("models: " + "; ".join(f"{m} = {MODEL_NOTES.get(m, 'a model of the caller')}" for m in models))
     note = load_note(rows)

@@ -286,22 +286,30 @@ def test_bim_steps_zero_is_the_papers_count(mnist):
 # -------------------------------------------------------------------- benchmark
 def test_bench_rows_for_the_catalogue(tmp_path, monkeypatch):
     """Every catalogue row of ``fastadv bench attacks`` builds and runs both sides (an
-    untrained tiny 3-channel model: torchattacks' TIFGSM needs 3 channels)."""
+    untrained tiny 3-channel model: torchattacks' TIFGSM needs 3 channels; the minimum-norm
+    rows on a tiny 1-channel one: torchattacks' JSMA is slow on 3×32×32)."""
     pytest.importorskip("torchattacks")
     from fastadv import bench_attacks, models
     monkeypatch.setattr(bench_attacks, "CACHE", str(tmp_path))
     monkeypatch.setitem(bench_attacks._MODELS, "tiny3",
                         (lambda: models.SmallCNN(in_channels=3, input_size=32, width=4), "cifar", 0))
-    cases = bench_attacks.catalogue_cases("tiny3", 8, "cpu", steps=2)
+    monkeypatch.setitem(bench_attacks._MODELS, "tiny1", (lambda: models.SmallCNN(width=4), "mnist", 0))
+    cases = bench_attacks.catalogue_cases("tiny3", 8, "cpu", steps=2, min_norm_model="tiny1", min_norm_batch=4)
     assert {c.baseline_name for c in cases} >= {f"torchattacks.{n}" for n in (
         "BIM", "RFGSM", "FFGSM", "TPGD", "EOTPGD", "UPGD", "Jitter", "MIFGSM", "NIFGSM",
         "SINIFGSM", "VMIFGSM", "VNIFGSM", "DIFGSM", "TIFGSM", "PGDRS", "PGDRSL2",
-        "SparseFool", "OnePixel", "Pixle", "SPSA")}
+        "SparseFool", "OnePixel", "Pixle", "SPSA", "EADL1", "EADEN", "JSMA", "CW")}
+    assert {c.name.split()[0].split("-")[0] for c in cases if c.min_norm} == {
+        "SparseFool", "EADL1", "EADEN", "JSMA", "FMN"}
     rows = bench_attacks.attacks_table(device="cpu", threads=1, repeats=1, cases=cases)
     assert len(rows) == len(cases)
     for r in rows:
         assert r["fastadv_s"] > 0 and r["baseline_s"] > 0 and 0 <= r["robust_fastadv"] <= 1
-    assert "SINIFGSM-2 m=5" in bench_attacks.format_table(rows)
+    sized = {r["case"].split()[0]: r for r in rows if r.get("size_norm")}
+    assert {k: r["size_norm"] for k, r in sized.items()} == {
+        "SparseFool-2": "L0", "EADL1": "L1", "EADEN": "L2", "JSMA": "L0", "FMN-L2-20": "L2"}
+    table = bench_attacks.format_table(rows)
+    assert "SINIFGSM-2 m=5" in table and "median size fastadv" in table
 
 
 @pytest.mark.gpu

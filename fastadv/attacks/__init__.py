@@ -16,6 +16,9 @@ from .sparsefool import SparseFool
 from .onepixel import OnePixel
 from .pixle import Pixle
 from .spsa import SPSA
+from .ead import EADL1, EADEN
+from .fmn import FMN
+from .jsma import JSMA
 from .multi import MultiAttack
 
 __all__ = ["Attack", "AttackResult", "InputIndependentError", "preserved_model", "FGSM", "PGD", "PGDL2", "fgsm", "pgd", "pgd_l2",
@@ -24,4 +27,4 @@ __all__ = ["Attack", "AttackResult", "InputIndependentError", "preserved_model",
            "BIM", "RFGSM", "FFGSM", "EOTPGD", "UPGD", "TPGD", "Jitter",
            "MIFGSM", "NIFGSM", "SINIFGSM", "VMIFGSM", "VNIFGSM", "DIFGSM", "TIFGSM",
            "PGDRS", "PGDRSL2", "PGDL2RS", "GN", "VANILA",
-           "SparseFool", "OnePixel", "Pixle", "SPSA"]
+           "SparseFool", "OnePixel", "Pixle", "SPSA", "EADL1", "EADEN", "JSMA", "FMN"]

@@ -64,7 +64,7 @@ def _dual_norm(g: Tensor, norm: str) -> Tensor:
 def l0_project_(d: Tensor, eps: Tensor) -> Tensor:
     """Keep, per row, the ``max(eps, 1)`` entries of ``d`` largest in magnitude (ties kept),
     zero the rest; in place."""
-    f = d.reshape(d.shape[0], -1)
+    f = d.flatten(1)
     a = f.abs()
     k = eps.long().clamp(1, a.shape[1])
     thr = a.sort(dim=1, descending=True).values.gather(1, (k - 1)[:, None])
@@ -76,7 +76,7 @@ def l1_project_(d: Tensor, eps: Tensor) -> Tensor:
     """Euclidean projection of each row of ``d`` onto the L1 ball of radius ``eps`` (Duchi et
     al. 2008: soft thresholding at the θ that brings the L1 norm to eps); in place, rows
     already inside untouched."""
-    f = d.reshape(d.shape[0], -1)
+    f = d.flatten(1)
     a = f.abs()
     outside = a.sum(1) > eps
     if not bool(outside.any()):
@@ -144,11 +144,6 @@ class FMN(Attack):
         if v >= 1:
             raise ValueError(f"{name}: expected a value in [0, 1) (ε is scaled by 1 ± {name}), got {v}")
         return v
-
-    def __repr__(self) -> str:
-        return (f"FMN(norm={self.norm!r}, steps={self.steps}, alpha_init={self.alpha_init:g}, "
-                f"alpha_final={self.alpha_final:g}, gamma_init={self.gamma_init:g}, "
-                f"gamma_final={self.gamma_final:g}, amp={self.amp!r}, mode={self._target_mode})")
 
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
                     x_adv: Tensor, xf: Tensor) -> Tensor:
