@@ -93,6 +93,23 @@ def test_attack_result_same_with_and_without_workers(two_threads, monkeypatch):
     assert (a.x_adv - b.x_adv).abs().amax() <= 0.1 * 2 + 1e-6
 
 
+def test_amp_passes_are_not_split(two_threads):
+    """Under amp the model runs as one pass on both intra-op threads (row blocks on one
+    thread each made bf16 PGD slower than fp32 on the 2-core CPU); the fp32 re-check of an
+    amp attack still splits."""
+    model = ThreadLog(zoo.mnist_cnn()).eval()
+    x, y = _data(100)
+    atk = PGD(model, eps=0.1, alpha=0.02, steps=2, random_start=False, amp="bf16")
+    atk.loss_and_grad(x, y)
+    with torch.no_grad():
+        atk.logits(x)
+    assert [(c[0].startswith("fastadv-cpu"), c[1]) for c in model.calls] == [(False, 100), (False, 100)]
+    model.calls.clear()
+    with torch.no_grad():
+        atk.logits(x, fp32=True)
+    assert sorted(c[1] for c in model.calls) == [50, 50]
+
+
 def test_no_split_for_coupled_rows_or_small_batches(two_threads):
     x, _ = _data(200)
     bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(10))
