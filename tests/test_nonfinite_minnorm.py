@@ -2,8 +2,6 @@
 CW count no point fooled (nor robust) by the argmax of a NaN row, return points with finite
 logits, report ``extra["nonfinite"]`` per point and warn once, as PGD does
 (tests/test_nonfinite_logits.py)."""
-import re
-import warnings
 
 import pytest
 import torch
@@ -11,9 +9,8 @@ import torch
 import fastadv
 
 import zoo
-from test_nonfinite_logits import _NaNRegion
+from test_nonfinite_logits import N, _NaNRegion, _run_warned, setup  # noqa: F401 (setup: a fixture)
 
-N = 16
 
 ATTACKS = {
     "deepfool": lambda m: fastadv.DeepFool(m, steps=20),
@@ -21,24 +18,6 @@ ATTACKS = {
     "deepfool_eps": lambda m: fastadv.DeepFool(m, steps=20, eps=3.0),
     "cw": lambda m: fastadv.CW(m, c=1.0, steps=30, lr=0.05, binary_search_steps=2),
 }
-
-
-@pytest.fixture(scope="module")
-def setup():
-    net, x, y = zoo.mnist_cnn_and_points(N)
-    poison = torch.arange(N) % 2 == 0
-    return net, x, y, poison
-
-
-def _run_warned(fn):
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        out = fn()
-    msgs = [str(w.message) for w in seen if "non-finite logits" in str(w.message)]
-    assert len(msgs) == 1, msgs
-    k = re.search(r"for (\d+) of (\d+) inputs", msgs[0])
-    assert k and int(k.group(2)) == N, msgs[0]
-    return out, int(k.group(1))
 
 
 def _fooled_at(model, x_adv, y):

@@ -19,7 +19,7 @@ from torch import Tensor
 
 __all__ = ["lp_norm", "view_rows", "pick_per_group", "group_any", "Working", "chunks", "Entries",
            "entry_chunks", "NORMS", "norm_name", "forward_rows", "chunked_loss_and_grad",
-           "channels_last", "layout_like", "finite_rows", "warn_nonfinite"]
+           "channels_last", "layout_like", "finite_rows", "warn_nonfinite", "success_margin"]
 
 NORMS = ("Linf", "L2", "L1")
 _ALIASES = {"linf": "Linf", "inf": "Linf", "l2": "L2", "2": "L2", "l1": "L1", "1": "L1"}
@@ -267,3 +267,12 @@ def warn_nonfinite(attack, res) -> None:
                   f"of those inputs keeps its best point with finite logits (its clean point at "
                   f"worst), so its robustness may be overstated.{hint}",
                   RuntimeWarning, stacklevel=3)
+
+
+def success_margin(z: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
+    """How far each row is from success (<= 0: fooled, or classified as the target):
+    ``z_label − max_other`` untargeted, ``max_other − z_target`` targeted (float, per row)."""
+    lab = y if target is None else target
+    z_l = z.gather(1, lab[:, None]).squeeze(1)
+    z_o = z.scatter(1, lab[:, None], -math.inf).amax(1)
+    return z_l - z_o if target is None else z_o - z_l

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._groups import Working, finite_rows
+from ._groups import Working, finite_rows, success_margin
 from .base import Attack, AttackResult, int_arg
 
 __all__ = ["SPSA"]
@@ -55,13 +55,7 @@ class SPSA(Attack):
             raise ValueError(f"{name}: expected a finite value > 0, got {v}")
         return v
 
-    @staticmethod
-    def _margin(z: Tensor, y: Tensor, tgt: Optional[Tensor]) -> Tensor:
-        """The loss SPSA lowers: z_label − max_other, or max_other − z_target."""
-        lab = y if tgt is None else tgt
-        z_l = z.gather(1, lab[:, None]).squeeze(1)
-        z_o = z.scatter(1, lab[:, None], -math.inf).amax(1)
-        return z_l - z_o if tgt is None else z_o - z_l
+    _margin = staticmethod(success_margin)  # z_label − max_other (max_other − z_target)
 
     def _gradient(self, x: Tensor, y: Tensor, tgt: Optional[Tensor], gen: torch.Generator) -> Tensor:
         """The SPSA estimate of ∇ margin at each row of x: the mean over ``nb_sample`` draws of

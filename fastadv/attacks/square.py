@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._groups import (Working, channels_last, entry_chunks, finite_rows, group_any, lp_norm,
-                      norm_name, pick_per_group, view_rows)
+                      norm_name, pick_per_group, success_margin, view_rows)
 from .base import int_arg
 from .base import Attack, AttackResult
 
@@ -110,13 +110,7 @@ class Square(Attack):
         ce = torch.nn.functional.cross_entropy(z, lab, reduction="none")
         return margin, (-ce if tgt is None else ce).masked_fill(bad, math.inf)
 
-    @staticmethod
-    def _margin(z: Tensor, y: Tensor, tgt: Optional[Tensor]) -> Tensor:
-        """How far from success (<= 0: the model is fooled, or says the target)."""
-        lab = y if tgt is None else tgt
-        z_l = z.gather(1, lab[:, None]).squeeze(1)
-        z_o = z.scatter(1, lab[:, None], -math.inf).amax(1)
-        return z_l - z_o if tgt is None else z_o - z_l
+    _margin = staticmethod(success_margin)  # z_label − max_other (max_other − z_target)
 
     def _success_of(self, z: Tensor, y: Tensor, target: Optional[Tensor], res: AttackResult,
                     x_adv: Tensor, xf: Tensor) -> Tensor:
