@@ -45,12 +45,6 @@ MAKERS = {
 
 
 # ------------------------------------------------------------- the model as found
-def _snapshot(model):
-    return ([m.training for m in model.modules()], [b.clone() for b in model.buffers()],
-            [p.detach().clone() for p in model.parameters()], [p.grad for p in model.parameters()],
-            [p.requires_grad for p in model.parameters()])
-
-
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_model_and_rng_left_as_found(mnist, name):
     """A BatchNorm + dropout model in (mixed) train mode, with .grad set and a frozen
@@ -62,16 +56,12 @@ def test_model_and_rng_left_as_found(mnist, name):
     params[0].grad = torch.full_like(params[0], 0.5)
     params[1].requires_grad_(False)
     model.features[1].eval()
-    before = _snapshot(model)
+    before = zoo.model_state(model)
     rng = torch.get_rng_state()
     atk = MAKERS[name](model, model_mode="train", seed=0)
     res = atk.run(x[:32], y[:32])
     assert res.x_adv.shape == x[:32].shape
-    after = _snapshot(model)
-    assert before[0] == after[0] and before[4] == after[4]
-    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
-    assert all(torch.equal(a, b) for a, b in zip(before[2], after[2]))
-    assert all(a is b for a, b in zip(before[3], after[3]))
+    zoo.assert_state_as_found(before, model)
     assert torch.equal(torch.get_rng_state(), rng)
 
 

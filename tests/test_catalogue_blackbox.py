@@ -3,7 +3,6 @@ engine, against torchattacks 3.5.1 on the MNIST CNN and the same points: at leas
 points fooled (the random ones summed over seeds, with the tolerance each test states),
 perturbations of the kind each attack promises, the model and the global RNG as found, the
 same seed giving the same run, and bad arguments refused."""
-import inspect
 
 import numpy as np
 import pytest
@@ -81,13 +80,8 @@ def _only_rearranged(x_adv, x):
 
 # ------------------------------------------------------------------ the surface
 def test_constructor_signatures_match_torchattacks():
+    zoo.assert_signatures_match(NAMES, fastadv, ta)
     for name in NAMES:
-        ours = inspect.signature(getattr(fastadv, name).__init__).parameters
-        theirs = inspect.signature(getattr(ta, name).__init__).parameters
-        pos = [p for p in theirs if p != "self"]
-        assert list(ours)[1:len(pos) + 1] == pos, name
-        for p in pos:
-            assert ours[p].default == theirs[p].default, (name, p)
         assert getattr(fastadv.attacks, name) is getattr(fastadv, name)
 
 
@@ -230,12 +224,6 @@ def test_targeted_by_label(mnist, name):
 
 
 # ------------------------------------------------- the model, the RNG, the seed
-def _snapshot(model):
-    return ([m.training for m in model.modules()], [b.clone() for b in model.buffers()],
-            [p.detach().clone() for p in model.parameters()], [p.grad for p in model.parameters()],
-            [p.requires_grad for p in model.parameters()])
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_model_and_rng_left_as_found(mnist, name):
     """A BatchNorm + dropout model attacked in train mode, with .grad set and a frozen
@@ -245,15 +233,11 @@ def test_model_and_rng_left_as_found(mnist, name):
     params = list(model.parameters())
     params[0].grad = torch.full_like(params[0], 0.5)
     params[1].requires_grad_(False)
-    before = _snapshot(model)
+    before = zoo.model_state(model)
     rng, nprng = torch.get_rng_state(), np.random.get_state()
     res = MAKERS[name](model, model_mode="train", seed=0).run(x[:8], y[:8])
     assert res.x_adv.shape == x[:8].shape
-    after = _snapshot(model)
-    assert before[0] == after[0] and before[4] == after[4]
-    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
-    assert all(torch.equal(a, b) for a, b in zip(before[2], after[2]))
-    assert all(a is b for a, b in zip(before[3], after[3]))
+    zoo.assert_state_as_found(before, model)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), nprng))
 

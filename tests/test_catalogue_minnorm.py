@@ -335,12 +335,6 @@ SMALL = {
 }
 
 
-def _snapshot(model):
-    return ([m.training for m in model.modules()], [b.clone() for b in model.buffers()],
-            [p.detach().clone() for p in model.parameters()], [p.grad for p in model.parameters()],
-            [p.requires_grad for p in model.parameters()])
-
-
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_model_and_rng_left_as_found(mnist, name):
     """A BatchNorm + dropout model in (mixed) train mode, with .grad set and a frozen
@@ -351,15 +345,11 @@ def test_model_and_rng_left_as_found(mnist, name):
     params[0].grad = torch.full_like(params[0], 0.5)
     params[1].requires_grad_(False)
     model.features[1].eval()
-    before = _snapshot(model)
+    before = zoo.model_state(model)
     rng = torch.get_rng_state()
     res = SMALL[name](model, model_mode="train").run(x[:8], y[:8])
     assert res.x_adv.shape == x[:8].shape
-    after = _snapshot(model)
-    assert before[0] == after[0] and before[4] == after[4]
-    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
-    assert all(torch.equal(a, b) for a, b in zip(before[2], after[2]))
-    assert all(a is b for a, b in zip(before[3], after[3]))
+    zoo.assert_state_as_found(before, model)
     assert torch.equal(torch.get_rng_state(), rng)
 
 

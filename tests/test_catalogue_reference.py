@@ -7,7 +7,6 @@ shapes, so on a CPU ``seed=s`` (one restart, the batch in one chunk) gives the r
 torchattacks gives after ``torch.manual_seed(s)``: the comparisons below are of whole runs,
 deterministic, not of averages.
 """
-import inspect
 
 import pytest
 import torch
@@ -182,13 +181,7 @@ NAMES = ["BIM", "RFGSM", "FFGSM", "TPGD", "EOTPGD", "UPGD", "Jitter", "MIFGSM", 
 
 
 def test_constructor_signatures_match_torchattacks():
-    for name in NAMES:
-        ours = inspect.signature(getattr(fastadv, name).__init__).parameters
-        theirs = inspect.signature(getattr(ta, name).__init__).parameters
-        pos = [p for p in theirs if p != "self"]
-        assert list(ours)[1:len(pos) + 1] == pos, name
-        for p in pos:
-            assert ours[p].default == theirs[p].default, (name, p)
+    zoo.assert_signatures_match(NAMES, fastadv, ta)
 
 
 @pytest.mark.parametrize("kernel_name", ["gaussian", "linear", "uniform"])

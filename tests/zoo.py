@@ -157,3 +157,33 @@ class LinearModel(torch.nn.Module):
 
     def forward(self, x):
         return self.lin(x.flatten(1))
+
+
+# ------------------------------------------------------------ shared checks
+def model_state(model: torch.nn.Module):
+    """What an attack must give back: train flags, buffers, parameters, the .grad objects
+    and requires_grad flags (compare with ``assert_state_as_found``)."""
+    return ([m.training for m in model.modules()], [b.clone() for b in model.buffers()],
+            [p.detach().clone() for p in model.parameters()], [p.grad for p in model.parameters()],
+            [p.requires_grad for p in model.parameters()])
+
+
+def assert_state_as_found(before, model: torch.nn.Module) -> None:
+    """``model`` is bitwise as ``model_state`` saw it (the .grad tensors the same objects)."""
+    after = model_state(model)
+    assert before[0] == after[0] and before[4] == after[4]
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
+    assert all(torch.equal(a, b) for a, b in zip(before[2], after[2]))
+    assert all(a is b for a, b in zip(before[3], after[3]))
+
+
+def assert_signatures_match(names, ours_mod, theirs_mod) -> None:
+    """Each class takes the peer's constructor arguments in its order with its defaults."""
+    import inspect
+    for name in names:
+        ours = inspect.signature(getattr(ours_mod, name).__init__).parameters
+        theirs = inspect.signature(getattr(theirs_mod, name).__init__).parameters
+        pos = [p for p in theirs if p != "self"]
+        assert list(ours)[1:len(pos) + 1] == pos, name
+        for p in pos:
+            assert ours[p].default == theirs[p].default, (name, p)
