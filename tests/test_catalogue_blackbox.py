@@ -209,6 +209,38 @@ def test_spsa_step_is_adam_on_the_estimate(mnist):
     assert torch.allclose(d[inside].abs(), torch.full_like(d[inside], 0.005), atol=1e-6)
 
 
+def test_spsa_query_passes_fit_the_budget(mnist, monkeypatch):
+    """The query rows of a batch go through the model in passes of at most max_batch_size
+    samples and at most what the engine's budget holds for all points, at least one sample
+    per pass (never all nb_sample x B rows at once: 128 x 64 ImageNet rows would be ~5 GB)."""
+    model, x, y = mnist
+    keep = ~_fooled(model, x, y)                    # points fooled as given leave before the queries
+    x, y = x[keep][:16], y[keep][:16]
+    sizes, querying = [], []
+
+    def counting(inp):
+        if querying:
+            sizes.append(inp.shape[0])
+        return model(inp)
+    from fastadv.attacks import _engine
+    from fastadv.attacks.spsa import SPSA
+    estimate = SPSA._gradient
+
+    def watched(self, *a):
+        querying.append(True)
+        try:
+            return estimate(self, *a)
+        finally:
+            querying.clear()
+    monkeypatch.setattr(SPSA, "_gradient", watched)
+    for budget, per_pass in ((10 ** 9, 8), (64, 4), (16, 1)):
+        monkeypatch.setattr(_engine, "auto_max_rows", lambda *a, _b=budget: _b)
+        sizes.clear()
+        res = fastadv.SPSA(counting, eps=0.1, nb_sample=24, max_batch_size=8, seed=3).run(x, y)
+        assert sizes == [per_pass * 16] * (2 * 24 // per_pass), (budget, sizes)
+        assert torch.equal(res.success, _fooled(model, res.x_adv, y))
+
+
 # ----------------------------------------------------------- targeted modes
 @pytest.mark.parametrize("name", ["OnePixel", "Pixle", "SPSA"])
 def test_targeted_by_label(mnist, name):

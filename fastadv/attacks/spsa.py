@@ -2,8 +2,9 @@
 ``torchattacks.SPSA`` (advertorch's).
 
 The gradient of the margin loss is estimated from ``nb_sample`` pairs of queries at
-x ± delta·v (v a random ±1 vector), ``max_batch_size`` samples per forward for all points at
-once, and followed by Adam (torch's update, written out per row so that fooled points can
+x ± delta·v (v a random ±1 vector), up to ``max_batch_size`` samples per forward for all
+points at once (fewer where the rows would not fit the engine's budget: the CPU's cache, half
+the GPU's free memory), and followed by Adam (torch's update, written out per row so that fooled points can
 leave the batch between iterations); each iterate is projected onto the eps-ball and the box
 with ``fastadv.ops.linf_project``. Each point draws its own v (torchattacks shares one v
 across the batch).
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from . import _engine
 from ._groups import Working, finite_rows, success_margin
 from .base import Attack, AttackResult, int_arg
 
@@ -62,9 +64,14 @@ class SPSA(Attack):
         (L(x + δv) − L(x − δv)) / (2δ v)."""
         m = x.shape[0]
         grad = torch.zeros_like(x)
+        # samples per forward: at most max_batch_size, and as many as the engine's budget
+        # (CPU: the last-level cache; CUDA: half the free memory) holds for all m points, at
+        # least one: the query rows of a large batch of large inputs never all at once
+        rows = _engine.auto_max_rows(self, x, y, tgt, self.max_batch_size * m)
+        per_pass = max(1, min(self.max_batch_size, rows // max(m, 1)))
         left = self.nb_sample
         while left > 0:
-            s = min(left, self.max_batch_size)
+            s = min(left, per_pass)
             left -= s
             v = torch.randint(0, 2, (s,) + tuple(x.shape), generator=gen, device=x.device).to(x.dtype)
             v.mul_(2).sub_(1)
