@@ -241,6 +241,20 @@ def test_spsa_query_passes_fit_the_budget(mnist, monkeypatch):
         assert torch.equal(res.success, _fooled(model, res.x_adv, y))
 
 
+def test_pixle_candidate_passes_no_larger_than_the_batch(mnist):
+    """A restart's k candidates per point are scored in passes of at most the caller's
+    batch size (k x B images need not fit the memory B does)."""
+    model, x, y = mnist
+    sizes = []
+
+    def counting(inp):
+        sizes.append(inp.shape[0])
+        return model(inp)
+    res = fastadv.Pixle(counting, restarts=3, max_iterations=10, seed=0).run(x[:8], y[:8])
+    assert max(sizes) == 8 and sum(sizes) > 8 * 10
+    assert torch.equal(res.success, _fooled(model, res.x_adv, y[:8]))
+
+
 # ----------------------------------------------------------- targeted modes
 @pytest.mark.parametrize("name", ["OnePixel", "Pixle", "SPSA"])
 def test_targeted_by_label(mnist, name):

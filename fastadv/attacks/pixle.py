@@ -80,11 +80,13 @@ class Pixle(Attack):
         self.update_each_iteration = self._flag("update_each_iteration", update_each_iteration)
 
     # ------------------------------------------------------------- scoring
-    def _score(self, xs: Tensor, y: Tensor, tgt: Optional[Tensor]):
+    def _score(self, xs: Tensor, y: Tensor, tgt: Optional[Tensor], rows: int):
         """(loss, fooled) of candidate images: the probability of the label (targeted: one
-        minus that of the target), +inf where the logits are not finite."""
+        minus that of the target), +inf where the logits are not finite. ``rows`` images per
+        forward at most (the caller's batch size: the candidates of a batch are ``k`` times
+        as many images, which need not fit the memory the batch does)."""
         with torch.no_grad():
-            z = self.logits(xs).float()
+            z = torch.cat([self.logits(xs[i:i + rows]).float() for i in range(0, xs.shape[0], rows)])
         lab = y if tgt is None else tgt
         p = z.softmax(1).gather(1, lab[:, None]).squeeze(1)
         loss = p if tgt is None else 1 - p
@@ -196,7 +198,7 @@ class Pixle(Attack):
                 break
             cand = self._candidates(W.src, W.base, k, gen)                             # [m, k, C, H, W]
             loss, fooled = self._score(cand.reshape(m * k, *cand.shape[2:]), W.y.repeat_interleave(k),
-                                       None if W.tgt is None else W.tgt.repeat_interleave(k))
+                                       None if W.tgt is None else W.tgt.repeat_interleave(k), max(b, 1))
             loss, fooled = loss.reshape(m, k), fooled.reshape(m, k)
             queries.index_add_(0, W.idx, torch.full((m,), k, dtype=torch.long, device=dev))
             ar = torch.arange(m, device=dev)
