@@ -77,3 +77,35 @@ def test_cw_keeps_aborting_early_with_a_nan_row(setup):
     res, _ = _run_warned(lambda: make(model).run(x, y))
     assert int(res.steps.max()) < 200
     assert int(res.steps.max()) <= int(make(net).run(x, y).steps.max())
+
+
+# Attacks that do not track non-finite logits along the way: the base class checks the points
+# they return (one forward), reports them in extra["nonfinite"] and warns once.
+UNTRACKED = {
+    "SparseFool": lambda m: fastadv.SparseFool(m, steps=3),
+    "OnePixel": lambda m: fastadv.OnePixel(m, pixels=40, steps=2, popsize=4, seed=0),
+    "Pixle": lambda m: fastadv.Pixle(m, restarts=2, max_iterations=3, seed=0),
+    "SPSA": lambda m: fastadv.SPSA(m, eps=0.3, nb_sample=8, seed=0),
+    "GN": lambda m: fastadv.GN(m, std=0.3, seed=0),
+    "JSMA": lambda m: fastadv.JSMA(m, gamma=0.05),
+    "FMN": lambda m: fastadv.FMN(m, norm=2, steps=10),
+    "EADL1": lambda m: fastadv.EADL1(m, max_iterations=10, binary_search_steps=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNTRACKED))
+def test_returned_nonfinite_points_are_flagged_and_never_fooled(setup, name):
+    import warnings
+    net, x, y, poison = setup
+    model = _NaNRegion(net, x, poison, radius=0.0).eval()   # any change of a poisoned point: NaN
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = UNTRACKED[name](model).run(x, y)
+    msgs = [str(w.message) for w in seen if "non-finite logits" in str(w.message)]
+    flags = res.extra["nonfinite"]
+    with torch.no_grad():
+        z = model(res.x_adv)
+    assert torch.equal(flags, ~torch.isfinite(z).all(1))
+    assert not bool((res.success & flags).any())
+
+    assert len(msgs) == (1 if bool(flags.any()) else 0), msgs

@@ -249,7 +249,9 @@ def entry_chunks(todo: Tensor, x: Tensor, y: Tensor, targets: Optional[Tensor], 
 def warn_nonfinite(attack, res) -> None:
     """Once per run: say for how many points the model gave non-finite logits (NaN or inf)
     at a point the attack tried (``res.extra["nonfinite"]``, bool per point). Such logits
-    never made a point count as fooled, nor made it the point returned."""
+    never made a point count as fooled, nor made it the point returned; with
+    ``res.extra["nonfinite_at"] == "returned"`` (attacks that do not track them: the base
+    class checked the points returned) they are at the returned points, counted not fooled."""
     flags = res.extra.get("nonfinite") if isinstance(res.extra, dict) else None
     if not isinstance(flags, Tensor) or flags.numel() == 0:
         return
@@ -261,7 +263,14 @@ def warn_nonfinite(attack, res) -> None:
     if amp in ("fp16", "float16"):
         hint = (" Under amp='fp16' these may be overflows of the fp16 forward (float32 logits "
                 "may be finite there): amp='bf16' or None attacks such points fully.")
-    warnings.warn(f"fastadv: {getattr(attack, 'attack', type(attack).__name__)}: the model returned "
+    name = getattr(attack, 'attack', type(attack).__name__)
+    if res.extra.get("nonfinite_at") == "returned":
+        warnings.warn(f"fastadv: {name}: the model returned non-finite logits (NaN or inf) at the "
+                      f"points returned for {k} of {flags.numel()} inputs. Those count as not "
+                      f"fooled (the argmax of a non-finite row says nothing about the model), so "
+                      f"their robustness may be overstated.{hint}", RuntimeWarning, stacklevel=3)
+        return
+    warnings.warn(f"fastadv: {name}: the model returned "
                   f"non-finite logits (NaN or inf) at points tried for {k} of {flags.numel()} "
                   f"inputs. No point counted as fooled on such logits, and none was returned: each "
                   f"of those inputs keeps its best point with finite logits (its clean point at "

@@ -1090,6 +1090,15 @@ class Attack:
                 self.clean_logits = None
             if start_state is not None:
                 self._note_repeat(gen, start_state, xf, y)
+            if not isinstance(res.extra, dict):
+                res.extra = {}
+            if "nonfinite" not in res.extra and res.x_adv.numel():
+                # an attack that does not track non-finite logits itself: check the points it
+                # returns (one forward), so that NaN there is never silent
+                with torch.no_grad():
+                    z_ret = self.exact_logits(res.x_adv, y)
+                res.extra["nonfinite"] = ~finite_rows(z_ret)
+                res.extra["nonfinite_at"] = "returned"
             res.x_adv = self._result_to_user(res, xf, x_user, y, target)
         warn_nonfinite(self, res)
         return res
