@@ -470,3 +470,36 @@ def test_fmn_l2_smaller_than_torchattacks_deepfool(mnist):
     both = f_ta & f_fa
     l2 = lambda a: (a - x).flatten(1).norm(dim=1)  # noqa: E731
     assert l2(res.x_adv)[both].median() <= l2(ref)[both].median()
+
+
+class _AmpSaysZero(torch.nn.Module):
+    """The MNIST CNN in float32; under CPU autocast it says class 0 for everything (a
+    caricature of a low-precision forward that disagrees with float32 near the boundary)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        z = self.net(x)
+        if torch.is_autocast_enabled("cpu"):
+            one = torch.zeros_like(z)
+            one[:, 0] = 50.0
+            return one + 1e-3 * z
+        return z
+
+
+@pytest.mark.parametrize("norm", [2, float("inf")])
+def test_fmn_amp_keeps_clean_misclassified_points(mnist, norm):
+    """Under amp="bf16" a point the float32 clean logits misclassify is a success at norm 0,
+    returned unchanged, whatever the bf16 forwards say of it."""
+    net, x, _, _ = mnist
+    with torch.no_grad():
+        pred = net(x).argmax(1)
+    keep = pred != 0
+    x = x[keep]
+    y = torch.zeros(x.shape[0], dtype=torch.long)       # float32 misclassifies every point
+    res = fastadv.FMN(_AmpSaysZero(net).eval(), norm=norm, steps=5, amp="bf16").run(x, y)
+    assert bool(res.success.all())
+    assert torch.equal(res.extra["norm_found"], torch.zeros(x.shape[0]))
+    assert torch.equal(res.x_adv, x)
