@@ -209,6 +209,7 @@ def test_spsa_step_is_adam_on_the_estimate(mnist):
     assert torch.allclose(d[inside].abs(), torch.full_like(d[inside], 0.005), atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:fastadv. the model is a plain callable")
 def test_spsa_query_passes_fit_the_budget(mnist, monkeypatch):
     """The query rows of a batch go through the model in passes of at most max_batch_size
     samples and at most what the engine's budget holds for all points, at least one sample
@@ -241,6 +242,7 @@ def test_spsa_query_passes_fit_the_budget(mnist, monkeypatch):
         assert torch.equal(res.success, _fooled(model, res.x_adv, y))
 
 
+@pytest.mark.filterwarnings("ignore:fastadv. the model is a plain callable")
 def test_pixle_candidate_passes_no_larger_than_the_batch(mnist):
     """A restart's k candidates per point are scored in passes of at most the caller's
     batch size (k x B images need not fit the memory B does)."""
