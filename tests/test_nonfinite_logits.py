@@ -141,5 +141,5 @@ def test_autoattack_refuses_nan_on_clean_points(setup):
     order = torch.cat([torch.arange(N)[~poison].repeat(3), torch.arange(N)[poison]])
     aa = fastadv.AutoAttack(model, eps=0.15, version="standard", steps=2, n_queries=5, seed=0,
                             checks=False)
-    with pytest.raises(ValueError, match=r"non-finite logits .* on the clean input \(8 of 32 points\)"):
+    with pytest.raises(fastadv.attacks.NonFiniteLogitsError, match=r"non-finite logits .* on the clean input \(8 of 32 points\)"):
         aa.run_standard_evaluation(x[order], y[order], bs=N)

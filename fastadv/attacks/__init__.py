@@ -1,5 +1,5 @@
 """Adversarial attacks: torchattacks/AutoAttack-compatible classes on the fused ops."""
-from .base import Attack, AttackResult, InputIndependentError, preserved_model
+from .base import Attack, AttackResult, InputIndependentError, NonFiniteLogitsError, preserved_model
 from .fgsm import FGSM, fgsm
 from .pgd import PGD, PGDL2, pgd, pgd_l2
 from .apgd import APGD, APGDT
@@ -21,7 +21,7 @@ from .fmn import FMN
 from .jsma import JSMA
 from .multi import MultiAttack
 
-__all__ = ["Attack", "AttackResult", "InputIndependentError", "preserved_model", "FGSM", "PGD", "PGDL2", "fgsm", "pgd", "pgd_l2",
+__all__ = ["Attack", "AttackResult", "InputIndependentError", "NonFiniteLogitsError", "preserved_model", "FGSM", "PGD", "PGDL2", "fgsm", "pgd", "pgd_l2",
            "APGD", "APGDT", "FAB", "FABT", "Square", "AutoAttack", "CW",
            "DeepFool", "MultiAttack",
            "BIM", "RFGSM", "FFGSM", "EOTPGD", "UPGD", "TPGD", "Jitter",

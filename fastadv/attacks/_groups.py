@@ -19,7 +19,8 @@ from torch import Tensor
 
 __all__ = ["lp_norm", "view_rows", "pick_per_group", "group_any", "Working", "chunks", "Entries",
            "entry_chunks", "NORMS", "norm_name", "forward_rows", "chunked_loss_and_grad",
-           "channels_last", "layout_like", "finite_rows", "warn_nonfinite", "success_margin"]
+           "channels_last", "layout_like", "finite_rows", "warn_nonfinite", "success_margin",
+           "returned_nonfinite"]
 
 NORMS = ("Linf", "L2", "L1")
 _ALIASES = {"linf": "Linf", "inf": "Linf", "l2": "L2", "2": "L2", "l1": "L1", "1": "L1"}
@@ -276,6 +277,13 @@ def warn_nonfinite(attack, res) -> None:
                   f"of those inputs keeps its best point with finite logits (its clean point at "
                   f"worst), so its robustness may be overstated.{hint}",
                   RuntimeWarning, stacklevel=3)
+
+
+def returned_nonfinite(z: Tensor) -> dict:
+    """The ``extra`` entries of an attack that does not track non-finite logits along the way,
+    from the logits ``z`` at the points it returns (``warn_nonfinite`` reads them; without
+    them the base class makes that forward itself)."""
+    return {"nonfinite": ~finite_rows(z), "nonfinite_at": "returned"}
 
 
 def success_margin(z: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:

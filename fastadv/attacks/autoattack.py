@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._groups import finite_rows, lp_norm, norm_name, warn_nonfinite
 from .apgd import APGD, APGDT
-from .base import Attack, AttackResult, int_arg, model_context, module_of
+from .base import Attack, AttackResult, NonFiniteLogitsError, int_arg, model_context, module_of
 from .fab import FAB
 from .square import Square
 
@@ -811,7 +811,7 @@ def _predict(atk: Attack, x: Tensor, bs: Optional[int], clean: bool = False) -> 
     if clean:
         bad = int((~finite_rows(z)).sum())
         if bad:
-            raise ValueError(f"model: returned non-finite logits (NaN or inf) on the clean input "
+            raise NonFiniteLogitsError(f"model: returned non-finite logits (NaN or inf) on the clean input "
                              f"({bad} of {len(x)} points)")
     return z.argmax(1)
 

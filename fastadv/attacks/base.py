@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from .. import losses as _losses
 from . import _loss_scale
-from ._groups import channels_last, finite_rows, forward_rows, layout_like, lp_norm, warn_nonfinite
+from ._groups import (channels_last, finite_rows, forward_rows, layout_like, lp_norm, returned_nonfinite,
+                      warn_nonfinite)
 from ._groups import norm_name as _norm_name
 from ._workers import held_mode, split_count, split_rows
 
@@ -217,6 +218,12 @@ def _output_error(out) -> TypeError:
 class InputIndependentError(ValueError):
     """The model's output has no gradient path to its input x: a gradient attack cannot move
     it (a ``ValueError``, so ``except ValueError`` still catches it)."""
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model returned non-finite logits (NaN or inf) on the clean input: no attack can
+    say anything about such a point (a ``ValueError``, so ``except ValueError`` still
+    catches it)."""
 
 
 def int_arg(name: str, v, lo: float = 1) -> int:
@@ -935,7 +942,7 @@ class Attack:
             raise ValueError(f"model: expected logits of shape [B, classes] = [{y.shape[0]}, C], "
                              f"got {tuple(z.shape)}")
         if not bool(torch.isfinite(z).all()):
-            raise ValueError("model: returned non-finite logits (NaN or inf) on the clean input")
+            raise NonFiniteLogitsError("model: returned non-finite logits (NaN or inf) on the clean input")
         n = z.shape[1]
         n_classes = getattr(self, "n_classes", None)
         if n_classes is not None and n_classes != n:
@@ -1093,12 +1100,12 @@ class Attack:
             if not isinstance(res.extra, dict):
                 res.extra = {}
             if "nonfinite" not in res.extra and res.x_adv.numel():
-                # an attack that does not track non-finite logits itself: check the points it
-                # returns (one forward), so that NaN there is never silent
+                # an attack that reports nothing of non-finite logits (``returned_nonfinite``
+                # from its last forward, where it makes one): check the points it returns
+                # (one forward), so that NaN there is never silent
                 with torch.no_grad():
                     z_ret = self.exact_logits(res.x_adv, y)
-                res.extra["nonfinite"] = ~finite_rows(z_ret)
-                res.extra["nonfinite_at"] = "returned"
+                res.extra.update(returned_nonfinite(z_ret))
             res.x_adv = self._result_to_user(res, xf, x_user, y, target)
         warn_nonfinite(self, res)
         return res

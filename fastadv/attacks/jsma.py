@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._groups import Working
+from ._groups import Working, returned_nonfinite
 from ._minnorm import clear_success
 from .base import Attack, AttackResult
 
@@ -231,4 +231,4 @@ class JSMA(Attack):
             z = self.exact_logits(x_adv, y)
         success = Attack.is_success(z, y, target)
         l0 = (flat != x.contiguous().reshape(b, feats)).sum(1)
-        return AttackResult(x_adv, success, -l0.float(), steps, extra={"l0": l0, "target": push})
+        return AttackResult(x_adv, success, -l0.float(), steps, extra={"l0": l0, "target": push, **returned_nonfinite(z)})

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._groups import returned_nonfinite
 from .base import Attack, AttackResult
 
 __all__ = ["GN", "VANILA"]
@@ -35,7 +36,8 @@ class _Baseline(Attack):
             with torch.no_grad():
                 z = self.exact_logits(x_adv, y)
         return AttackResult(x_adv, self.is_success(z, y, None), self.attack_loss(z, y, None).float(),
-                            torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+                            torch.zeros(x.shape[0], dtype=torch.long, device=x.device),
+                            extra=returned_nonfinite(z))
 
 
 class GN(_Baseline):

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._groups import Working, finite_rows
+from ._groups import Working, finite_rows, returned_nonfinite
 from .base import Attack, AttackResult, int_arg
 
 __all__ = ["OnePixel"]
@@ -148,4 +148,4 @@ class OnePixel(Attack):
             z = self.exact_logits(x_adv, y)
         success = self.is_success(z, y, target)
         return AttackResult(x_adv, success, -energy_out.float(), queries.clone(),
-                            extra={"queries": queries})
+                            extra={"queries": queries, **returned_nonfinite(z)})

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._groups import Working, finite_rows
+from ._groups import Working, finite_rows, returned_nonfinite
 from .base import Attack, AttackResult, int_arg
 
 __all__ = ["Pixle"]
@@ -228,4 +228,4 @@ class Pixle(Attack):
         with torch.no_grad():
             z = self.exact_logits(x_adv, y)
         success = self.is_success(z, y, target)
-        return AttackResult(x_adv, success, -loss_out.float(), queries.clone(), extra={"queries": queries})
+        return AttackResult(x_adv, success, -loss_out.float(), queries.clone(), extra={"queries": queries, **returned_nonfinite(z)})

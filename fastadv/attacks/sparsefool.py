@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._groups import Working
+from ._groups import Working, returned_nonfinite
 from .base import Attack, AttackResult, int_arg
 from .deepfool import deepfool_search
 
@@ -86,7 +86,7 @@ class SparseFool(Attack):
         success = self.is_success(z, y, None)
         l0 = (x_adv != x).flatten(1).sum(1)
         return AttackResult(x_adv, success, self.attack_loss(z, y, None).float(), n_steps,
-                            extra={"l0": l0})
+                            extra={"l0": l0, **returned_nonfinite(z)})
 
     # ---------------------------------------------------------- the greedy solve
     def _linear_solver(self, x0: Tensor, normal: Tensor, point: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..attacks import _loss_scale
 from ..attacks._groups import finite_rows
-from ..attacks.base import int_arg, preserved_model
+from ..attacks.base import Attack, NonFiniteLogitsError, int_arg, preserved_model
 from . import checkpoint as _ckpt
 from . import distributed as _dist
 from .augment import RandomCropFlip
@@ -65,11 +65,6 @@ def _correct(z: Tensor, y: Tensor) -> Tensor:
     return (z.argmax(1) == y) & finite_rows(z)
 
 
-def _fooled(z: Tensor, y: Tensor) -> Tensor:
-    """[B] bool: misclassified on finite logits (a non-finite row fools nobody)."""
-    return (z.argmax(1) != y) & finite_rows(z)
-
-
 def pgd_robust_mask(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10,
                     alpha: Optional[float] = None, restarts: int = 1, lower: float = 0.0,
                     upper: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -89,15 +84,11 @@ def pgd_robust_mask(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: i
                 with torch.enable_grad():
                     z = model(xa)
                     (g,) = torch.autograd.grad(F.cross_entropy(z.float(), y, reduction="sum"), xa)
-                robust &= ~_fooled(z.detach(), y)
+                robust &= ~Attack.is_success(z.detach(), y, None)
                 ops.linf_step_(x_adv, x, g, alpha, eps, lower, upper, _check_values=False)
             with torch.no_grad():
-                robust &= ~_fooled(model(x_adv), y)
+                robust &= ~Attack.is_success(model(x_adv), y, None)
     return robust
-
-
-# what fastadv.PGD says when a clean point has non-finite logits (Attack._check_logits)
-_CLEAN_NONFINITE = "non-finite logits (NaN or inf) on the clean input"
 
 
 def _library_pgd_mask(model, x, y, eps, steps, lower, upper, seed) -> Optional[Tensor]:
@@ -497,11 +488,9 @@ class AdversarialTrainer:
         if restarts == 1:
             try:
                 mask = _library_pgd_mask(self.module, x, y, eps, steps, self.lower, self.upper, seed)
-            except ValueError as exc:
+            except NonFiniteLogitsError:
                 # fastadv.PGD refuses non-finite clean logits (no extra forward when there are
                 # none): such points are not robust, the others are attacked
-                if _CLEAN_NONFINITE not in str(exc):
-                    raise
                 with torch.no_grad(), preserved_model(self.module, "eval", devices=(self.device,)):
                     fin = finite_rows(self.module(x))
                 mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
