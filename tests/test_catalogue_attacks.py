@@ -51,11 +51,7 @@ def test_model_and_rng_left_as_found(mnist, name):
     parameter; attacked in train mode (BN statistics and dropout draws would change it and
     the global RNG): everything comes back bitwise, the global RNG included."""
     _, x, y = mnist
-    model = zoo.mnist_cnn_bn().train()
-    params = list(model.parameters())
-    params[0].grad = torch.full_like(params[0], 0.5)
-    params[1].requires_grad_(False)
-    model.features[1].eval()
+    model = zoo.awkward_bn_model()
     before = zoo.model_state(model)
     rng = torch.get_rng_state()
     atk = MAKERS[name](model, model_mode="train", seed=0)

@@ -277,10 +277,7 @@ def test_model_and_rng_left_as_found(mnist, name):
     """A BatchNorm + dropout model attacked in train mode, with .grad set and a frozen
     parameter: all of it comes back bitwise, the global torch and numpy RNGs included."""
     _, x, y = mnist
-    model = zoo.mnist_cnn_bn().train()
-    params = list(model.parameters())
-    params[0].grad = torch.full_like(params[0], 0.5)
-    params[1].requires_grad_(False)
+    model = zoo.awkward_bn_model(mixed=False)
     before = zoo.model_state(model)
     rng, nprng = torch.get_rng_state(), np.random.get_state()
     res = MAKERS[name](model, model_mode="train", seed=0).run(x[:8], y[:8])

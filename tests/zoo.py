@@ -160,6 +160,19 @@ class LinearModel(torch.nn.Module):
 
 
 # ------------------------------------------------------------ shared checks
+def awkward_bn_model(mixed: bool = True) -> torch.nn.Module:
+    """The BatchNorm + dropout MNIST CNN in train mode, with a .grad set on the first
+    parameter and the second frozen (``mixed``: its first BatchNorm in eval mode): all the
+    state an attack in train mode could disturb."""
+    model = mnist_cnn_bn().train()
+    params = list(model.parameters())
+    params[0].grad = torch.full_like(params[0], 0.5)
+    params[1].requires_grad_(False)
+    if mixed:
+        model.features[1].eval()
+    return model
+
+
 def model_state(model: torch.nn.Module):
     """What an attack must give back: train flags, buffers, parameters, the .grad objects
     and requires_grad flags (compare with ``assert_state_as_found``)."""
